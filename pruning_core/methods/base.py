@@ -1,0 +1,34 @@
+"""What every pruning method receives, and the registry entry that describes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pruning_core.masks import SparsityTarget
+from pruning_core.stats import InputStatistics
+
+Needs = Literal["nothing", "column_norms", "hessian"]
+
+
+@dataclass
+class LayerProblem:
+    """One linear layer to prune: its weight (rows x columns, float32) and input statistics."""
+
+    name: str
+    weight: torch.Tensor
+    stats: InputStatistics | None
+    target: SparsityTarget
+    block_size: int = 128
+    damping: float = 0.01
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method: `prune` returns the new weight; `needs` says which statistics to collect."""
+
+    prune: Callable[[LayerProblem], torch.Tensor]
+    needs: Needs

@@ -1,0 +1,108 @@
+"""Loading causal LMs (folder, .gguf, hf://org/name@revision), saving them, sparsity reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pruning_core.adapters import adapter_for
+
+
+class ModelSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, as `from_pretrained` wants it."""
+
+    location: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSource:
+        if spec.startswith("hf://"):
+            name, _, revision = spec.removeprefix("hf://").partition("@")
+            if name.count("/") != 1:
+                raise ModelSpecError(f"hub models are hf://org/name[@revision], got {spec!r}")
+            return cls(name, revision=revision or None)
+        path = Path(spec)
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelSpecError(f"model file not found: {spec}")
+            return cls(str(path.parent), gguf_file=path.name)
+        if not path.is_dir():
+            raise ModelSpecError(f"model not found: {spec} (give a folder, a .gguf file or hf://org/name@revision)")
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{spec} is not a Hugging Face model folder (no config.json)")
+        return cls(str(path))
+
+    def kwargs(self, trust_remote_code: bool) -> dict:
+        extra = {"trust_remote_code": trust_remote_code}
+        if self.gguf_file:
+            extra["gguf_file"] = self.gguf_file
+        if self.revision:
+            extra["revision"] = self.revision
+        return extra
+
+
+def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dtype = "auto"):
+    """(model on CPU in eval mode, tokenizer) for a model spec."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = ModelSource.parse(spec)
+    kwargs = source.kwargs(trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    return model.eval(), tokenizer
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Hugging Face format: safetensors weights, config, generation config, tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def prunable_weight_names(model: nn.Module) -> list[str]:
+    adapter = adapter_for(model)
+    return [
+        f"{adapter.block_prefix(i)}.{linear}.weight"
+        for i in range(len(adapter.blocks(model)))
+        for linear in adapter.linear_names(model)
+    ]
+
+
+def sparsity_report(folder: str | Path, weight_names: list[str]) -> dict:
+    """Zero fraction per prunable weight and in total, read from the saved safetensors files."""
+    folder = Path(folder)
+    wanted = set(weight_names)
+    layers: dict[str, float] = {}
+    zeros = total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                if name in wanted:
+                    tensor = handle.get_tensor(name)
+                    layer_zeros = int((tensor == 0).sum())
+                    layers[name] = layer_zeros / tensor.numel()
+                    zeros += layer_zeros
+                    total += tensor.numel()
+    missing = wanted - layers.keys()
+    if missing:
+        raise ModelSpecError(f"{folder}: saved weights lack {len(missing)} prunable tensors, e.g. {sorted(missing)[0]}")
+    return {"total": zeros / max(total, 1), "parameters": total, "zeros": zeros, "layers": layers}
+
+
+def write_report(folder: str | Path, report: dict, name: str = "sparsity.json") -> Path:
+    path = Path(folder) / name
+    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    return path

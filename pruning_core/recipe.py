@@ -1,0 +1,114 @@
+"""Pruning recipe: what to prune, how much, and with which method's settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pruning_core.masks import SparsityTarget
+
+
+class Recipe(BaseModel):
+    """A validated pruning recipe; `fingerprint()` identifies it for caching and resume."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = Field(description="pruning method: one of the registered methods")
+    sparsity: float | None = Field(default=None, gt=0.0, lt=1.0, description="unstructured ratio in (0, 1)")
+    pattern: str | None = Field(default=None, description="N:M semi-structured pattern, e.g. '2:4'")
+    block_size: int = Field(default=128, ge=1, le=65536, description="columns per lazy update block")
+    damping: float = Field(default=0.01, gt=0.0, le=10.0, description="Hessian damping λ (fraction of mean diag)")
+    calibration_samples: int = Field(default=128, ge=1, le=100000)
+    seq_len: int = Field(default=2048, ge=8, le=131072)
+    seed: int = Field(default=0, ge=0)
+    layer_sparsity: dict[str, float] = Field(
+        default_factory=dict, description="per-layer ratio overrides: name or glob -> ratio in (0, 1)"
+    )
+    skip: list[str] = Field(default_factory=list, description="layer names or globs left dense")
+    true_sequential: bool = Field(default=False, description="prune attn q/k/v -> o -> mlp in order, re-running the block")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from pruning_core.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; allowed: {', '.join(sorted(METHODS))}")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            SparsityTarget.parse_pattern(value)
+        return value
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _valid_overrides(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, ratio in value.items():
+            if not 0.0 < ratio < 1.0:
+                raise ValueError(f"ratio for {name!r} must be in (0, 1), got {ratio}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Recipe:
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give exactly one of 'sparsity' (a ratio in (0, 1)) or 'pattern' (N:M such as '2:4')")
+        return self
+
+    @property
+    def target(self) -> SparsityTarget:
+        if self.pattern is not None:
+            return SparsityTarget.parse_pattern(self.pattern)
+        return SparsityTarget(ratio=self.sparsity)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping of field: value")
+        return data
+
+    @classmethod
+    def with_overrides(cls, base: dict[str, Any], overrides: dict[str, Any]) -> Recipe:
+        """`base` updated with the overrides that are set; a sparsity or pattern replaces both."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        merged = dict(base)
+        if "sparsity" in given or "pattern" in given:
+            merged.pop("sparsity", None)
+            merged.pop("pattern", None)
+        merged.update(given)
+        return cls.model_validate(merged)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        return cls.model_validate(cls.read_yaml(path))
+
+
+def describe_validation_error(error: Exception) -> str:
+    """One line naming each offending field and what is allowed."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "recipe"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}")
+    return "invalid recipe: " + "; ".join(parts)

@@ -1,0 +1,63 @@
+"""Streaming input statistics of a linear layer: H = 2 X X^T / N and column norms."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DAMPING_RETRIES = 4
+
+
+class InputStatistics:
+    """Accumulates statistics over calibration batches of a linear's input (float32)."""
+
+    def __init__(self, columns: int, device: torch.device | str, with_hessian: bool) -> None:
+        self.columns = columns
+        self.tokens = 0
+        self.sum_sq = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.sum_outer = torch.zeros(columns, columns, dtype=torch.float32, device=device) if with_hessian else None
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, self.columns).to(torch.float32)
+        self.tokens += x.shape[0]
+        self.sum_sq += (x * x).sum(dim=0)
+        if self.sum_outer is not None:
+            self.sum_outer.addmm_(x.T, x)
+
+    def column_norms(self) -> torch.Tensor:
+        """||X_j||_2 for each input column j."""
+        return self.sum_sq.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        if self.sum_outer is None:
+            raise RuntimeError("statistics were collected without the Hessian")
+        return self.sum_outer * (2.0 / max(self.tokens, 1))
+
+
+def dead_columns(hessian: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(hessian) == 0
+
+
+def damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """H with dead inputs set to 1 on the diagonal and λ·mean(diag H) added to it."""
+    h = hessian.clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0
+    diag += damping * diag.mean()
+    return h
+
+
+def damped_inverse(hessian: torch.Tensor, damping: float, layer: str = "") -> tuple[torch.Tensor, float]:
+    """(H + λ mean(diag) I)^-1 via Cholesky; raises λ x10 on failure. Returns (inverse, λ used)."""
+    for attempt in range(DAMPING_RETRIES + 1):
+        h = damped(hessian, damping)
+        factor, info = torch.linalg.cholesky_ex(h)
+        if info.item() == 0:
+            return torch.cholesky_inverse(factor), damping
+        if attempt < DAMPING_RETRIES:
+            log.warning("%s: Cholesky failed at damping %g, retrying with %g", layer, damping, damping * 10)
+            damping *= 10
+    raise RuntimeError(f"{layer}: Hessian is not positive definite even at damping {damping}")
