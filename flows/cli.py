@@ -19,7 +19,9 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="unstructured ratio in (0, 1), e.g. 0.5")
     target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
-    parser.add_argument("--calibration", required=True, help="text file, jsonl:PATH:FIELD or hf://dataset[/config]:split:field")
+    parser.add_argument(
+        "--calibration", required=True, help="text file, jsonl:PATH:FIELD or hf://dataset[/config]:split:field"
+    )
     parser.add_argument("--samples", type=int, help="calibration windows (default 128)")
     parser.add_argument("--seq-len", type=int, help="tokens per calibration window (default 2048)")
     parser.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
@@ -35,7 +37,9 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("evaluate", help="perplexity of a model on one or more datasets")
     parser.add_argument("model", help="model folder, .gguf file or hf://org/name@revision")
-    parser.add_argument("--perplexity", action="append", required=True, metavar="DATA", help="dataset spec (repeatable)")
+    parser.add_argument(
+        "--perplexity", action="append", required=True, metavar="DATA", help="dataset spec (repeatable)"
+    )
     parser.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
     parser.add_argument("--max-tokens", type=int, help="score only the first N tokens of each dataset")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -61,30 +65,25 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def _run_prune(args: argparse.Namespace) -> dict:
-    from pruning_core.data import calibration_windows, read_rows, tokenize_text
-    from pruning_core.engine import prune_model
-    from pruning_core.modeling import load_model, prunable_weight_names, save_model, sparsity_report, write_report
+    from pruning_core.data import read_rows
+    from pruning_core.job import calibration_set, prune_to_folder
+    from pruning_core.modeling import load_model
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
     _check_device(args.device)
-    rows = read_rows(args.calibration)
+    read_rows(args.calibration)  # a bad data spec fails before the model is loaded
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    calibration = calibration_windows(
-        tokenize_text(tokenizer, rows), recipe.calibration_samples, recipe.seq_len, recipe.seed
+    calibration = calibration_set(tokenizer, args.calibration, recipe)
+    report = prune_to_folder(
+        model,
+        tokenizer,
+        calibration,
+        recipe,
+        args.out,
+        args.device,
+        details={"model": args.model, "calibration": args.calibration},
     )
-    summary = prune_model(model, calibration, recipe, device=args.device)
-    save_model(model, tokenizer, args.out)
-    report = sparsity_report(args.out, prunable_weight_names(model))
-    report.update(
-        recipe=recipe.model_dump(mode="json"),
-        recipe_fingerprint=recipe.fingerprint(),
-        model=args.model,
-        calibration=args.calibration,
-        reconstruction_error=summary.errors,
-        prune_seconds=summary.seconds,
-    )
-    write_report(args.out, report)
     seconds = time.perf_counter() - started
     print(f"pruned {args.model} with {recipe.method} at {recipe.target.describe()} -> {args.out}")
     print(f"achieved sparsity {report['total']:.4f} over {report['parameters']:,} prunable weights; {seconds:.1f} s")
@@ -99,18 +98,15 @@ def _run_prune(args: argparse.Namespace) -> dict:
 
 
 def _run_evaluate(args: argparse.Namespace) -> dict:
-    from pruning_core.data import read_rows, tokenize_text
+    from pruning_core.data import read_rows
+    from pruning_core.job import evaluate_perplexities
     from pruning_core.modeling import load_model
-    from pruning_core.perplexity import perplexity
 
     _check_device(args.device)
     datasets = {spec: read_rows(spec) for spec in args.perplexity}  # fail on a bad spec before loading
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model.to(args.device)
-    results = {}
-    for spec, rows in datasets.items():
-        token_ids = tokenize_text(tokenizer, rows)
-        results[spec] = perplexity(model, token_ids, args.seq_len, args.max_tokens, args.device, label=spec)
+    results = evaluate_perplexities(model, tokenizer, datasets, args.seq_len, args.max_tokens, args.device)
     print(f"{'dataset':<60} {'perplexity':>12} {'tokens scored':>14} {'of':>10}")
     for spec, result in results.items():
         print(f"{spec:<60} {result.perplexity:>12.3f} {result.tokens_scored:>14,} {result.tokens_available:>10,}")
@@ -141,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

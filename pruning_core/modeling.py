@@ -60,6 +60,11 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
     kwargs = source.kwargs(trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    if source.gguf_file:
+        # GGUF weights arrive dequantized to plain tensors; forget the quantizer so the model saves normally.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.eval(), tokenizer
 
 

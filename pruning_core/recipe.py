@@ -30,7 +30,9 @@ class Recipe(BaseModel):
         default_factory=dict, description="per-layer ratio overrides: name or glob -> ratio in (0, 1)"
     )
     skip: list[str] = Field(default_factory=list, description="layer names or globs left dense")
-    true_sequential: bool = Field(default=False, description="prune attn q/k/v -> o -> mlp in order, re-running the block")
+    true_sequential: bool = Field(
+        default=False, description="prune attn q/k/v -> o -> mlp in order, re-running the block"
+    )
 
     @field_validator("method")
     @classmethod

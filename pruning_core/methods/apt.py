@@ -73,7 +73,8 @@ def best_n_of_m_subsets(w_block: torch.Tensor, inverse_block: torch.Tensor, n: i
     return mask
 
 
-def rows_by_count(selected: torch.Tensor, per_row_cost: Callable[[int], int]
+def rows_by_count(
+    selected: torch.Tensor, per_row_cost: Callable[[int], int]
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (row indices, positions of their selected columns) in batches of rows that select equally many."""
     counts = selected.sum(dim=1)

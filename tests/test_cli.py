@@ -1,0 +1,217 @@
+"""The CLI contract: prune and evaluate, --json last line, one-line errors with non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from flows.cli import main
+from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_prune_saves_a_loadable_model_with_its_sparsity_report(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    code, stdout, stderr = run_cli(
+        capsys,
+        "prune",
+        tiny_model_dir,
+        "--method",
+        "sparsegpt",
+        "--pattern",
+        "2:4",
+        "--calibration",
+        WIKITEXT_VALID,
+        "--samples",
+        4,
+        "--seq-len",
+        64,
+        "--out",
+        out,
+        "--json",
+    )
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert result["out"] == str(out) and result["method"] == "sparsegpt" and result["target"] == "2:4"
+    assert result["sparsity"] == 0.5 and result["seconds"] > 0
+    report = json.loads((out / "sparsity.json").read_text())
+    assert report["total"] == 0.5 and len(report["layers"]) == 3 * 7
+    assert report["recipe"]["calibration_samples"] == 4
+    model = AutoModelForCausalLM.from_pretrained(out)
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert float((q == 0).float().mean()) == 0.5
+    assert (out / "tokenizer.json").is_file() and list(out.glob("*.safetensors"))
+    assert not list(out.glob("*.bin")), "no pickled weights"
+
+
+def test_prune_with_recipe_file_and_flag_override(capsys, tiny_model_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: wanda\nsparsity: 0.5\nskip: ['*.down_proj']\nseq_len: 64\ncalibration_samples: 2\n")
+    out = tmp_path / "pruned"
+    code, stdout, stderr = run_cli(
+        capsys,
+        "prune",
+        tiny_model_dir,
+        "--recipe",
+        recipe,
+        "--sparsity",
+        "0.75",
+        "--calibration",
+        WIKITEXT_VALID,
+        "--out",
+        out,
+        "--json",
+    )
+    assert code == 0, stderr
+    report = json.loads((out / "sparsity.json").read_text())
+    assert report["recipe"]["sparsity"] == 0.75 and report["recipe"]["skip"] == ["*.down_proj"]
+    layers = report["layers"]
+    assert layers["model.layers.0.mlp.down_proj.weight"] == 0.0
+    assert layers["model.layers.0.mlp.up_proj.weight"] == 0.75
+
+
+def test_evaluate_reports_perplexity_per_dataset_and_tokens_scored(capsys, tiny_model_dir, tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": line}) for line in WIKITEXT_VALID.read_text().splitlines()[:200]))
+    spec = f"jsonl:{jsonl}:text"
+    code, stdout, stderr = run_cli(
+        capsys,
+        "evaluate",
+        tiny_model_dir,
+        "--perplexity",
+        WIKITEXT_TEST,
+        "--perplexity",
+        spec,
+        "--seq-len",
+        64,
+        "--max-tokens",
+        640,
+        "--json",
+    )
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert set(result["perplexity"]) == {str(WIKITEXT_TEST), spec}
+    assert all(v > 1 for v in result["perplexity"].values())
+    assert result["tokens_scored"] == {str(WIKITEXT_TEST): 640, spec: 640}
+    assert "640" in stdout and "seq_len 64" in stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [
+                "prune",
+                "/no/such/model",
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--calibration",
+                "{wiki}",
+                "--out",
+                "{tmp}/o",
+            ],
+            "model not found: /no/such/model",
+        ),
+        (
+            [
+                "prune",
+                "{model}",
+                "--method",
+                "wanda",
+                "--sparsity",
+                "1.5",
+                "--calibration",
+                "{wiki}",
+                "--out",
+                "{tmp}/o",
+            ],
+            "invalid recipe: sparsity: Input should be less than 1",
+        ),
+        (
+            [
+                "prune",
+                "{model}",
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--calibration",
+                "{tmp}/missing.txt",
+                "--out",
+                "{tmp}/o",
+            ],
+            "data file not found",
+        ),
+        (
+            ["prune", "{model}", "--method", "apt", "--pattern", "3:2", "--calibration", "{wiki}", "--out", "{tmp}/o"],
+            "pattern N:M needs 0 < N < M",
+        ),
+        (
+            ["prune", "{model}", "--recipe", "{tmp}/none.yaml", "--calibration", "{wiki}", "--out", "{tmp}/o"],
+            "recipe file not found",
+        ),
+        (["evaluate", "{tmp}/x.gguf", "--perplexity", "{wiki}"], "model file not found"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_and_nonzero(capsys, tiny_model_dir, tmp_path, argv, message):
+    filled = [a.format(wiki=WIKITEXT_VALID, tmp=tmp_path, model=tiny_model_dir) for a in argv]
+    code, stdout, stderr = run_cli(capsys, *filled)
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secateur: error: ") and message in lines[0], stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_help_and_json_exit_codes(tiny_model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv in (["--help"], ["prune", "--help"], ["evaluate", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and "usage: secateur" in done.stdout
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "prune",
+            str(tiny_model_dir),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--calibration",
+            str(WIKITEXT_VALID),
+            "--samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "m"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["sparsity"] == 0.5
+    assert "magnitude blocks" in done.stderr, "a progress bar per block"

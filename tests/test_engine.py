@@ -1,0 +1,131 @@
+"""Block-sequential engine on tiny models of every supported family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pruning_core.adapters import UnsupportedArchitecture, adapter_for
+from pruning_core.engine import prune_model
+from pruning_core.modeling import prunable_weight_names
+from pruning_core.recipe import Recipe
+from tests.conftest import tiny_model
+
+
+def calibration(samples: int = 4, seq_len: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "mamba"])
+@pytest.mark.parametrize("method", ["wanda", "apt"])
+def test_every_family_prunes_every_linear_and_still_runs(family, method):
+    model = tiny_model(family)
+    recipe = Recipe(method=method, pattern="2:4", block_size=32)
+    summary = prune_model(model, calibration(), recipe, progress=False)
+    names = prunable_weight_names(model)
+    assert len(summary.errors) == len(names)
+    for name in names:
+        weight = model.get_parameter(name)
+        assert torch.all((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2), name
+    assert all(0 < e < 1 for e in summary.errors.values()), summary.errors
+    logits = model(input_ids=calibration(1)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_mamba_dt_proj_gets_statistics_from_x_proj_output():
+    model = tiny_model("mamba")
+    names = adapter_for(model).linear_names(model)
+    assert "mixer.dt_proj" in names
+    summary = prune_model(model, calibration(), Recipe(method="sparsegpt", sparsity=0.5, block_size=8), progress=False)
+    assert summary.errors["backbone.layers.0.mixer.dt_proj"] > 0
+    assert float((model.backbone.layers[0].mixer.dt_proj.weight == 0).float().mean()) == 0.5
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitecture, match="supported: llama, mamba, mistral, opt, qwen2"):
+        prune_model(model, calibration(), Recipe(method="wanda", sparsity=0.5), progress=False)
+
+
+def test_skip_list_and_per_layer_overrides():
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    recipe = Recipe(
+        method="sparsegpt",
+        sparsity=0.5,
+        skip=["model.layers.0.self_attn.*", "*.down_proj"],
+        layer_sparsity={"model.layers.2.mlp.up_proj": 0.75},
+    )
+    summary = prune_model(model, calibration(), recipe, progress=False)
+    for name in prunable_weight_names(model):
+        weight = model.get_parameter(name)
+        if name.startswith("model.layers.0.self_attn.") or "down_proj" in name:
+            assert torch.equal(weight, dense.get_parameter(name)), f"{name} was skipped and must be untouched"
+            assert name.removesuffix(".weight") not in summary.errors
+        elif name == "model.layers.2.mlp.up_proj.weight":
+            assert float((weight == 0).float().mean()) == 0.75
+        else:
+            assert float((weight == 0).float().mean()) == 0.5
+
+
+def test_true_sequential_prunes_with_inputs_of_already_pruned_layers():
+    base = tiny_model("llama")
+    plain, sequential = copy.deepcopy(base), copy.deepcopy(base)
+    prune_model(plain, calibration(), Recipe(method="sparsegpt", sparsity=0.5), progress=False)
+    prune_model(
+        sequential, calibration(), Recipe(method="sparsegpt", sparsity=0.5, true_sequential=True), progress=False
+    )
+    q_plain = plain.model.layers[0].self_attn.q_proj.weight
+    q_seq = sequential.model.layers[0].self_attn.q_proj.weight
+    o_plain = plain.model.layers[0].self_attn.o_proj.weight
+    o_seq = sequential.model.layers[0].self_attn.o_proj.weight
+    assert torch.equal(q_plain, q_seq), "the first group sees the same inputs either way"
+    assert not torch.equal(o_plain, o_seq), "o_proj sees the outputs of the pruned q/k/v in true-sequential mode"
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "apt"])
+def test_resume_at_block_k_is_bit_identical(method):
+    recipe = Recipe(method=method, sparsity=0.5, block_size=32)
+    full = tiny_model("llama")
+    saved: dict[int, object] = {}
+    prune_model(full, calibration(), recipe, progress=False, on_block=lambda r: saved.__setitem__(r.index, r))
+
+    k = 2
+    resumed = tiny_model("llama")  # fresh dense model, as after a crash
+    blocks = adapter_for(resumed).blocks(resumed)
+    for index in range(k):
+        blocks[index].load_state_dict(saved[index].state_dict)
+    seen = []
+    summary = prune_model(
+        resumed,
+        calibration(),
+        recipe,
+        start_block=k,
+        start_inputs=saved[k - 1].next_inputs,
+        progress=False,
+        on_block=lambda r: seen.append(r.index),
+    )
+    assert seen == [2] and summary.start_block == 2
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_block_callback_reports_state_inputs_and_errors():
+    results = []
+    model = tiny_model("llama")
+    prune_model(
+        model, calibration(3, 16), Recipe(method="wanda", sparsity=0.5), progress=False, on_block=results.append
+    )
+    assert [r.index for r in results] == [0, 1, 2]
+    assert results[0].next_inputs.shape == (3, 16, 64)
+    assert set(results[1].errors) == {f"model.layers.1.{n}" for n in adapter_for(model).linear_names(model)}
+    assert "self_attn.q_proj.weight" in results[1].state_dict
+
+
+def test_resume_needs_saved_inputs():
+    with pytest.raises(ValueError, match="saved inputs"):
+        prune_model(tiny_model("llama"), calibration(), Recipe(method="wanda", sparsity=0.5), start_block=1)

@@ -1,0 +1,130 @@
+"""Each method on one layer: exact sparsity, N:M groups, error ordering, APT = least squares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pruning_core.masks import SparsityTarget, quota
+from pruning_core.methods import METHODS, LayerProblem
+from pruning_core.methods.apt import reconstruct_with_mask
+from pruning_core.stats import InputStatistics, damped, damped_inverse
+from tests.conftest import correlated_layer
+
+TARGETS = [
+    SparsityTarget(ratio=0.5),
+    SparsityTarget(ratio=0.7),
+    SparsityTarget.parse_pattern("2:4"),
+    SparsityTarget.parse_pattern("4:8"),
+]
+BLOCK = 48
+
+
+def statistics(inputs: torch.Tensor) -> InputStatistics:
+    stats = InputStatistics(inputs.shape[1], "cpu", with_hessian=True)
+    for batch in inputs.split(300):  # streaming over uneven batches
+        stats.add_batch(batch)
+    return stats
+
+
+def prune(method: str, weight, inputs, target, block=BLOCK) -> torch.Tensor:
+    return METHODS[method].prune(LayerProblem("layer", weight, statistics(inputs), target, block, 0.01))
+
+
+def expected_zeros(method: str, target: SparsityTarget, rows: int, cols: int) -> torch.Tensor:
+    """Zeros each row must hold (per-row methods) or the matrix must hold (per-matrix/per-block)."""
+    if target.is_nm:
+        return torch.full((rows,), cols // target.m * target.n)
+    if method in ("wanda", "apt"):
+        return torch.full((rows,), sum(quota(target.ratio, s, min(s + BLOCK, cols)) for s in range(0, cols, BLOCK)))
+    return torch.tensor(round(target.ratio * rows * cols))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.describe())
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_exact_sparsity_and_groups(method, target):
+    weight, inputs = correlated_layer(rows=40, cols=120)
+    pruned = prune(method, weight, inputs, target)
+    zeros = pruned == 0
+    expected = expected_zeros(method, target, *weight.shape)
+    if expected.ndim:
+        assert torch.equal(zeros.sum(dim=1), expected)
+    else:
+        assert int(zeros.sum()) == int(expected)
+    if target.is_nm:
+        per_group = zeros.reshape(40, -1, target.m).sum(dim=2)
+        assert torch.all(per_group == target.n), "every N:M group of every row has exactly N zeros"
+    if method in ("magnitude", "wanda"):
+        assert torch.equal(pruned[~zeros], weight[~zeros]), "score-only methods do not update kept weights"
+
+
+def test_per_row_quota_gives_exact_ratio():
+    assert sum(quota(0.7, s, min(s + 128, 576)) for s in range(0, 576, 128)) == round(0.7 * 576)
+
+
+def reconstruction_error(weight, pruned, inputs) -> float:
+    return float(((weight - pruned) @ inputs.T).pow(2).sum())
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.describe())
+def test_error_ordering_on_correlated_inputs(target):
+    weight, inputs = correlated_layer()
+    errors = {m: reconstruction_error(weight, prune(m, weight, inputs, target), inputs) for m in METHODS}
+    assert errors["apt"] <= errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def lstsq_reference(weight, inputs, hessian, mask, damping):
+    """Row-wise least squares of the damped problem: [X sqrt(2/N); sqrt(λ m) I] w_K ≈ [...] w."""
+    tokens, cols = inputs.shape
+    lam = damping * torch.diagonal(hessian).mean().double()
+    design = torch.cat([inputs.double() * (2.0 / tokens) ** 0.5, lam.sqrt() * torch.eye(cols, dtype=torch.float64)])
+    reference = torch.zeros_like(weight, dtype=torch.float64)
+    for row in range(weight.shape[0]):
+        kept = ~mask[row]
+        solution = torch.linalg.lstsq(design[:, kept], design @ weight[row].double()).solution
+        reference[row, kept] = solution
+    return reference
+
+
+def test_apt_with_fixed_mask_equals_least_squares():
+    weight, inputs = correlated_layer(rows=64, cols=96)
+    stats = statistics(inputs)
+    mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    hessian = stats.hessian()
+    result = reconstruct_with_mask(weight, damped(hessian, 0.01), mask)
+    reference = lstsq_reference(weight, inputs, hessian, mask, 0.01)
+    assert torch.all(result[mask] == 0)
+    assert float((result.double() - reference).norm() / reference.norm()) < 1e-4
+
+
+def test_apt_final_weights_are_least_squares_of_its_own_mask():
+    weight, inputs = correlated_layer(rows=32, cols=64)
+    pruned = prune("apt", weight, inputs, SparsityTarget.parse_pattern("2:4"))
+    reference = lstsq_reference(weight, inputs, statistics(inputs).hessian(), pruned == 0, 0.01)
+    assert float((pruned.double() - reference).norm() / reference.norm()) < 1e-4
+
+
+def test_dead_inputs_are_zeroed_and_do_not_break_the_hessian():
+    weight, inputs = correlated_layer(rows=16, cols=32)
+    inputs[:, 5] = 0
+    for method in ("sparsegpt", "apt"):
+        pruned = prune(method, weight, inputs, SparsityTarget(ratio=0.5), block=16)
+        assert torch.isfinite(pruned).all()
+        assert torch.all(pruned[:, 5] == 0)
+
+
+def test_damping_is_raised_and_logged_when_cholesky_fails(caplog):
+    indefinite = -torch.eye(8)
+    indefinite[0, 0] = 50.0  # mean diag > 0 but far from positive definite
+    with caplog.at_level("WARNING"):
+        inverse, used = damped_inverse(indefinite, 0.01, "layer")
+    assert used > 0.01
+    assert "Cholesky failed" in caplog.text
+    assert torch.isfinite(inverse).all()
+
+
+def test_hessian_is_streamed_mean_of_outer_products():
+    _, inputs = correlated_layer(rows=4, cols=16, tokens=700)
+    stats = statistics(inputs)
+    assert torch.allclose(stats.hessian(), 2 * inputs.T @ inputs / 700, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(stats.column_norms(), inputs.norm(dim=0), rtol=1e-4)
