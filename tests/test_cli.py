@@ -66,7 +66,7 @@ def test_prune_with_recipe_file_and_flag_override(capsys, tiny_model_dir, tmp_pa
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: wanda\nsparsity: 0.5\nskip: ['*.down_proj']\nseq_len: 64\ncalibration_samples: 2\n")
     out = tmp_path / "pruned"
-    code, stdout, stderr = run_cli(
+    code, _stdout, stderr = run_cli(
         capsys,
         "prune",
         tiny_model_dir,
@@ -175,7 +175,7 @@ def test_evaluate_reports_perplexity_per_dataset_and_tokens_scored(capsys, tiny_
 )
 def test_bad_input_is_one_line_on_stderr_and_nonzero(capsys, tiny_model_dir, tmp_path, argv, message):
     filled = [a.format(wiki=WIKITEXT_VALID, tmp=tmp_path, model=tiny_model_dir) for a in argv]
-    code, stdout, stderr = run_cli(capsys, *filled)
+    code, _stdout, stderr = run_cli(capsys, *filled)
     assert code != 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("secateur: error: ") and message in lines[0], stderr

@@ -35,7 +35,7 @@ def expected_zeros(method: str, target: SparsityTarget, rows: int, cols: int) ->
     """Zeros each row must hold (per-row methods) or the matrix must hold (per-matrix/per-block)."""
     if target.is_nm:
         return torch.full((rows,), cols // target.m * target.n)
-    if method in ("wanda", "apt"):
+    if method == "wanda":
         return torch.full((rows,), sum(quota(target.ratio, s, min(s + BLOCK, cols)) for s in range(0, cols, BLOCK)))
     return torch.tensor(round(target.ratio * rows * cols))
 

@@ -3,7 +3,8 @@
 Removing a set P of a row's weights at once:
     delta* = -w_P [(H^-1)_PP]^-1 (H^-1)_{P,:}        loss = 1/2 w_P [(H^-1)_PP]^-1 w_P^T
 Columns are visited in blocks. In each block every row picks its set P (unstructured: by the OBS
-score of its current weights; N:M: the N-subset of each group with the least joint loss), then
+score of its current weights, the block's quota shared by all rows as in SparseGPT; N:M: the
+N-subset of each group with the least joint loss), then
 delta* is applied to all rows at once with batched solves against the full H^-1, so weights left
 of the block are updated too (nothing is frozen). The final weights are the exact least-squares
 reconstruction of every row on its kept inputs, which is what delta* for the whole mask gives.
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from pruning_core.masks import lowest_per_row, quota
+from pruning_core.masks import lowest_overall, quota
 from pruning_core.methods.base import LayerProblem
 from pruning_core.methods.sparsegpt import aligned_block_size
 from pruning_core.stats import damped, damped_inverse, dead_columns
@@ -45,8 +46,9 @@ def select_mask(weight: torch.Tensor, inverse: torch.Tensor, problem: LayerProbl
         if target.is_nm:
             chosen = best_n_of_m_subsets(w_block, inverse[start:end, start:end], target.n, target.m)
         else:
+            # Like SparseGPT, the block's quota is shared by all rows, so rows that matter less give more.
             score = w_block**2 / inverse_diag[start:end]
-            chosen = lowest_per_row(score, quota(target.ratio, start, end))
+            chosen = lowest_overall(score, quota(target.ratio, start, end, weight.shape[0]))
         if not chosen.any():
             continue
         block_mask = torch.zeros_like(mask)
