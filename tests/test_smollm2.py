@@ -21,7 +21,7 @@ from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
 
 pytestmark = pytest.mark.slow
 
-SAMPLES, SEQ_LEN, EVAL_TOKENS = 8, 256, 8192
+SAMPLES, SEQ_LEN, EVAL_TOKENS = 16, 512, 8192  # 8k calibration tokens: enough for SparseGPT/APT
 TARGETS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 
 
@@ -37,8 +37,16 @@ def calibration(smollm2):
 
 
 @pytest.fixture(scope="module")
-def wikitext(smollm2):
+def wikitext():
     return {"wikitext2": read_rows(str(WIKITEXT_TEST))}
+
+
+@pytest.fixture(scope="module")
+def dense_perplexity(smollm2, wikitext) -> float:
+    model, tokenizer = smollm2
+    return evaluate_perplexities(model, tokenizer, wikitext, SEQ_LEN, EVAL_TOKENS, progress=False)[
+        "wikitext2"
+    ].perplexity
 
 
 def layer_inputs(model, calibration, block_index: int, module: str) -> torch.Tensor:
@@ -79,18 +87,20 @@ def test_reconstruction_error_order_on_a_real_layer(smollm2, calibration, module
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_every_method_on_smollm2_perplexity_order_and_saved_model(smollm2, calibration, wikitext, target, tmp_path):
+def test_every_method_on_smollm2_perplexity_order_and_saved_model(
+    smollm2, calibration, wikitext, dense_perplexity, target, tmp_path
+):
     dense, tokenizer = smollm2
-    dense_ppl = evaluate_perplexities(dense, tokenizer, wikitext, SEQ_LEN * 2, EVAL_TOKENS, progress=False)
-    perplexities = {"dense": dense_ppl["wikitext2"].perplexity}
+    perplexities = {"dense": dense_perplexity}
     for method in METHODS:
         model = copy.deepcopy(dense)
         recipe = Recipe(method=method, calibration_samples=SAMPLES, seq_len=SEQ_LEN, **TARGETS[target])
         out = tmp_path / method
         report = prune_to_folder(model, tokenizer, calibration, recipe, out, progress=False)
-        result = evaluate_perplexities(model, tokenizer, wikitext, SEQ_LEN * 2, EVAL_TOKENS, progress=False)
+        result = evaluate_perplexities(model, tokenizer, wikitext, SEQ_LEN, EVAL_TOKENS, progress=False)
         perplexities[method] = result["wikitext2"].perplexity
-        assert report["total"] == pytest.approx(0.5, abs=1e-6)
+        # the dequantized Q4_1 weights hold a few exact zeros of their own
+        assert 0.5 <= report["total"] < 0.5 + 1e-4
         if method == "apt":
             reloaded = AutoModelForCausalLM.from_pretrained(out)
             names = prunable_weight_names(reloaded)
@@ -99,7 +109,7 @@ def test_every_method_on_smollm2_perplexity_order_and_saved_model(smollm2, calib
             for name in names[:7]:
                 assert torch.equal(reloaded.get_parameter(name), model.get_parameter(name)), name
     print(target, perplexities)
-    assert 5 < perplexities["dense"] < 40, "SmolLM2-135M on WikiText-2 (8k tokens) is near 18 dense"
+    assert 20 < perplexities["dense"] < 60, "dense SmolLM2-135M-Instruct Q4_1: about 37 at seq 512 on these 8k tokens"
     assert perplexities["apt"] <= perplexities["sparsegpt"] < perplexities["wanda"] < perplexities["magnitude"], (
         perplexities
     )
