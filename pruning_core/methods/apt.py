@@ -2,12 +2,12 @@
 
 Removing a set P of a row's weights at once:
     delta* = -w_P [(H^-1)_PP]^-1 (H^-1)_{P,:}        loss = 1/2 w_P [(H^-1)_PP]^-1 w_P^T
-Columns are visited in blocks. In each block every row picks its set P (unstructured: by the OBS
-score of its current weights, the block's quota shared by all rows as in SparseGPT; N:M: the
-N-subset of each group with the least joint loss), then
-delta* is applied to all rows at once with batched solves against the full H^-1, so weights left
-of the block are updated too (nothing is frozen). The final weights are the exact least-squares
-reconstruction of every row on its kept inputs, which is what delta* for the whole mask gives.
+Columns are visited in blocks. In each block every row picks its set P from its current weights
+(unstructured: by the OBS score, the block's quota shared by all rows as in SparseGPT; N:M: for
+each group the N-subset with the least joint loss), then delta* for P is applied to all rows at
+once with batched solves against the full H^-1, so weights left of the block move too (nothing is
+frozen) while earlier zeros are kept. Once the mask is complete, every row is set to the exact
+least-squares reconstruction on its kept inputs, which is delta* for the whole mask at once.
 """
 
 from __future__ import annotations
