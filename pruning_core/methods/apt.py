@@ -87,9 +87,11 @@ class RowBatch:
     def system(self, matrix: torch.Tensor) -> torch.Tensor:
         """matrix[P, P] for every row, with padding turned into identity rows and columns."""
         gathered = matrix[self.positions.unsqueeze(-1), self.positions.unsqueeze(-2)]
-        pairs = self.valid.unsqueeze(-1) & self.valid.unsqueeze(-2)
-        identity = torch.eye(gathered.shape[-1], dtype=gathered.dtype, device=gathered.device)
-        return torch.where(pairs, gathered, identity)
+        if self.valid.all():
+            return gathered
+        gathered.masked_fill_(~(self.valid.unsqueeze(-1) & self.valid.unsqueeze(-2)), 0.0)
+        gathered.diagonal(dim1=-2, dim2=-1).masked_fill_(~self.valid, 1.0)
+        return gathered
 
     def take(self, values: torch.Tensor) -> torch.Tensor:
         """values[row, P] as a (r, k, 1) column, zero on padding."""
