@@ -72,9 +72,9 @@ def _run_prune(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
     _check_device(args.device)
-    read_rows(args.calibration)  # a bad data spec fails before the model is loaded
+    rows = read_rows(args.calibration)  # a bad data spec fails before the model is loaded
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    calibration = calibration_set(tokenizer, args.calibration, recipe)
+    calibration = calibration_set(tokenizer, rows, recipe)
     report = prune_to_folder(
         model,
         tokenizer,

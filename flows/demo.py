@@ -38,10 +38,11 @@ def main() -> None:
     started = time.perf_counter()
     dense, tokenizer = load_model(str(model_path))
     evaluation = {"wiki": read_rows(evaluation_spec)}
+    calibration_rows = read_rows(calibration_spec)
     rows = [("dense", "-", 0.0, _perplexity(dense, tokenizer, evaluation), 0.0)]
     for name, recipe in RECIPES.items():
         model = copy.deepcopy(dense)
-        calibration = calibration_set(tokenizer, calibration_spec, recipe)
+        calibration = calibration_set(tokenizer, calibration_rows, recipe)
         report = prune_to_folder(
             model, tokenizer, calibration, recipe, out_root / name, details={"calibration": calibration_spec}
         )

@@ -7,18 +7,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning_core.data import calibration_windows, read_rows, tokenize_text
+from pruning_core.data import calibration_windows, tokenize_text
 from pruning_core.engine import prune_model
 from pruning_core.modeling import prunable_weight_names, save_model, sparsity_report, write_report
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
 
 
-def calibration_set(tokenizer, spec: str, recipe: Recipe) -> torch.Tensor:
-    """The recipe's calibration windows (samples x seq_len) drawn from a data spec."""
-    return calibration_windows(
-        tokenize_text(tokenizer, read_rows(spec)), recipe.calibration_samples, recipe.seq_len, recipe.seed
-    )
+def calibration_set(tokenizer, rows: list[str], recipe: Recipe) -> torch.Tensor:
+    """The recipe's calibration windows (samples x seq_len) drawn from the rows of a data spec."""
+    return calibration_windows(tokenize_text(tokenizer, rows), recipe.calibration_samples, recipe.seq_len, recipe.seed)
 
 
 def prune_to_folder(

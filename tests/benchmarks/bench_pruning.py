@@ -41,7 +41,7 @@ def one_run(args: argparse.Namespace) -> dict:
     else:
         target = {"pattern": args.target} if ":" in args.target else {"sparsity": float(args.target)}
         recipe = Recipe(method=args.method, calibration_samples=args.samples, seq_len=args.seq_len, **target)
-        calibration = calibration_set(tokenizer, str(text_asset(C4_CALIBRATION)), recipe)
+        calibration = calibration_set(tokenizer, read_rows(str(text_asset(C4_CALIBRATION))), recipe)
         started = time.perf_counter()
         report = prune_to_folder(model, tokenizer, calibration, recipe, args.out, args.device, progress=False)
         result = {"prune_seconds": time.perf_counter() - started, "sparsity": report["total"]}
