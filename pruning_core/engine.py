@@ -169,6 +169,13 @@ def block_outputs(
     return outputs
 
 
+def restore_blocks(model: nn.Module, block_states: list[dict[str, torch.Tensor]]) -> None:
+    """Load saved weights into blocks 0..len(block_states)-1 (resume after a checkpoint)."""
+    blocks = adapter_for(model).blocks(model)
+    for index, state in enumerate(block_states):
+        blocks[index].load_state_dict(state, strict=True)
+
+
 def prune_model(
     model: nn.Module,
     calibration: torch.Tensor,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pruning_core.data import calibration_windows, tokenize_text
-from pruning_core.engine import prune_model
+from pruning_core.engine import BlockResult, prune_model
 from pruning_core.modeling import prunable_weight_names, save_model, sparsity_report, write_report
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
@@ -28,9 +29,24 @@ def prune_to_folder(
     device: str = "cpu",
     progress: bool = True,
     details: dict | None = None,
+    start_block: int = 0,
+    start_inputs: torch.Tensor | None = None,
+    on_block: Callable[[BlockResult], None] | None = None,
 ) -> dict:
-    """Prune `model` in place, save it in Hugging Face format with `sparsity.json`; return that report."""
-    summary = prune_model(model, calibration_ids, recipe, device=device, progress=progress)
+    """Prune `model` in place, save it in Hugging Face format with `sparsity.json`; return that report.
+
+    `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks.
+    """
+    summary = prune_model(
+        model,
+        calibration_ids,
+        recipe,
+        device=device,
+        progress=progress,
+        start_block=start_block,
+        start_inputs=start_inputs,
+        on_block=on_block,
+    )
     save_model(model, tokenizer, out_dir)
     report = sparsity_report(out_dir, prunable_weight_names(model))
     report.update(

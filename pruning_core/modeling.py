@@ -68,6 +68,13 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
     return model.eval(), tokenizer
 
 
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = ModelSource.parse(spec)
+    return AutoTokenizer.from_pretrained(source.location, **source.kwargs(trust_remote_code))
+
+
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Hugging Face format: safetensors weights, config, generation config, tokenizer."""
     out = Path(out_dir)

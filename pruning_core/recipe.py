@@ -102,7 +102,7 @@ class Recipe(BaseModel):
         return cls.model_validate(cls.read_yaml(path))
 
 
-def describe_validation_error(error: Exception) -> str:
+def describe_validation_error(error: Exception, what: str = "recipe") -> str:
     """One line naming each offending field and what is allowed."""
     from pydantic import ValidationError
 
@@ -113,4 +113,4 @@ def describe_validation_error(error: Exception) -> str:
         field = ".".join(str(p) for p in item["loc"]) or "recipe"
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{field}: {message}")
-    return "invalid recipe: " + "; ".join(parts)
+    return f"invalid {what}: " + "; ".join(parts)

@@ -32,3 +32,4 @@ class Method:
 
     prune: Callable[[LayerProblem], torch.Tensor]
     needs: Needs
+    version: str = "1"  # bump when the method's output changes: it is part of every run fingerprint

@@ -1,0 +1,162 @@
+"""The Prefect flows: `compress_model` for one (model, recipe), `compress_batch` for models x recipes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows.batch_config import BatchConfig
+from infra.settings import Settings
+from pruning_core.recipe import Recipe
+from tasks.calibrate import CalibrationSpec, build_calibration
+from tasks.common import stored
+from tasks.evaluate import EvaluationSpec, evaluate
+from tasks.fetch import fetch_model
+from tasks.prune import prune
+from tasks.publish import PairRecord, publish
+from tasks.track import finish_batch_run, record_failed_pair, start_batch_run
+
+
+class PairResult(BaseModel):
+    model: str
+    recipe_name: str
+    status: str  # completed | failed
+    error: str | None = None
+    sparsity: float | None = None
+    perplexity: dict[str, float] = {}
+    dense_perplexity: dict[str, float] = {}
+    prune_seconds: float | None = None
+    model_uri: str | None = None
+    mlflow_run_id: str | None = None
+    task_states: dict[str, str] = {}  # task -> Prefect state name (Completed, Cached, ...)
+
+
+class PairsFailed(RuntimeError):
+    pass
+
+
+def _timed(call, states: dict[str, str], seconds: dict[str, float], stage: str):
+    started = time.perf_counter()
+    state = call(return_state=True)
+    states[stage] = state.name
+    value = state.result()
+    seconds[stage] = getattr(value, "seconds", None) or getattr(value, "prune_seconds", None) or (
+        time.perf_counter() - started)
+    return value
+
+
+@flow(name="compress-model", flow_run_name="{recipe_name}")
+def compress_model(
+    model: str,
+    recipe: Recipe,
+    calibration: CalibrationSpec,
+    evaluation: EvaluationSpec,
+    recipe_name: str = "recipe",
+    parent_run_id: str | None = None,
+    experiment: str = "secateur",
+) -> PairResult:
+    """fetch -> calibrate -> dense baseline -> prune (checkpointed) -> evaluate -> publish."""
+    settings = Settings()
+    states: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    snapshot = _timed(lambda **kw: fetch_model(model, **kw), states, seconds, "fetch")
+    calibration_set = _timed(
+        lambda **kw: stored(build_calibration, settings)(snapshot, calibration, **kw), states, seconds, "calibrate")
+    dense = _timed(lambda **kw: stored(evaluate, settings)(snapshot.path, snapshot.fingerprint, evaluation, **kw),
+                   states, seconds, "evaluate_dense")
+    pruned = _timed(lambda **kw: stored(prune, settings)(snapshot, calibration_set, recipe, **kw), states, seconds,
+                    "prune")
+    result = _timed(lambda **kw: stored(evaluate, settings)(pruned.path, pruned.fingerprint, evaluation, **kw),
+                    states, seconds, "evaluate")
+    record = PairRecord(recipe_name=recipe_name, recipe=recipe, snapshot=snapshot, calibration=calibration,
+                        calibration_fingerprint=calibration_set.fingerprint, pruned=pruned, evaluation=result,
+                        dense=dense, stage_seconds=seconds)
+    publication = publish(record, parent_run_id, experiment)
+    return PairResult(
+        model=model,
+        recipe_name=recipe_name,
+        status="completed",
+        sparsity=pruned.sparsity,
+        perplexity=result.perplexity,
+        dense_perplexity=dense.perplexity,
+        prune_seconds=pruned.prune_seconds,
+        model_uri=publication.model_uri,
+        mlflow_run_id=publication.mlflow_run_id,
+        task_states=states,
+    )
+
+
+def summary_table(results: list[PairResult]) -> str:
+    labels = sorted({label for r in results for label in r.perplexity})
+    header = f"{'model':<28} {'recipe':<14} {'status':<9} {'sparsity':>8} " + " ".join(
+        f"{'ppl ' + label:>18} {'dense':>8}" for label in labels) + f" {'prune':>8}  error"
+    lines = [header]
+    for r in results:
+        cells = " ".join(
+            f"{r.perplexity.get(label, float('nan')):>18.2f} {r.dense_perplexity.get(label, float('nan')):>8.2f}"
+            for label in labels)
+        sparsity = f"{r.sparsity:>8.3f}" if r.sparsity is not None else f"{'-':>8}"
+        prune_cell = r.task_states.get("prune", "-")
+        lines.append(f"{Path(r.model).name[:28]:<28} {r.recipe_name:<14} {r.status:<9} {sparsity} {cells} "
+                     f"{prune_cell:>8}  {(r.error or '')[:120]}")
+    return "\n".join(lines)
+
+
+def _error_line(state) -> str:
+    error = state.result(raise_on_failure=False)
+    text = str(error) if isinstance(error, BaseException) else (state.message or state.name)
+    return " ".join(text.split())
+
+
+def run_record_path(settings: Settings, run_id: str) -> Path:
+    return settings.path("runs") / f"{run_id}.json"
+
+
+@flow(name="compress-batch", flow_run_name="{config[name]}")
+def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[PairResult]:
+    """Every model x recipe of a batch; one failing pair does not stop the others.
+
+    `only` restricts the run to [model, recipe name] pairs (what `secateur retry` passes).
+    """
+    batch = BatchConfig.model_validate(config)
+    settings = Settings()
+    logger = get_run_logger()
+    run_id, run_name = str(flow_run.get_id() or "local"), flow_run.get_name() or batch.name
+    parent = start_batch_run(
+        batch.name, f"{batch.name}/{run_name}",
+        params={"batch": batch.name, "models": ",".join(batch.models),
+                "recipes": ",".join(r.name for r in batch.recipes),
+                "calibration": batch.calibration.model_dump(mode="json"),
+                "evaluation": batch.evaluation.model_dump(mode="json")},
+        tags={"prefect_flow_run_id": run_id, "prefect_flow_run_name": run_name, "batch": batch.name},
+    )
+    wanted = {tuple(pair) for pair in only} if only else None
+    results: list[PairResult] = []
+    for model, entry in batch.pairs():
+        if wanted is not None and (model, entry.name) not in wanted:
+            continue
+        state = compress_model(model, entry.recipe(batch.calibration), batch.calibration, batch.evaluation,
+                               entry.name, parent, batch.name, return_state=True)
+        if state.is_completed():
+            results.append(state.result())
+            continue
+        error = _error_line(state)
+        logger.error("%s x %s failed: %s", model, entry.name, error)
+        record_failed_pair(batch.name, parent, model, entry.name, error)
+        results.append(PairResult(model=model, recipe_name=entry.name, status="failed", error=error))
+    table = summary_table(results)
+    logger.info("batch %s summary:\n%s", batch.name, table)
+    failed = [r for r in results if r.status == "failed"]
+    record = {"flow_run_id": run_id, "flow_run_name": run_name, "batch": batch.name, "config": config,
+              "mlflow_run_id": parent, "results": [r.model_dump() for r in results]}
+    run_record_path(settings, run_id).write_text(json.dumps(record, indent=2))
+    finish_batch_run(parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed))
+    if failed:
+        names = "; ".join(f"{Path(r.model).name} x {r.recipe_name}: {r.error}" for r in failed)
+        raise PairsFailed(f"{len(failed)} of {len(results)} pairs failed: {names}")
+    return results

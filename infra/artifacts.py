@@ -1,0 +1,158 @@
+"""Artifact store: one interface over a local folder (embedded default) and S3 (production).
+
+An artifact is a folder of files under a key. Files go first, each verified and skipped when an
+identical copy is already stored; `MANIFEST.json` (sha256 and size of every file) goes last, so a
+reader that finds the manifest finds a complete artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from infra.hashing import folder_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+
+
+class ArtifactStoreError(RuntimeError):
+    """The store could not be reached or an artifact failed verification."""
+
+
+class ArtifactStore(ABC):
+    """Folders in, folders out, content-verified."""
+
+    uri: str
+
+    def url(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    def put_folder(self, folder: str | Path, key: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store every file of `folder` under `key`, then the manifest; returns the manifest."""
+        files = folder_manifest(folder)
+        uploaded = 0
+        for relative, entry in files.items():
+            if self._put_file(Path(folder) / relative, f"{key}/{relative}", entry["sha256"], entry["size"]):
+                uploaded += 1
+        manifest = {"files": files, "meta": meta or {}, "uri": self.url(key)}
+        self._write_text(f"{key}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
+        log.info("stored %s: %d files, %d uploaded, %d already present", self.url(key), len(files), uploaded,
+                 len(files) - uploaded)
+        return manifest
+
+    def read_manifest(self, key: str) -> dict[str, Any] | None:
+        text = self._read_text(f"{key}/{MANIFEST}")
+        return None if text is None else json.loads(text)
+
+    def get_folder(self, key: str, dest: str | Path, only: set[str] | None = None) -> Path:
+        """Download a complete artifact (or the files named in `only`) into `dest`, verified against the manifest."""
+        manifest = self.read_manifest(key)
+        if manifest is None:
+            raise ArtifactStoreError(f"{self.url(key)}: no {MANIFEST} (missing or incomplete artifact)")
+        dest = Path(dest)
+        for relative, entry in manifest["files"].items():
+            if only is not None and relative not in only:
+                continue
+            target = dest / relative
+            if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._get_file(f"{key}/{relative}", target)
+            if sha256_file(target) != entry["sha256"]:
+                raise ArtifactStoreError(f"{self.url(key)}/{relative}: checksum mismatch after download")
+        return dest
+
+    @abstractmethod
+    def _put_file(self, local: Path, key: str, sha256: str, size: int) -> bool:
+        """Store one file unless an identical one is there; True when bytes were sent."""
+
+    @abstractmethod
+    def _get_file(self, key: str, local: Path) -> None: ...
+
+    @abstractmethod
+    def _read_text(self, key: str) -> str | None: ...
+
+    @abstractmethod
+    def _write_text(self, key: str, text: str) -> None: ...
+
+    @abstractmethod
+    def delete_prefix(self, key: str) -> None: ...
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy through a temp file in the target folder, fsync, rename: readers never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 8 * 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class FilesystemStore(ArtifactStore):
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+
+    def _put_file(self, local: Path, key: str, sha256: str, size: int) -> bool:
+        target = self.root / key
+        if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha256:
+            return False
+        try:
+            atomic_copy(local, target)
+        except OSError as error:
+            raise ArtifactStoreError(f"cannot write {target}: {error.strerror or error}") from error
+        if sha256_file(target) != sha256:
+            raise ArtifactStoreError(f"{target}: checksum mismatch after copy")
+        return True
+
+    def _get_file(self, key: str, local: Path) -> None:
+        atomic_copy(self.root / key, local)
+
+    def _read_text(self, key: str) -> str | None:
+        path = self.root / key
+        return path.read_text() if path.is_file() else None
+
+    def _write_text(self, key: str, text: str) -> None:
+        path = self.root / key
+        with tempfile.NamedTemporaryFile("w", dir=self._folder(path), delete=False, suffix=".tmp") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(out.name, path)
+
+    @staticmethod
+    def _folder(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.parent
+
+    def delete_prefix(self, key: str) -> None:
+        path = self.root / key
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def open_store(location: str, attempts: int = 5) -> ArtifactStore:
+    """`s3://bucket/prefix` or a folder path."""
+    if location.startswith("s3://"):
+        from infra.s3 import S3Store
+
+        return S3Store(location, attempts=attempts)
+    if "://" in location and not location.startswith("file://"):
+        raise ValueError(f"artifact store must be a folder or s3://bucket/prefix, got {location!r}")
+    return FilesystemStore(location.removeprefix("file://"))

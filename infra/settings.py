@@ -1,0 +1,62 @@
+"""One settings object for the whole pipeline (environment variables, optional `.env` file)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """`SECATEUR_*` variables, plus MLflow's own `MLFLOW_TRACKING_URI`.
+
+    S3 credentials and endpoint are not fields: boto3 reads them from the standard AWS chain
+    (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, ...), so they never pass through here.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SECATEUR_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path(".secateur"), description="state dir: work, checkpoints, caches, databases")
+    artifacts: str | None = Field(default=None, description="artifact store: a folder or s3://bucket/prefix")
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "SECATEUR_MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI (default: SQLite under the state dir)",
+    )
+    device: str = Field(default="cpu", description="where blocks are pruned and models evaluated: cpu or cuda")
+    mirror_checkpoints: bool = Field(default=False, description="copy block checkpoints to the artifact store")
+    upload_attempts: int = Field(default=5, ge=1, le=20, description="S3 attempts per request (standard retry mode)")
+
+    @cached_property
+    def root(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def artifact_location(self) -> str:
+        return self.artifacts or str(self.root / "artifacts")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return (self.root / "mlflow-artifacts").as_uri()
+
+    def path(self, *parts: str) -> Path:
+        """A folder under the state dir, created on first use."""
+        folder = self.root.joinpath(*parts)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def prepare_prefect_environment(settings: Settings) -> None:
+    """Defaults for Prefect's own variables, before prefect is imported; values the user set win."""
+    os.environ.setdefault("PREFECT_HOME", str(settings.root / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # SQLite needs the folder
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")

@@ -1,0 +1,88 @@
+"""MLflow tracking: one parent run per batch, one nested run per (model, recipe)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PARAM_LIMIT = 6000  # MLflow's maximum param value length
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = str(value)[:PARAM_LIMIT]
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    _flatten("", params, out)
+    return out
+
+
+class Tracker:
+    def __init__(self, settings: Settings) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.settings = settings
+        self.uri = settings.tracking_uri
+        if self.uri.startswith("sqlite:///"):
+            settings.path()  # the SQLite file's folder must exist
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        # The embedded default keeps MLflow artifacts under the state dir; a server decides for itself.
+        local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+        location = self.settings.mlflow_artifact_root if local else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_run(
+        self, experiment: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> str:
+        run_tags = dict(tags or {})
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
+        return run.info.run_id
+
+    def log(
+        self,
+        run_id: str,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        series: dict[str, list[float]] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Params (nested dicts flattened with dots), metrics, and series logged with step = index."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        for key, values in (series or {}).items():
+            metric_list.extend(Metric(key, float(v), now, step) for step, v in enumerate(values))
+        param_list = [Param(k, v) for k, v in flatten_params(params or {}).items()]
+        tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        # MLflow's per-request limits: 1000 metrics, 100 params, 100 tags.
+        for start in range(0, len(metric_list), 900):
+            self.client.log_batch(run_id, metrics=metric_list[start : start + 900])
+        for start in range(0, len(param_list), 90):
+            self.client.log_batch(run_id, params=param_list[start : start + 90])
+        for start in range(0, len(tag_list), 90):
+            self.client.log_batch(run_id, tags=tag_list[start : start + 90])
+
+    def log_artifacts(self, run_id: str, folder: str | Path, path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(folder), path)
+
+    def finish(self, run_id: str, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

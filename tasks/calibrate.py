@@ -1,0 +1,87 @@
+"""build_calibration: token windows for a (model tokenizer, data spec), computed once per batch."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from infra.hashing import fingerprint, sha256_file
+from infra.settings import Settings
+from pruning_core.data import calibration_windows, read_rows, tokenize_text
+from pruning_core.modeling import load_tokenizer
+from tasks.fetch import ModelSnapshot
+
+
+class CalibrationSpec(BaseModel):
+    """Where calibration text comes from and how many windows of how many tokens to draw."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str = Field(description="text file, jsonl:PATH:FIELD or hf://dataset[/config]:split:field")
+    samples: int = Field(default=128, ge=1, le=100000)
+    seq_len: int = Field(default=2048, ge=8, le=131072)
+    seed: int = Field(default=0, ge=0)
+
+
+class CalibrationSet(BaseModel):
+    path: str
+    fingerprint: str
+    samples: int
+    seq_len: int
+    seconds: float = 0.0
+
+
+def _data_identity(spec: str) -> str:
+    """A local file is identified by its content; remote specs by their text."""
+    path = spec.removeprefix("jsonl:").rpartition(":")[0] if spec.startswith("jsonl:") else spec
+    return sha256_file(path) if Path(path).is_file() else spec
+
+
+def calibration_fingerprint(snapshot: ModelSnapshot, spec: CalibrationSpec) -> str:
+    return fingerprint({"model": snapshot.fingerprint, "spec": spec.model_dump(), "data": _data_identity(spec.data)})
+
+
+def _cache_key(context, parameters: dict) -> str:
+    return "calibration-" + calibration_fingerprint(parameters["snapshot"], parameters["spec"])
+
+
+def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: Settings) -> CalibrationSet:
+    started = time.perf_counter()
+    key = calibration_fingerprint(snapshot, spec)
+    path = settings.path("calibration") / f"{key}.safetensors"
+    if not _valid(path, key):
+        rows = read_rows(spec.data)
+        ids = calibration_windows(tokenize_text(load_tokenizer(snapshot.path), rows), spec.samples, spec.seq_len,
+                                  spec.seed)
+        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"input_ids": ids.contiguous()}, temp, metadata={"fingerprint": key, "data": spec.data})
+        os.replace(temp, path)
+    return CalibrationSet(path=str(path), fingerprint=key, samples=spec.samples, seq_len=spec.seq_len,
+                          seconds=time.perf_counter() - started)
+
+
+def _valid(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return (handle.metadata() or {}).get("fingerprint") == key
+    except Exception:  # noqa: BLE001 - a damaged file is rebuilt
+        return False
+
+
+def load_calibration(calibration: CalibrationSet) -> torch.Tensor:
+    return load_file(calibration.path)["input_ids"]
+
+
+@task(name="build_calibration", cache_key_fn=_cache_key, persist_result=True)
+def build_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec) -> CalibrationSet:
+    return make_calibration(snapshot, spec, Settings())

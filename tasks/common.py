@@ -1,0 +1,42 @@
+"""What every task shares: settings-aware result storage, retry policy, memory readings."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+from prefect import Task
+
+from infra.settings import Settings
+
+# Errors of the input itself: a retry gives the same answer, so fail at once.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, FileNotFoundError, TypeError)
+
+
+def retry_if_transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry network and storage trouble, never a bad input."""
+    try:
+        state.result()
+    except PERMANENT_ERRORS:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return False
+
+
+def stored(task: Task, settings: Settings) -> Task:
+    """The task with its results persisted (JSON, never pickle) under the state dir."""
+    return task.with_options(result_storage=settings.path("prefect-results"), result_serializer="json")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def peak_gpu_mib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0

@@ -1,0 +1,159 @@
+"""prune: the block-sequential engine with a checkpoint after every block, resumable after any crash."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel
+
+from infra.artifacts import open_store
+from infra.checkpoints import BlockCheckpoints
+from infra.hashing import fingerprint
+from infra.settings import Settings
+from pruning_core.adapters import adapter_for
+from pruning_core.engine import BlockResult, restore_blocks
+from pruning_core.job import prune_to_folder
+from pruning_core.methods import METHODS
+from pruning_core.modeling import load_model
+from pruning_core.recipe import Recipe
+from tasks.calibrate import CalibrationSet, load_calibration
+from tasks.common import peak_gpu_mib, peak_rss_mib
+from tasks.fetch import ModelSnapshot
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = "1"  # bump when the engine's output changes (it is part of every run fingerprint)
+REPORT = "sparsity.json"  # written last into a pruned model folder: its presence means complete
+
+
+class PrunedModel(BaseModel):
+    path: str
+    fingerprint: str  # of (model, calibration, recipe, code version)
+    recipe_fingerprint: str
+    sparsity: float
+    parameters: int
+    block_errors: list[float]  # mean relative reconstruction error per block
+    prune_seconds: float
+    resumed_from_block: int = 0
+    peak_rss_mib: float = 0.0
+    peak_gpu_mib: float = 0.0
+
+
+def run_fingerprint(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe) -> str:
+    code = {"engine": ENGINE_VERSION, "method": METHODS[recipe.method].version}
+    return fingerprint(
+        {"model": snapshot.fingerprint, "calibration": calibration.fingerprint, "recipe": recipe.fingerprint(),
+         "code": code}
+    )
+
+
+def _cache_key(context, parameters: dict) -> str:
+    return "prune-" + run_fingerprint(parameters["snapshot"], parameters["calibration"], parameters["recipe"])
+
+
+def _block_means(errors: dict[str, float], blocks: int, prefix_of) -> list[float]:
+    means = []
+    for index in range(blocks):
+        values = [v for k, v in errors.items() if k.startswith(prefix_of(index) + ".")]
+        means.append(sum(values) / len(values) if values else 0.0)
+    return means
+
+
+def _finished(folder: Path) -> dict | None:
+    report = folder / REPORT
+    return json.loads(report.read_text()) if report.is_file() else None
+
+
+def prune_with_checkpoints(
+    snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe, settings: Settings, progress: bool = False
+) -> PrunedModel:
+    """Prune one (model, calibration, recipe); a rerun resumes from the last valid block checkpoint."""
+    run = run_fingerprint(snapshot, calibration, recipe)
+    out = settings.root / "models" / snapshot.slug / recipe.fingerprint()[:16] / run
+    report = _finished(out)
+    if report is None:
+        report = _prune(snapshot, calibration, recipe, settings, run, out, progress)
+    return PrunedModel(
+        path=str(out),
+        fingerprint=run,
+        recipe_fingerprint=recipe.fingerprint(),
+        sparsity=report["total"],
+        parameters=report["parameters"],
+        block_errors=report["block_errors"],
+        prune_seconds=report["prune_seconds"],
+        resumed_from_block=report.get("resumed_from_block", 0),
+        peak_rss_mib=report.get("peak_rss_mib", 0.0),
+        peak_gpu_mib=report.get("peak_gpu_mib", 0.0),
+    )
+
+
+def _prune(
+    snapshot: ModelSnapshot,
+    calibration: CalibrationSet,
+    recipe: Recipe,
+    settings: Settings,
+    run: str,
+    out: Path,
+    progress: bool,
+) -> dict:
+    started = time.perf_counter()
+    mirror = open_store(settings.artifact_location, settings.upload_attempts) if settings.mirror_checkpoints else None
+    checkpoints = BlockCheckpoints(settings.root / "work" / run / "checkpoints", run, mirror, f"checkpoints/{run}")
+    model, tokenizer = load_model(snapshot.path)
+    ids = load_calibration(calibration)
+    resume = checkpoints.resume_point()
+    if resume.start_block:
+        restore_blocks(model, [checkpoints.load_weights(path) for path in resume.block_weights])
+        log.info("resuming %s at block %d of a checkpointed prune", snapshot.spec, resume.start_block)
+
+    def on_block(result: BlockResult) -> None:
+        checkpoints.write(result.index, result.state_dict, result.next_inputs,
+                          {"errors": result.errors, "seconds": result.seconds})
+
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    earlier_errors = {k: v for meta in resume.meta for k, v in meta["errors"].items()}
+    adapter = adapter_for(model)
+    report = prune_to_folder(
+        model,
+        tokenizer,
+        ids,
+        recipe,
+        staging,
+        settings.device,
+        progress=progress,
+        details={"model": snapshot.spec, "model_fingerprint": snapshot.fingerprint, "run_fingerprint": run,
+                 "calibration_fingerprint": calibration.fingerprint},
+        start_block=resume.start_block,
+        start_inputs=resume.inputs,
+        on_block=on_block,
+    )
+    errors = {**earlier_errors, **report["reconstruction_error"]}
+    report.update(
+        reconstruction_error=errors,
+        block_errors=_block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
+        resumed_from_block=resume.start_block,
+        prune_seconds=time.perf_counter() - started,
+        peak_rss_mib=peak_rss_mib(),
+        peak_gpu_mib=peak_gpu_mib(),
+    )
+    (staging / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, out)
+    checkpoints.clear()
+    shutil.rmtree(checkpoints.folder.parent, ignore_errors=True)
+    return report
+
+
+@task(name="prune", cache_key_fn=_cache_key, persist_result=True)
+def prune(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe) -> PrunedModel:
+    """No retries: the checkpoints already make a rerun cheap, and a bad recipe fails the same way twice."""
+    return prune_with_checkpoints(snapshot, calibration, recipe, Settings())

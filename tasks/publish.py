@@ -1,0 +1,114 @@
+"""publish: upload the pruned model and its report to the artifact store, then log the pair to MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from prefect import task
+from pydantic import BaseModel
+
+from infra.artifacts import open_store
+from infra.plots import line_plot
+from infra.settings import Settings
+from infra.tracking import Tracker
+from pruning_core.recipe import Recipe
+from tasks.calibrate import CalibrationSpec
+from tasks.common import retry_if_transient
+from tasks.evaluate import Evaluation
+from tasks.fetch import ModelSnapshot
+from tasks.prune import ENGINE_VERSION, PrunedModel
+
+
+class PairRecord(BaseModel):
+    """Everything known about one finished (model, recipe): what publish stores and logs."""
+
+    recipe_name: str
+    recipe: Recipe
+    snapshot: ModelSnapshot
+    calibration: CalibrationSpec
+    calibration_fingerprint: str
+    pruned: PrunedModel
+    evaluation: Evaluation
+    dense: Evaluation
+    stage_seconds: dict[str, float]
+
+
+class Publication(BaseModel):
+    model_uri: str
+    report_uri: str
+    mlflow_run_id: str | None
+
+
+def artifact_key(record: PairRecord) -> str:
+    """Content-addressed: <model-slug>/<recipe-fingerprint>/<run-fingerprint>."""
+    return f"{record.snapshot.slug}/{record.pruned.recipe_fingerprint[:16]}/{record.pruned.fingerprint}"
+
+
+def metrics_of(record: PairRecord) -> dict[str, float]:
+    metrics = {"sparsity": record.pruned.sparsity, "peak_rss_mib": record.pruned.peak_rss_mib,
+               "resumed_from_block": float(record.pruned.resumed_from_block)}
+    if record.pruned.peak_gpu_mib:
+        metrics["peak_gpu_mib"] = record.pruned.peak_gpu_mib
+    for label, value in record.evaluation.perplexity.items():
+        metrics[f"ppl.{label}"] = value
+        metrics[f"dense_ppl.{label}"] = record.dense.perplexity[label]
+    metrics.update({f"seconds.{stage}": s for stage, s in record.stage_seconds.items()})
+    return metrics
+
+
+def params_of(record: PairRecord) -> dict:
+    from pruning_core.methods import METHODS
+
+    return {
+        "model": record.snapshot.spec,
+        "model_revision": record.snapshot.revision or "-",
+        "model_fingerprint": record.snapshot.fingerprint,
+        "recipe_name": record.recipe_name,
+        "recipe": record.recipe.model_dump(mode="json"),
+        "calibration": record.calibration.model_dump(mode="json"),
+        "calibration_fingerprint": record.calibration_fingerprint,
+        "evaluation_seq_len": record.evaluation.seq_len,
+        "code_version": f"engine-{ENGINE_VERSION}/{record.recipe.method}-{METHODS[record.recipe.method].version}",
+        "run_fingerprint": record.pruned.fingerprint,
+    }
+
+
+def _report_folder(record: PairRecord, folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(
+        {"name": record.recipe_name, **record.recipe.model_dump(mode="json")}, sort_keys=True))
+    (folder / "report.json").write_text(record.model_dump_json(indent=2))
+    line_plot(record.pruned.block_errors, folder / "block_errors.png",
+              f"{record.snapshot.slug} / {record.recipe_name}: reconstruction error per block",
+              "block", "mean relative error")
+    return folder
+
+
+def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
+    store = open_store(settings.artifact_location, settings.upload_attempts)
+    key = artifact_key(record)
+    report_dir = _report_folder(record, settings.root / "work" / record.pruned.fingerprint / "report")
+    store.put_folder(record.pruned.path, f"{key}/model", {"run_fingerprint": record.pruned.fingerprint})
+    store.put_folder(report_dir, f"{key}/report", {"run_fingerprint": record.pruned.fingerprint})
+    publication = Publication(model_uri=store.url(f"{key}/model"), report_uri=store.url(f"{key}/report"),
+                              mlflow_run_id=None)
+    tracker = Tracker(settings)
+    run_id = tracker.start_run(experiment, f"{record.snapshot.slug}/{record.recipe_name}", parent_run_id,
+                               tags={"model_uri": publication.model_uri, "recipe": record.recipe_name})
+    tracker.log(run_id, params=params_of(record), metrics=metrics_of(record),
+                series={"block_error": record.pruned.block_errors})
+    (report_dir / "model_uri.txt").write_text(publication.model_uri + "\n")
+    (report_dir / "summary.json").write_text(json.dumps(metrics_of(record), indent=2, sort_keys=True))
+    tracker.log_artifacts(run_id, report_dir)
+    tracker.finish(run_id)
+    return publication.model_copy(update={"mlflow_run_id": run_id})
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient)
+def publish(record: PairRecord, parent_run_id: str | None, experiment: str) -> Publication:
+    """Not cached: uploads skip identical objects, and each batch run gets its own MLflow runs."""
+    return publish_pair(record, Settings(), parent_run_id, experiment)
