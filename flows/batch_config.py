@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pruning_core.modeling import ModelSource
 from pruning_core.recipe import Recipe
@@ -37,21 +37,27 @@ class BatchRecipe(Recipe):
                       seed=calibration.seed)
 
 
+def _model_exists(spec: str) -> str:
+    if not spec.startswith("s3://"):
+        ModelSource.parse(spec)  # a missing folder or file fails here, before any work
+    return spec
+
+
+ModelSpec = Annotated[str, AfterValidator(_model_exists)]
+
+
 class BatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    models: list[str] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1)
     recipes: list[BatchRecipe] = Field(min_length=1)
     calibration: CalibrationSpec
     evaluation: EvaluationSpec
 
     @field_validator("models")
     @classmethod
-    def _models_exist(cls, models: list[str]) -> list[str]:
-        for model in models:
-            if not model.startswith("s3://"):
-                ModelSource.parse(model)  # a missing folder or file fails here, before any work
+    def _models_unique(cls, models: list[str]) -> list[str]:
         if len(set(models)) != len(models):
             raise ValueError("a model is listed twice")
         return models

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from flows.batch_cli import PairFailures, add_commands
+from infra.settings import Settings, prepare_prefect_environment
 from pruning_core.methods import METHODS
 
 
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_prune(commands)
     _add_evaluate(commands)
+    add_commands(commands)
     return parser
 
 
@@ -144,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     try:
+        prepare_prefect_environment(Settings())
         result = args.run(args)
     except KeyboardInterrupt:
         print("secateur: interrupted", file=sys.stderr)
         return 130
+    except PairFailures as error:
+        print(f"secateur: error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:  # noqa: BLE001 - the contract is one line on stderr
         print(f"secateur: error: {_one_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, ValueError | OSError | LookupError) else 1
@@ -161,7 +168,10 @@ def _one_line(error: Exception) -> str:
 
     from pruning_core.recipe import describe_validation_error
 
-    text = describe_validation_error(error) if isinstance(error, ValidationError) else str(error)
+    if isinstance(error, ValidationError):
+        text = describe_validation_error(error, "batch file" if error.title == "BatchConfig" else error.title.lower())
+    else:
+        text = str(error)
     return " ".join(text.split()) or type(error).__name__
 
 

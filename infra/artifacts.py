@@ -43,7 +43,9 @@ class ArtifactStore(ABC):
             if self._put_file(Path(folder) / relative, f"{key}/{relative}", entry["sha256"], entry["size"]):
                 uploaded += 1
         manifest = {"files": files, "meta": meta or {}, "uri": self.url(key)}
-        self._write_text(f"{key}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        if uploaded or self._read_text(f"{key}/{MANIFEST}") != text:
+            self._write_text(f"{key}/{MANIFEST}", text)
         log.info("stored %s: %d files, %d uploaded, %d already present", self.url(key), len(files), uploaded,
                  len(files) - uploaded)
         return manifest

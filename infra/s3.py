@@ -78,8 +78,9 @@ class S3Store(ArtifactStore):
             head = self._head(key)
         if not self._matches(head, sha256, size):
             raise ArtifactStoreError(f"s3://{self.bucket}/{self._key(key)}: size or checksum differs after upload")
+        # A multipart object's SHA-256 is a checksum of part checksums; only a single-part one is the file's.
         stored = head.get("ChecksumSHA256", "")
-        if stored and "-" not in stored and stored != base64.b64encode(bytes.fromhex(sha256)).decode():
+        if stored and size < self.transfer.multipart_threshold and stored != base64.b64encode(bytes.fromhex(sha256)).decode():
             raise ArtifactStoreError(f"s3://{self.bucket}/{self._key(key)}: S3 SHA-256 differs after upload")
         return True
 

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="cpu", description="where blocks are pruned and models evaluated: cpu or cuda")
     mirror_checkpoints: bool = Field(default=False, description="copy block checkpoints to the artifact store")
+    prefect_port: int = Field(default=4200, ge=1, le=65535, description="port of `secateur stack up`'s Prefect server")
+    mlflow_port: int = Field(default=5000, ge=1, le=65535, description="port of `secateur stack up`'s MLflow UI")
     upload_attempts: int = Field(default=5, ge=1, le=20, description="S3 attempts per request (standard retry mode)")
 
     @cached_property

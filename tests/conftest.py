@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,52 @@ def correlated_layer(rows: int = 96, cols: int = 128, tokens: int = 1024, seed: 
     inputs = (torch.randn(tokens, cols, generator=generator) @ mixing) * scales
     weight = torch.randn(rows, cols, generator=generator)
     return weight, inputs
+
+
+# --- pipeline fixtures: real Prefect API (test harness), MLflow on SQLite, artifact store in a temp dir ---
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="secateur-prefect-home-"))
+
+
+def save_tiny(folder: Path, tokenizer, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A tiny model of `family` saved with the tiny tokenizer; `overrides` change its config."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def pipeline_home(tmp_path, monkeypatch):
+    """SECATEUR_HOME, artifact store and MLflow store of one test, all under its temp dir."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SECATEUR_HOME", str(home))
+    monkeypatch.setenv("SECATEUR_ARTIFACTS", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("SECATEUR_MIRROR_CHECKPOINTS", raising=False)
+    return home
+
+
+def batch_mapping(models: list[str], recipes: list[dict], name: str = "test-batch") -> dict:
+    return {
+        "name": name,
+        "models": models,
+        "recipes": recipes,
+        "calibration": {"data": str(WIKITEXT_VALID), "samples": 8, "seq_len": 64, "seed": 0},
+        "evaluation": {"perplexity": [str(WIKITEXT_TEST)], "seq_len": 64, "max_tokens": 1024},
+    }

@@ -1,0 +1,146 @@
+"""`secateur stack up|down|status`: a local Prefect server and MLflow UI over the state dir's databases."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.settings import Settings
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    port: int
+    health: str  # path answered with 200 when ready
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def services(settings: Settings) -> dict[str, Service]:
+    return {
+        "prefect": Service("prefect", settings.prefect_port, "/api/health"),
+        "mlflow": Service("mlflow", settings.mlflow_port, "/health"),
+    }
+
+
+def _command(service: Service, settings: Settings) -> list[str]:
+    if service.name == "prefect":
+        return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                str(service.port)]
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(service.port),
+            "--backend-store-uri", settings.tracking_uri, "--default-artifact-root", settings.mlflow_artifact_root,
+            "--workers", "1"]
+
+
+def _record(settings: Settings, service: Service) -> Path:
+    return settings.path("stack") / f"{service.name}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _healthy(service: Service) -> bool:
+    try:
+        with urllib.request.urlopen(service.url() + service.health, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def running(settings: Settings, name: str) -> int | None:
+    """The pid of a stack service started by us that is still alive."""
+    path = _record(settings, services(settings)[name])
+    if not path.is_file():
+        return None
+    pid = json.loads(path.read_text())["pid"]
+    return pid if _alive(pid) else None
+
+
+def up(settings: Settings, timeout: float = 180.0) -> dict[str, str]:
+    """Start whatever is not running; wait until each answers its health check."""
+    started: dict[str, Service] = {}
+    for service in services(settings).values():
+        if running(settings, service.name):
+            continue
+        log = open(settings.path("stack") / f"{service.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect"))}
+        process = subprocess.Popen(_command(service, settings), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True, cwd=settings.root)
+        _record(settings, service).write_text(json.dumps({"pid": process.pid, "url": service.url()}))
+        started[service.name] = service
+    deadline = time.monotonic() + timeout
+    for service in started.values():
+        while not _healthy(service):
+            if time.monotonic() > deadline or not running(settings, service.name):
+                down(settings)
+                log_path = settings.path("stack") / f"{service.name}.log"
+                raise RuntimeError(f"{service.name} did not start on {service.url()}; see {log_path}")
+            time.sleep(1)
+    return {name: service.url() for name, service in services(settings).items()}
+
+
+def down(settings: Settings, grace: float = 20.0) -> list[str]:
+    """Stop every service we started, with its whole process group; returns the names stopped."""
+    stopped = []
+    for service in services(settings).values():
+        path = _record(settings, service)
+        pid = running(settings, service.name)
+        if pid is not None:
+            _stop_group(pid, grace)
+            stopped.append(service.name)
+        path.unlink(missing_ok=True)
+    return stopped
+
+
+def _stop_group(pid: int, grace: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        _reap(pid)
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the service is our own child (same process started it)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def status(settings: Settings) -> dict[str, dict]:
+    report = {}
+    for name, service in services(settings).items():
+        pid = running(settings, name)
+        report[name] = {"url": service.url(), "pid": pid, "running": pid is not None,
+                        "healthy": pid is not None and _healthy(service)}
+    return report
