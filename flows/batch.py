@@ -14,7 +14,7 @@ from flows.batch_config import BatchConfig
 from infra.settings import Settings
 from pruning_core.recipe import Recipe
 from tasks.calibrate import CalibrationSpec, build_calibration
-from tasks.common import stored
+from tasks.common import retried, stored
 from tasks.evaluate import EvaluationSpec, evaluate
 from tasks.fetch import fetch_model
 from tasks.prune import prune
@@ -64,7 +64,7 @@ def compress_model(
     settings = Settings()
     states: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    snapshot = _timed(lambda **kw: fetch_model(model, **kw), states, seconds, "fetch")
+    snapshot = _timed(lambda **kw: retried(fetch_model, settings)(model, **kw), states, seconds, "fetch")
     calibration_set = _timed(
         lambda **kw: stored(build_calibration, settings)(snapshot, calibration, **kw), states, seconds, "calibrate")
     dense = _timed(lambda **kw: stored(evaluate, settings)(snapshot.path, snapshot.fingerprint, evaluation, **kw),
@@ -76,7 +76,7 @@ def compress_model(
     record = PairRecord(recipe_name=recipe_name, recipe=recipe, snapshot=snapshot, calibration=calibration,
                         calibration_fingerprint=calibration_set.fingerprint, pruned=pruned, evaluation=result,
                         dense=dense, stage_seconds=seconds)
-    publication = publish(record, parent_run_id, experiment)
+    publication = retried(publish, settings)(record, parent_run_id, experiment)
     return PairResult(
         model=model,
         recipe_name=recipe_name,

@@ -122,7 +122,10 @@ class FilesystemStore(ArtifactStore):
         return True
 
     def _get_file(self, key: str, local: Path) -> None:
-        atomic_copy(self.root / key, local)
+        try:
+            atomic_copy(self.root / key, local)
+        except FileNotFoundError as error:
+            raise ArtifactStoreError(f"{self.url(key)}: not in the store") from error
 
     def _read_text(self, key: str) -> str | None:
         path = self.root / key

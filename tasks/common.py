@@ -30,6 +30,12 @@ def stored(task: Task, settings: Settings) -> Task:
     return task.with_options(result_storage=settings.path("prefect-results"), result_serializer="json")
 
 
+def retried(task: Task, settings: Settings) -> Task:
+    """The task with the configured retries, backing off x3 per attempt."""
+    delays = [settings.retry_delay_seconds * 3**attempt for attempt in range(settings.task_retries)]
+    return task.with_options(retries=settings.task_retries, retry_delay_seconds=delays or 0)
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

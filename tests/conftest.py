@@ -141,3 +141,32 @@ def batch_mapping(models: list[str], recipes: list[dict], name: str = "test-batc
         "calibration": {"data": str(WIKITEXT_VALID), "samples": 8, "seq_len": 64, "seed": 0},
         "evaluation": {"perplexity": [str(WIKITEXT_TEST)], "seq_len": 64, "max_tokens": 1024},
     }
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on localhost (moto's threaded server), shared by the session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request):
+    """A fresh bucket on the local endpoint, reached through the standard AWS variables."""
+    import boto3
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "secateur-test-key",
+        "AWS_SECRET_ACCESS_KEY": "secateur-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }.items():
+        monkeypatch.setenv(key, value)
+    bucket = "bkt-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
