@@ -34,6 +34,7 @@ class PairResult(BaseModel):
     model_uri: str | None = None
     mlflow_run_id: str | None = None
     task_states: dict[str, str] = {}  # task -> Prefect state name (Completed, Cached, ...)
+    stage_seconds: dict[str, float] = {}  # task -> seconds it took when it was computed
 
 
 class PairsFailed(RuntimeError):
@@ -45,8 +46,9 @@ def _timed(call, states: dict[str, str], seconds: dict[str, float], stage: str):
     state = call(return_state=True)
     states[stage] = state.name
     value = state.result()
-    seconds[stage] = getattr(value, "seconds", None) or getattr(value, "prune_seconds", None) or (
-        time.perf_counter() - started)
+    seconds[stage] = (
+        getattr(value, "seconds", None) or getattr(value, "prune_seconds", None) or (time.perf_counter() - started)
+    )
     return value
 
 
@@ -66,16 +68,34 @@ def compress_model(
     seconds: dict[str, float] = {}
     snapshot = _timed(lambda **kw: retried(fetch_model, settings)(model, **kw), states, seconds, "fetch")
     calibration_set = _timed(
-        lambda **kw: stored(build_calibration, settings)(snapshot, calibration, **kw), states, seconds, "calibrate")
-    dense = _timed(lambda **kw: stored(evaluate, settings)(snapshot.path, snapshot.fingerprint, evaluation, **kw),
-                   states, seconds, "evaluate_dense")
-    pruned = _timed(lambda **kw: stored(prune, settings)(snapshot, calibration_set, recipe, **kw), states, seconds,
-                    "prune")
-    result = _timed(lambda **kw: stored(evaluate, settings)(pruned.path, pruned.fingerprint, evaluation, **kw),
-                    states, seconds, "evaluate")
-    record = PairRecord(recipe_name=recipe_name, recipe=recipe, snapshot=snapshot, calibration=calibration,
-                        calibration_fingerprint=calibration_set.fingerprint, pruned=pruned, evaluation=result,
-                        dense=dense, stage_seconds=seconds)
+        lambda **kw: stored(build_calibration, settings)(snapshot, calibration, **kw), states, seconds, "calibrate"
+    )
+    dense = _timed(
+        lambda **kw: stored(evaluate, settings)(snapshot.path, snapshot.fingerprint, evaluation, **kw),
+        states,
+        seconds,
+        "evaluate_dense",
+    )
+    pruned = _timed(
+        lambda **kw: stored(prune, settings)(snapshot, calibration_set, recipe, **kw), states, seconds, "prune"
+    )
+    result = _timed(
+        lambda **kw: stored(evaluate, settings)(pruned.path, pruned.fingerprint, evaluation, **kw),
+        states,
+        seconds,
+        "evaluate",
+    )
+    record = PairRecord(
+        recipe_name=recipe_name,
+        recipe=recipe,
+        snapshot=snapshot,
+        calibration=calibration,
+        calibration_fingerprint=calibration_set.fingerprint,
+        pruned=pruned,
+        evaluation=result,
+        dense=dense,
+        stage_seconds=seconds,
+    )
     publication = retried(publish, settings)(record, parent_run_id, experiment)
     return PairResult(
         model=model,
@@ -88,22 +108,29 @@ def compress_model(
         model_uri=publication.model_uri,
         mlflow_run_id=publication.mlflow_run_id,
         task_states=states,
+        stage_seconds=seconds,
     )
 
 
 def summary_table(results: list[PairResult]) -> str:
     labels = sorted({label for r in results for label in r.perplexity})
-    header = f"{'model':<28} {'recipe':<14} {'status':<9} {'sparsity':>8} " + " ".join(
-        f"{'ppl ' + label:>18} {'dense':>8}" for label in labels) + f" {'prune':>8}  error"
+    header = (
+        f"{'model':<28} {'recipe':<14} {'status':<9} {'sparsity':>8} "
+        + " ".join(f"{'ppl ' + label:>18} {'dense':>8}" for label in labels)
+        + f" {'prune':>8}  error"
+    )
     lines = [header]
     for r in results:
         cells = " ".join(
             f"{r.perplexity.get(label, float('nan')):>18.2f} {r.dense_perplexity.get(label, float('nan')):>8.2f}"
-            for label in labels)
+            for label in labels
+        )
         sparsity = f"{r.sparsity:>8.3f}" if r.sparsity is not None else f"{'-':>8}"
         prune_cell = r.task_states.get("prune", "-")
-        lines.append(f"{Path(r.model).name[:28]:<28} {r.recipe_name:<14} {r.status:<9} {sparsity} {cells} "
-                     f"{prune_cell:>8}  {(r.error or '')[:120]}")
+        lines.append(
+            f"{Path(r.model).name[:28]:<28} {r.recipe_name:<14} {r.status:<9} {sparsity} {cells} "
+            f"{prune_cell:>8}  {(r.error or '')[:120]}"
+        )
     return "\n".join(lines)
 
 
@@ -128,11 +155,15 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
     logger = get_run_logger()
     run_id, run_name = str(flow_run.get_id() or "local"), flow_run.get_name() or batch.name
     parent = start_batch_run(
-        batch.name, f"{batch.name}/{run_name}",
-        params={"batch": batch.name, "models": ",".join(batch.models),
-                "recipes": ",".join(r.name for r in batch.recipes),
-                "calibration": batch.calibration.model_dump(mode="json"),
-                "evaluation": batch.evaluation.model_dump(mode="json")},
+        batch.name,
+        f"{batch.name}/{run_name}",
+        params={
+            "batch": batch.name,
+            "models": ",".join(batch.models),
+            "recipes": ",".join(r.name for r in batch.recipes),
+            "calibration": batch.calibration.model_dump(mode="json"),
+            "evaluation": batch.evaluation.model_dump(mode="json"),
+        },
         tags={"prefect_flow_run_id": run_id, "prefect_flow_run_name": run_name, "batch": batch.name},
     )
     wanted = {tuple(pair) for pair in only} if only else None
@@ -140,8 +171,16 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
     for model, entry in batch.pairs():
         if wanted is not None and (model, entry.name) not in wanted:
             continue
-        state = compress_model(model, entry.recipe(batch.calibration), batch.calibration, batch.evaluation,
-                               entry.name, parent, batch.name, return_state=True)
+        state = compress_model(
+            model,
+            entry.recipe(batch.calibration),
+            batch.calibration,
+            batch.evaluation,
+            entry.name,
+            parent,
+            batch.name,
+            return_state=True,
+        )
         if state.is_completed():
             results.append(state.result())
             continue
@@ -152,8 +191,14 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
     table = summary_table(results)
     logger.info("batch %s summary:\n%s", batch.name, table)
     failed = [r for r in results if r.status == "failed"]
-    record = {"flow_run_id": run_id, "flow_run_name": run_name, "batch": batch.name, "config": config,
-              "mlflow_run_id": parent, "results": [r.model_dump() for r in results]}
+    record = {
+        "flow_run_id": run_id,
+        "flow_run_name": run_name,
+        "batch": batch.name,
+        "config": config,
+        "mlflow_run_id": parent,
+        "results": [r.model_dump() for r in results],
+    }
     run_record_path(settings, run_id).write_text(json.dumps(record, indent=2))
     finish_batch_run(parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed))
     if failed:

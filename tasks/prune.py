@@ -48,8 +48,12 @@ class PrunedModel(BaseModel):
 def run_fingerprint(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe) -> str:
     code = {"engine": ENGINE_VERSION, "method": METHODS[recipe.method].version}
     return fingerprint(
-        {"model": snapshot.fingerprint, "calibration": calibration.fingerprint, "recipe": recipe.fingerprint(),
-         "code": code}
+        {
+            "model": snapshot.fingerprint,
+            "calibration": calibration.fingerprint,
+            "recipe": recipe.fingerprint(),
+            "code": code,
+        }
     )
 
 
@@ -113,8 +117,9 @@ def _prune(
         log.info("resuming %s at block %d of a checkpointed prune", snapshot.spec, resume.start_block)
 
     def on_block(result: BlockResult) -> None:
-        checkpoints.write(result.index, result.state_dict, result.next_inputs,
-                          {"errors": result.errors, "seconds": result.seconds})
+        checkpoints.write(
+            result.index, result.state_dict, result.next_inputs, {"errors": result.errors, "seconds": result.seconds}
+        )
 
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -128,8 +133,12 @@ def _prune(
         staging,
         settings.device,
         progress=progress,
-        details={"model": snapshot.spec, "model_fingerprint": snapshot.fingerprint, "run_fingerprint": run,
-                 "calibration_fingerprint": calibration.fingerprint},
+        details={
+            "model": snapshot.spec,
+            "model_fingerprint": snapshot.fingerprint,
+            "run_fingerprint": run,
+            "calibration_fingerprint": calibration.fingerprint,
+        },
         start_block=resume.start_block,
         start_inputs=resume.inputs,
         on_block=on_block,

@@ -48,8 +48,11 @@ def artifact_key(record: PairRecord) -> str:
 
 
 def metrics_of(record: PairRecord) -> dict[str, float]:
-    metrics = {"sparsity": record.pruned.sparsity, "peak_rss_mib": record.pruned.peak_rss_mib,
-               "resumed_from_block": float(record.pruned.resumed_from_block)}
+    metrics = {
+        "sparsity": record.pruned.sparsity,
+        "peak_rss_mib": record.pruned.peak_rss_mib,
+        "resumed_from_block": float(record.pruned.resumed_from_block),
+    }
     if record.pruned.peak_gpu_mib:
         metrics["peak_gpu_mib"] = record.pruned.peak_gpu_mib
     for label, value in record.evaluation.perplexity.items():
@@ -79,12 +82,17 @@ def params_of(record: PairRecord) -> dict:
 def _report_folder(record: PairRecord, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(
-        {"name": record.recipe_name, **record.recipe.model_dump(mode="json")}, sort_keys=True))
+    (folder / "recipe.yaml").write_text(
+        yaml.safe_dump({"name": record.recipe_name, **record.recipe.model_dump(mode="json")}, sort_keys=True)
+    )
     (folder / "report.json").write_text(record.model_dump_json(indent=2))
-    line_plot(record.pruned.block_errors, folder / "block_errors.png",
-              f"{record.snapshot.slug} / {record.recipe_name}: reconstruction error per block",
-              "block", "mean relative error")
+    line_plot(
+        record.pruned.block_errors,
+        folder / "block_errors.png",
+        f"{record.snapshot.slug} / {record.recipe_name}: reconstruction error per block",
+        "block",
+        "mean relative error",
+    )
     return folder
 
 
@@ -94,13 +102,19 @@ def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | No
     report_dir = _report_folder(record, settings.root / "work" / record.pruned.fingerprint / "report")
     store.put_folder(record.pruned.path, f"{key}/model", {"run_fingerprint": record.pruned.fingerprint})
     store.put_folder(report_dir, f"{key}/report", {"run_fingerprint": record.pruned.fingerprint})
-    publication = Publication(model_uri=store.url(f"{key}/model"), report_uri=store.url(f"{key}/report"),
-                              mlflow_run_id=None)
+    publication = Publication(
+        model_uri=store.url(f"{key}/model"), report_uri=store.url(f"{key}/report"), mlflow_run_id=None
+    )
     tracker = Tracker(settings)
-    run_id = tracker.start_run(experiment, f"{record.snapshot.slug}/{record.recipe_name}", parent_run_id,
-                               tags={"model_uri": publication.model_uri, "recipe": record.recipe_name})
-    tracker.log(run_id, params=params_of(record), metrics=metrics_of(record),
-                series={"block_error": record.pruned.block_errors})
+    run_id = tracker.start_run(
+        experiment,
+        f"{record.snapshot.slug}/{record.recipe_name}",
+        parent_run_id,
+        tags={"model_uri": publication.model_uri, "recipe": record.recipe_name},
+    )
+    tracker.log(
+        run_id, params=params_of(record), metrics=metrics_of(record), series={"block_error": record.pruned.block_errors}
+    )
     (report_dir / "model_uri.txt").write_text(publication.model_uri + "\n")
     (report_dir / "summary.json").write_text(json.dumps(metrics_of(record), indent=2, sort_keys=True))
     tracker.log_artifacts(run_id, report_dir)

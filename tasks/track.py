@@ -22,8 +22,9 @@ def start_batch_run(experiment: str, run_name: str, params: dict, tags: dict[str
 @task(name="record_failed_pair", retries=2, retry_delay_seconds=5)
 def record_failed_pair(experiment: str, parent_run_id: str, model: str, recipe_name: str, error: str) -> str:
     tracker = Tracker(Settings())
-    run_id = tracker.start_run(experiment, f"{model}/{recipe_name}", parent_run_id,
-                               tags={"recipe": recipe_name, "error": error[:5000]})
+    run_id = tracker.start_run(
+        experiment, f"{model}/{recipe_name}", parent_run_id, tags={"recipe": recipe_name, "error": error[:5000]}
+    )
     tracker.log(run_id, params={"model": model, "recipe_name": recipe_name})
     tracker.finish(run_id, failed=True)
     return run_id

@@ -43,7 +43,9 @@ def test_s3_upload_is_multipart_verified_and_idempotent(s3_bucket, folder, tmp_p
     assert calls[-1] == "PutObject", "the manifest is written last"
     assert manifest["files"]["weights.bin"]["sha256"] == sha256_file(folder / "weights.bin")
     head = store.client.head_object(Bucket=s3_bucket, Key="team/models/m1/model/weights.bin")
-    assert head["ContentLength"] == 11 * MiB and head["Metadata"]["sha256"] == manifest["files"]["weights.bin"]["sha256"]
+    assert (
+        head["ContentLength"] == 11 * MiB and head["Metadata"]["sha256"] == manifest["files"]["weights.bin"]["sha256"]
+    )
 
     calls.clear()
     store.put_folder(folder, "m1/model", {"run": "abc"})
@@ -62,7 +64,7 @@ def test_s3_upload_is_multipart_verified_and_idempotent(s3_bucket, folder, tmp_p
 def test_s3_reader_never_sees_an_artifact_without_its_manifest(s3_bucket, folder, tmp_path):
     store = open_store(f"s3://{s3_bucket}")
     store._put_file(folder / "weights.bin", "half/weights.bin", sha256_file(folder / "weights.bin"), 11 * MiB)
-    with pytest.raises(ArtifactStoreError, match="no MANIFEST.json"):
+    with pytest.raises(ArtifactStoreError, match=r"no MANIFEST\.json"):
         store.get_folder("half", tmp_path / "out")
 
 

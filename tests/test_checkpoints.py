@@ -59,7 +59,10 @@ def test_sigkill_during_block_resumes_there_bit_identical(tmp_path, deep_model, 
     env = {**os.environ, "SECATEUR_HOME": str(home), "PYTHONPATH": str(ROOT)}
     worker = subprocess.Popen(
         [sys.executable, "-m", "tests.workers.prune_worker", deep_model, str(WIKITEXT_VALID), RECIPE.model_dump_json()],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while not (home / "work").is_dir() or not list((home / "work").glob("*/checkpoints/block-0002")):

@@ -38,8 +38,10 @@ def test_batch_end_to_end_tracks_publishes_and_reruns_nothing(prefect_api, pipel
     config = batch_mapping(two_models, RECIPES)
     results = compress_batch(config)
     assert [(Path(r.model).name, r.recipe_name, r.status) for r in results] == [
-        ("tiny-0", "wanda50", "completed"), ("tiny-0", "sgpt24", "completed"),
-        ("tiny-1", "wanda50", "completed"), ("tiny-1", "sgpt24", "completed"),
+        ("tiny-0", "wanda50", "completed"),
+        ("tiny-0", "sgpt24", "completed"),
+        ("tiny-1", "wanda50", "completed"),
+        ("tiny-1", "sgpt24", "completed"),
     ]
     assert all(r.task_states["prune"] == "Completed" for r in results)
     # The dense baseline and the calibration set are computed once per model, shared by its recipes.
@@ -102,7 +104,7 @@ def test_failed_pair_does_not_stop_the_others_and_retry_reruns_only_it(
     record = json.loads(records[-1].read_text())
     assert [r["status"] for r in record["results"]] == ["completed", "failed"]
 
-    client, runs = _runs(tmp_path, "mixed")
+    _, runs = _runs(tmp_path, "mixed")
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert {r.info.run_name for r in failed} == {f"{unsupported}/wanda50", f"mixed/{record['flow_run_name']}"}
 
@@ -111,8 +113,9 @@ def test_failed_pair_does_not_stop_the_others_and_retry_reruns_only_it(
     out, err = capsys.readouterr()
     assert "retrying 1 failed pairs" in out
     assert err.strip().splitlines()[-1].startswith("secateur: error: 1 of 1 pairs failed; rerun them with:")
-    latest = json.loads(sorted((pipeline_home / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1]
-                        .read_text())
+    latest = json.loads(
+        sorted((pipeline_home / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text()
+    )
     assert [(Path(r["model"]).name, r["status"]) for r in latest["results"]] == [("tiny-gpt2", "failed")]
 
 

@@ -86,7 +86,9 @@ def test_reconstruction_error_order_on_a_real_layer(smollm2, calibration, module
     assert errors["apt"] <= errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
+# 2:4 only: the 50% ordering is checked on real layers above and in the pruning benchmark (APT on the
+# whole model takes ~8 minutes on 2 CPU cores; both targets would push `make test` past 20 minutes).
+@pytest.mark.parametrize("target", ["2:4"])
 def test_every_method_on_smollm2_perplexity_order_and_saved_model(
     smollm2, calibration, wikitext, dense_perplexity, target, tmp_path
 ):

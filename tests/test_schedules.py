@@ -1,0 +1,93 @@
+"""Schedules and services: a Prefect deployment on a work pool, and the local stack's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import psutil
+import pytest
+import yaml
+
+from flows.cli import main
+from tests.conftest import batch_mapping, save_tiny
+
+
+def test_deploy_creates_a_cron_deployment_on_a_work_pool(prefect_api, pipeline_home, tmp_path, tiny_tokenizer,
+                                                          monkeypatch, capsys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    model = str(save_tiny(tmp_path / "tiny", tiny_tokenizer))
+    batch = tmp_path / "nightly.yaml"
+    batch.write_text(yaml.safe_dump(batch_mapping([model], [{"name": "w50", "method": "wanda", "sparsity": 0.5}],
+                                                  name="nightly")))
+
+    async def create_pool() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="gpu-pool", type="process"))
+
+    asyncio.run(create_pool())
+    assert main(["deploy", str(batch), "--pool", "gpu-pool", "--cron", "0 2 * * *", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(summary["deployment_id"])
+
+    deployment = asyncio.run(read())
+    assert deployment.name == "nightly" and deployment.work_pool_name == "gpu-pool"
+    assert deployment.entrypoint == "flows/batch.py:compress_batch"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.parameters["config"]["models"] == [model]
+
+
+def test_serve_and_deploy_need_a_prefect_server(pipeline_home, tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    model = str(save_tiny(tmp_path / "tiny", tiny_tokenizer))
+    batch = tmp_path / "nightly.yaml"
+    batch.write_text(yaml.safe_dump(batch_mapping([model], [{"name": "w50", "method": "wanda", "sparsity": 0.5}])))
+    assert main(["serve", str(batch), "--cron", "0 2 * * *"]) == 1
+    assert "run `secateur stack up` first, or set PREFECT_API_URL" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stack_up_status_down_leaves_no_process(pipeline_home, monkeypatch, capsys):
+    monkeypatch.setenv("SECATEUR_PREFECT_PORT", str(_free_port()))
+    monkeypatch.setenv("SECATEUR_MLFLOW_PORT", str(_free_port()))
+    monkeypatch.setenv("PREFECT_HOME", str(pipeline_home / "prefect"))
+    try:
+        assert main(["stack", "up", "--json"]) == 0
+        urls = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main(["stack", "status", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["prefect"]["healthy"] and report["mlflow"]["healthy"]
+        assert report["mlflow"]["url"] == urls["mlflow"]
+        pids = [report[name]["pid"] for name in ("prefect", "mlflow")]
+        group = [p for p in psutil.process_iter(["pid"]) if _group(p) in pids]
+        assert len(group) >= 2
+    finally:
+        assert main(["stack", "down"]) == 0
+    assert "stopped prefect, mlflow" in capsys.readouterr().out
+    assert not [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert main(["stack", "status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not report["prefect"]["running"] and not report["mlflow"]["running"]
+
+
+def _group(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, psutil.Error):
+        return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
