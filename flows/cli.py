@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,7 @@ def _check_device(device: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secateur", description="Batch compression pipeline for LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--home", type=Path, help="state dir (default $SECATEUR_HOME or ./.secateur)")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_prune(commands)
     _add_evaluate(commands)
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.home is not None:
+        os.environ["SECATEUR_HOME"] = str(args.home)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from boto3.s3.transfer import TransferConfig
@@ -114,3 +115,33 @@ def test_filesystem_store_is_atomic_and_idempotent(tmp_path, folder):
 def test_unknown_store_scheme_is_refused():
     with pytest.raises(ValueError, match="s3://bucket/prefix"):
         open_store("gs://bucket/x")
+
+
+def test_fetch_model_from_an_s3_prefix_matches_the_local_copy(s3_bucket, tmp_path, tiny_model_dir, monkeypatch):
+    import boto3
+
+    from infra.settings import Settings
+    from tasks.fetch import snapshot_model
+
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    client = boto3.client("s3")
+    for path in tiny_model_dir.iterdir():  # uploaded by another tool: no manifest
+        client.upload_file(str(path), s3_bucket, f"models/tiny/{path.name}")
+    remote = snapshot_model(f"s3://{s3_bucket}/models/tiny/", Settings())
+    local = snapshot_model(str(tiny_model_dir), Settings())
+    assert remote.fingerprint == local.fingerprint and remote.files == local.files
+    assert remote.slug == "tiny" and Path(remote.path).is_dir()
+
+    from pruning_core.modeling import load_model
+
+    model, _ = load_model(remote.path)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_fetch_model_reports_a_missing_s3_prefix(s3_bucket, tmp_path, monkeypatch):
+    from infra.settings import Settings
+    from tasks.fetch import snapshot_model
+
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    with pytest.raises(ArtifactStoreError, match="no objects under this prefix"):
+        snapshot_model(f"s3://{s3_bucket}/models/absent/", Settings())
