@@ -41,15 +41,26 @@ class PairsFailed(RuntimeError):
     pass
 
 
-def _timed(call, states: dict[str, str], seconds: dict[str, float], stage: str):
-    started = time.perf_counter()
-    state = call(return_state=True)
-    states[stage] = state.name
-    value = state.result()
-    seconds[stage] = (
-        getattr(value, "seconds", None) or getattr(value, "prune_seconds", None) or (time.perf_counter() - started)
-    )
-    return value
+class _Stages:
+    """Runs the tasks of one pair, remembering each one's Prefect state and compute time."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+
+    def run(self, stage: str, task, *args):
+        started = time.perf_counter()
+        state = task(*args, return_state=True)
+        value = state.result()
+        if state.name == "Cached" and not Path(getattr(value, "path", "/")).exists():
+            # The cache points at files someone deleted: compute again and refresh the cache entry.
+            state = task.with_options(refresh_cache=True)(*args, return_state=True)
+            value = state.result()
+        self.states[stage] = state.name
+        # A cached result keeps the time its computation took; fetch and publish are timed here.
+        computed = getattr(value, "seconds", None) or getattr(value, "prune_seconds", None)
+        self.seconds[stage] = computed or time.perf_counter() - started
+        return value
 
 
 @flow(name="compress-model", flow_run_name="{recipe_name}")
@@ -64,27 +75,13 @@ def compress_model(
 ) -> PairResult:
     """fetch -> calibrate -> dense baseline -> prune (checkpointed) -> evaluate -> publish."""
     settings = Settings()
-    states: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    snapshot = _timed(lambda **kw: retried(fetch_model, settings)(model, **kw), states, seconds, "fetch")
-    calibration_set = _timed(
-        lambda **kw: stored(build_calibration, settings)(snapshot, calibration, **kw), states, seconds, "calibrate"
-    )
-    dense = _timed(
-        lambda **kw: stored(evaluate, settings)(snapshot.path, snapshot.fingerprint, evaluation, **kw),
-        states,
-        seconds,
-        "evaluate_dense",
-    )
-    pruned = _timed(
-        lambda **kw: stored(prune, settings)(snapshot, calibration_set, recipe, **kw), states, seconds, "prune"
-    )
-    result = _timed(
-        lambda **kw: stored(evaluate, settings)(pruned.path, pruned.fingerprint, evaluation, **kw),
-        states,
-        seconds,
-        "evaluate",
-    )
+    stages = _Stages()
+    snapshot = stages.run("fetch", retried(fetch_model, settings), model)
+    calibration_set = stages.run("calibrate", stored(build_calibration, settings), snapshot, calibration)
+    evaluate_task = stored(evaluate, settings)
+    dense = stages.run("evaluate_dense", evaluate_task, snapshot.path, snapshot.fingerprint, evaluation)
+    pruned = stages.run("prune", stored(prune, settings), snapshot, calibration_set, recipe)
+    result = stages.run("evaluate", evaluate_task, pruned.path, pruned.fingerprint, evaluation)
     record = PairRecord(
         recipe_name=recipe_name,
         recipe=recipe,
@@ -94,7 +91,7 @@ def compress_model(
         pruned=pruned,
         evaluation=result,
         dense=dense,
-        stage_seconds=seconds,
+        stage_seconds=stages.seconds,
     )
     publication = retried(publish, settings)(record, parent_run_id, experiment)
     return PairResult(
@@ -107,15 +104,16 @@ def compress_model(
         prune_seconds=pruned.prune_seconds,
         model_uri=publication.model_uri,
         mlflow_run_id=publication.mlflow_run_id,
-        task_states=states,
-        stage_seconds=seconds,
+        task_states=stages.states,
+        stage_seconds=stages.seconds,
     )
 
 
 def summary_table(results: list[PairResult]) -> str:
     labels = sorted({label for r in results for label in r.perplexity})
+    width = max([len(Path(r.model).name) for r in results] + [5])
     header = (
-        f"{'model':<28} {'recipe':<14} {'status':<9} {'sparsity':>8} "
+        f"{'model':<{width}} {'recipe':<14} {'status':<9} {'sparsity':>8} "
         + " ".join(f"{'ppl ' + label:>18} {'dense':>8}" for label in labels)
         + f" {'prune':>8}  error"
     )
@@ -128,7 +126,7 @@ def summary_table(results: list[PairResult]) -> str:
         sparsity = f"{r.sparsity:>8.3f}" if r.sparsity is not None else f"{'-':>8}"
         prune_cell = r.task_states.get("prune", "-")
         lines.append(
-            f"{Path(r.model).name[:28]:<28} {r.recipe_name:<14} {r.status:<9} {sparsity} {cells} "
+            f"{Path(r.model).name:<{width}} {r.recipe_name:<14} {r.status:<9} {sparsity} {cells} "
             f"{prune_cell:>8}  {(r.error or '')[:120]}"
         )
     return "\n".join(lines)

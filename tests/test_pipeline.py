@@ -168,3 +168,14 @@ def test_unreachable_s3_keeps_the_pruned_model_and_a_rerun_publishes_it(
     manifest = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     assert manifest["files"]["model.safetensors"]["sha256"]
     torch.testing.assert_close(float(result.sparsity), 0.5, atol=1e-6, rtol=0)
+
+
+def test_a_cache_entry_whose_files_are_gone_is_recomputed(prefect_api, pipeline_home, two_models):
+    import shutil
+
+    config = batch_mapping(two_models[:1], RECIPES[:1], name="deleted")
+    (first,) = compress_batch(config)
+    shutil.rmtree(pipeline_home / "models")
+    (second,) = compress_batch(config)
+    assert second.task_states["prune"] == "Completed" and second.perplexity == first.perplexity
+    assert list((pipeline_home / "models").rglob("model.safetensors"))
