@@ -14,8 +14,9 @@ from flows.cli import main
 from tests.conftest import batch_mapping, save_tiny
 
 
-def test_deploy_creates_a_cron_deployment_on_a_work_pool(prefect_api, pipeline_home, tmp_path, tiny_tokenizer,
-                                                          monkeypatch, capsys):
+def test_deploy_creates_a_cron_deployment_on_a_work_pool(
+    prefect_api, pipeline_home, tmp_path, tiny_tokenizer, monkeypatch, capsys
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
@@ -23,8 +24,9 @@ def test_deploy_creates_a_cron_deployment_on_a_work_pool(prefect_api, pipeline_h
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
     model = str(save_tiny(tmp_path / "tiny", tiny_tokenizer))
     batch = tmp_path / "nightly.yaml"
-    batch.write_text(yaml.safe_dump(batch_mapping([model], [{"name": "w50", "method": "wanda", "sparsity": 0.5}],
-                                                  name="nightly")))
+    batch.write_text(
+        yaml.safe_dump(batch_mapping([model], [{"name": "w50", "method": "wanda", "sparsity": 0.5}], name="nightly"))
+    )
 
     async def create_pool() -> None:
         async with get_client() as client:
