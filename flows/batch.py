@@ -18,7 +18,7 @@ from tasks.common import retried, stored
 from tasks.evaluate import EvaluationSpec, evaluate
 from tasks.fetch import fetch_model
 from tasks.prune import prune
-from tasks.publish import PairRecord, publish
+from tasks.publish import PairRecord, generations_text, publish
 from tasks.track import finish_batch_run, record_failed_pair, start_batch_run
 
 
@@ -30,6 +30,8 @@ class PairResult(BaseModel):
     sparsity: float | None = None
     perplexity: dict[str, float] = {}
     dense_perplexity: dict[str, float] = {}
+    accuracy: dict[str, float] = {}  # task -> acc
+    generations: str | None = None  # dense and pruned continuations of the sanity prompts
     prune_seconds: float | None = None
     model_uri: str | None = None
     mlflow_run_id: str | None = None
@@ -101,6 +103,8 @@ def compress_model(
         sparsity=pruned.sparsity,
         perplexity=result.perplexity,
         dense_perplexity=dense.perplexity,
+        accuracy={name: a.metrics.get("acc", float("nan")) for name, a in result.zero_shot.items()},
+        generations=generations_text(dense.generations, result.generations, recipe_name) or None,
         prune_seconds=pruned.prune_seconds,
         model_uri=publication.model_uri,
         mlflow_run_id=publication.mlflow_run_id,
@@ -198,7 +202,11 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
         "results": [r.model_dump() for r in results],
     }
     run_record_path(settings, run_id).write_text(json.dumps(record, indent=2))
-    finish_batch_run(parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed))
+    generations = {f"{Path(r.model).name} x {r.recipe_name}": r.generations for r in results if r.generations}
+    review = finish_batch_run(
+        parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed), generations
+    )
+    logger.info("batch %s review (secateur report %s):\n%s", batch.name, parent, review)
     if failed:
         names = "; ".join(f"{Path(r.model).name} x {r.recipe_name}: {r.error}" for r in failed)
         raise PairsFailed(f"{len(failed)} of {len(results)} pairs failed: {names}")

@@ -1,4 +1,4 @@
-"""Batch commands of the `secateur` CLI: run, retry, serve, deploy, stack."""
+"""Batch commands of the `secateur` CLI: run, retry, report, serve, deploy, stack."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     deploy.set_defaults(run=deploy_batch)
 
+    report = commands.add_parser("report", help="the model x recipe table of a batch run, read from MLflow")
+    report.add_argument(
+        "batch_run", metavar="BATCH_RUN", help="MLflow run id, Prefect flow run id or name, or batch name (latest)"
+    )
+    report.add_argument("--format", choices=["table", "csv", "markdown"], default="table")
+    report.add_argument("--json", action="store_true", help="print the report rows as one JSON object instead")
+    report.set_defaults(run=report_batch)
+
     stack = commands.add_parser("stack", help="local Prefect server and MLflow UI over the state dir")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -52,8 +60,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def load_batch(path: Path) -> tuple[dict, object]:
     """The raw mapping (what Prefect stores as the flow parameter) and its validated form."""
     from flows.batch_config import BatchConfig
+    from pruning_core.zero_shot import unknown_tasks
 
     config = BatchConfig.from_yaml(path)
+    unknown = unknown_tasks(config.evaluation.tasks)
+    if unknown:
+        raise ValueError(f"evaluation.tasks: unknown lm-eval task(s): {', '.join(unknown)}")
     return yaml.safe_load(path.read_text()), config
 
 
@@ -114,6 +126,17 @@ def retry_batch(args: argparse.Namespace) -> dict:
         + ", ".join(f"{Path(m).name} x {r}" for m, r in failed)
     )
     return _run_and_report(record["config"], failed) | {"retried": failed}
+
+
+def report_batch(args: argparse.Namespace) -> dict:
+    from infra.tracking import Tracker
+    from tasks.review import batch_report, render
+
+    report = batch_report(Tracker(Settings()), args.batch_run)
+    if args.json:
+        return report.model_dump(exclude={"rows": {"__all__": {"block_errors"}}})
+    print(render(report, args.format), end="")
+    return {}
 
 
 def _use_stack_api(settings: Settings) -> None:

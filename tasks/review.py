@@ -1,0 +1,228 @@
+"""Review of a batch, read back from MLflow: the model x recipe table (with deltas against dense),
+its CSV/markdown renderings, and the plots logged with the batch run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from infra.plots import bar_plot, line_plot, scatter_plot
+from infra.tracking import Tracker
+
+FORMATS = ("table", "csv", "markdown")
+DENSE = "dense"
+
+
+class ReportRow(BaseModel):
+    model: str
+    recipe: str
+    method: str
+    status: str  # FINISHED | FAILED | RUNNING
+    sparsity: float | None = None
+    perplexity: dict[str, float] = {}
+    accuracy: dict[str, float] = {}  # "acc.piqa", "acc_norm.piqa", ...
+    prune_seconds: float | None = None
+    size_mib: float | None = None
+    run_id: str = ""
+    block_errors: list[float] = []
+
+
+class BatchReport(BaseModel):
+    batch: str
+    run_id: str
+    rows: list[ReportRow]  # per model: its dense row, then its recipes
+
+    def datasets(self) -> list[str]:
+        return sorted({label for row in self.rows for label in row.perplexity})
+
+    def accuracy_keys(self) -> list[str]:
+        return sorted({key for row in self.rows for key in row.accuracy}, key=lambda k: (k.split(".", 1)[1], k))
+
+    def dense_of(self, model: str) -> ReportRow | None:
+        return next((r for r in self.rows if r.model == model and r.recipe == DENSE), None)
+
+
+def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def _accuracies(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    values = {}
+    for metric in ("acc.", "acc_norm."):
+        values.update({f"{metric}{task}": v for task, v in _prefixed(metrics, prefix + metric).items()})
+    return values
+
+
+def batch_report(tracker: Tracker, ref: str) -> BatchReport:
+    parent = tracker.find_batch_run(ref)
+    rows: list[ReportRow] = []
+    dense_rows: dict[str, ReportRow] = {}
+    for run in tracker.child_runs(parent):
+        metrics, params = run.data.metrics, run.data.params
+        model = params.get("model", run.info.run_name.split("/")[0])
+        if model not in dense_rows and "dense_size_mib" in metrics:
+            dense_rows[model] = ReportRow(
+                model=model,
+                recipe=DENSE,
+                method=DENSE,
+                status="FINISHED",
+                perplexity=_prefixed(metrics, "dense_ppl."),
+                accuracy=_accuracies(metrics, "dense_"),
+                size_mib=metrics["dense_size_mib"],
+            )
+        rows.append(
+            ReportRow(
+                model=model,
+                recipe=params.get("recipe_name", run.data.tags.get("recipe", "?")),
+                method=params.get("recipe.method", "?"),
+                status=run.info.status,
+                sparsity=metrics.get("sparsity"),
+                perplexity=_prefixed(metrics, "ppl."),
+                accuracy=_accuracies(metrics),
+                prune_seconds=metrics.get("seconds.prune"),
+                size_mib=metrics.get("model_size_mib"),
+                run_id=run.info.run_id,
+                block_errors=tracker.series(run.info.run_id, "block_error") if "block_error" in metrics else [],
+            )
+        )
+    ordered = []
+    for model in dict.fromkeys(r.model for r in rows):
+        if model in dense_rows:
+            ordered.append(dense_rows[model])
+        ordered.extend(r for r in rows if r.model == model)
+    batch = parent.data.tags.get("batch", parent.info.run_name)
+    return BatchReport(batch=batch, run_id=parent.info.run_id, rows=ordered)
+
+
+# --- rendering ---
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _with_delta(value: float | None, dense: float | None, digits: int, is_dense: bool) -> str:
+    if value is None:
+        return "-"
+    if is_dense or dense is None:
+        return _number(value, digits)
+    return f"{value:.{digits}f} ({value - dense:+.{digits}f})"
+
+
+def _records(report: BatchReport, with_deltas: bool) -> tuple[list[str], list[list[str]]]:
+    datasets, accuracy_keys = report.datasets(), report.accuracy_keys()
+    header = ["model", "recipe", "status", "sparsity"]
+    header += [f"ppl {d}" for d in datasets] + accuracy_keys + ["prune s", "size MiB"]
+    if not with_deltas:
+        header += [f"delta ppl {d}" for d in datasets] + [f"delta {k}" for k in accuracy_keys]
+    records = []
+    for row in report.rows:
+        dense = report.dense_of(row.model)
+        is_dense = row.recipe == DENSE
+        dense_ppl = dense.perplexity if dense else {}
+        dense_acc = dense.accuracy if dense else {}
+        if with_deltas:
+            ppl = [_with_delta(row.perplexity.get(d), dense_ppl.get(d), 2, is_dense) for d in datasets]
+            acc = [_with_delta(row.accuracy.get(k), dense_acc.get(k), 3, is_dense) for k in accuracy_keys]
+        else:
+            ppl = [_number(row.perplexity.get(d), 4) for d in datasets]
+            acc = [_number(row.accuracy.get(k), 4) for k in accuracy_keys]
+        record = [Path(row.model).name, row.recipe, row.status.lower(), _number(row.sparsity, 3), *ppl, *acc]
+        record += [_number(row.prune_seconds, 1), _number(row.size_mib, 1)]
+        if not with_deltas:
+            deltas = [row.perplexity.get(d, math.nan) - dense_ppl.get(d, math.nan) for d in datasets]
+            deltas += [row.accuracy.get(k, math.nan) - dense_acc.get(k, math.nan) for k in accuracy_keys]
+            record += ["" if is_dense else _number(v, 4) for v in deltas]
+        records.append(record)
+    return header, records
+
+
+def render(report: BatchReport, fmt: str = "table") -> str:
+    """The batch table: `table` (aligned text), `markdown`, or `csv` (deltas as their own columns)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "csv":
+        header, records = _records(report, with_deltas=False)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(records)
+        return buffer.getvalue()
+    header, records = _records(report, with_deltas=True)
+    title = f"batch {report.batch} (MLflow run {report.run_id}); deltas against dense in parentheses"
+    if fmt == "markdown":
+        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in records]) + "\n"
+    widths = [max(len(cell) for cell in column) for column in zip(header, *records)]
+    lines = [title] + [
+        "  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in [header, *records]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(report: BatchReport, folder: Path) -> list[Path]:
+    """Perplexity vs sparsity per method and model, per-block error per recipe, accuracy per task."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    finished = [r for r in report.rows if r.status == "FINISHED"]
+    for dataset in report.datasets():
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for row in finished:
+            dense = report.dense_of(row.model)
+            if row.recipe == DENSE or dataset not in row.perplexity or row.sparsity is None:
+                continue
+            points = groups.setdefault(f"{Path(row.model).name} / {row.method}", [])
+            if dense and dataset in dense.perplexity and not points:
+                points.append((0.0, dense.perplexity[dataset]))
+            points.append((row.sparsity, row.perplexity[dataset]))
+        if groups:
+            paths.append(
+                scatter_plot(
+                    groups,
+                    folder / f"perplexity_vs_sparsity.{dataset}.png",
+                    f"{dataset}: perplexity vs sparsity",
+                    "sparsity",
+                    "perplexity",
+                )
+            )
+    errors = {f"{Path(r.model).name} / {r.recipe}": r.block_errors for r in finished if r.block_errors}
+    if errors:
+        paths.append(
+            line_plot(
+                errors, folder / "block_errors.png", "reconstruction error per block", "block", "mean relative error"
+            )
+        )
+    for model in dict.fromkeys(r.model for r in finished):
+        rows = [r for r in finished if r.model == model and r.accuracy]
+        keys = sorted({k for r in rows for k in r.accuracy if k.startswith("acc.")})
+        if keys:
+            groups = {r.recipe: [r.accuracy.get(k, 0.0) for k in keys] for r in rows}
+            name = Path(model).name
+            paths.append(
+                bar_plot(
+                    [k.removeprefix("acc.") for k in keys],
+                    groups,
+                    folder / f"accuracy.{name}.png",
+                    f"{name}: zero-shot accuracy, dense vs pruned",
+                    "accuracy",
+                )
+            )
+    return paths
+
+
+def write_review(report: BatchReport, folder: Path, generations: dict[str, str] | None = None) -> Path:
+    """Everything logged with the batch run: the table in three formats, the plots, the generations."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.txt").write_text(render(report, "table"))
+    (folder / "report.md").write_text(render(report, "markdown"))
+    (folder / "report.csv").write_text(render(report, "csv"))
+    write_plots(report, folder / "plots")
+    if generations:
+        text = "\n".join(f"## {pair}\n\n```\n{body}```\n" for pair, body in generations.items())
+        (folder / "generations.md").write_text(text)
+    return folder
