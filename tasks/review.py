@@ -157,9 +157,11 @@ def render(report: BatchReport, fmt: str = "table") -> str:
     if fmt == "markdown":
         lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in records]) + "\n"
-    widths = [max(len(cell) for cell in column) for column in zip(header, *records)]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *records, strict=False)]
     lines = [title] + [
-        "  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        "  ".join(
+            cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=False))
+        )
         for r in [header, *records]
     ]
     return "\n".join(lines) + "\n"

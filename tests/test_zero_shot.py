@@ -53,12 +53,17 @@ def test_both_layouts_give_the_same_documents_where_they_hold_the_same_split():
     shared = find_documents(SHARED_DATA, "winogrande").rows
     bundled = find_documents(BUNDLED, "winogrande").rows
     same = sum(
-        doc_to_choice(a) == doc_to_choice(b) and doc_to_target(a) == doc_to_target(b) for a, b in zip(shared, bundled)
+        doc_to_choice(a) == doc_to_choice(b) and doc_to_target(a) == doc_to_target(b)
+        for a, b in zip(shared, bundled, strict=False)
     )
     assert same / len(shared) > 0.99
     boolq_shared, boolq_bundled = find_documents(SHARED_DATA, "boolq").rows, find_documents(BUNDLED, "boolq").rows
     assert [r["label"] for r in boolq_shared] == [r["label"] for r in boolq_bundled]
-    assert sum(a["question"] == b["question"] for a, b in zip(boolq_shared, boolq_bundled)) / len(boolq_shared) > 0.99
+    assert (
+        sum(a["question"] == b["question"] for a, b in zip(boolq_shared, boolq_bundled, strict=False))
+        / len(boolq_shared)
+        > 0.99
+    )
 
 
 def test_definitions_include_the_stock_task_and_point_at_local_files(tmp_path):

@@ -151,7 +151,10 @@ def _piqa_documents(root: Path) -> TaskDocuments | None:
     return TaskDocuments(
         "piqa",
         "validation",
-        [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(a)} for r, a in zip(rows, answers)],
+        [
+            {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(a)}
+            for r, a in zip(rows, answers, strict=True)
+        ],
         str(questions),
     )
 
