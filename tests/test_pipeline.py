@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -13,7 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from flows.batch import PairsFailed, compress_batch
 from flows.cli import main
-from tests.conftest import batch_mapping, save_tiny
+from infra.settings import Settings
+from infra.tracking import Tracker
+from tasks.review import batch_report, render
+from tests.conftest import SHARED_DATA, batch_mapping, save_tiny
 
 RECIPES = [
     {"name": "wanda50", "method": "wanda", "sparsity": 0.5},
@@ -32,10 +37,11 @@ def _runs(tmp_path: Path, experiment: str):
     return client, runs
 
 
-def test_batch_end_to_end_tracks_publishes_and_reruns_nothing(prefect_api, pipeline_home, tmp_path, two_models):
+def test_batch_end_to_end_tracks_publishes_and_reruns_nothing(prefect_api, pipeline_home, tmp_path, two_models, capsys):
     from transformers import AutoModelForCausalLM
 
     config = batch_mapping(two_models, RECIPES)
+    config["evaluation"] |= {"tasks": ["piqa", "arc_easy"], "task_data": str(SHARED_DATA), "limit": 4}
     results = compress_batch(config)
     assert [(Path(r.model).name, r.recipe_name, r.status) for r in results] == [
         ("tiny-0", "wanda50", "completed"),
@@ -65,6 +71,50 @@ def test_batch_end_to_end_tracks_publishes_and_reruns_nothing(prefect_api, pipel
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"block_errors.png", "recipe.yaml", "report.json", "model_uri.txt"} <= artifacts
         assert child.data.tags["model_uri"].startswith("file://")
+        for name in ("acc.piqa", "acc_norm.piqa", "acc.arc_easy", "dense_acc.piqa"):
+            assert 0 <= metrics[name] <= 1, name
+        assert child.data.params["evaluation.split.arc_easy"] == "test"
+        assert child.data.params["evaluation.items.piqa"] == "4"
+        assert metrics["model_size_mib"] > 0 and metrics["dense_size_mib"] > 0
+        assert "generations.txt" in artifacts
+
+    # The batch run carries the review: the table in three formats, plots, the generations side by side.
+    parent_id = parents[0].info.run_id
+    review = Path(client.download_artifacts(parent_id, "", str(tmp_path / "review")))
+    assert {"report.txt", "report.md", "report.csv", "generations.md", "summary.txt"} <= {
+        p.name for p in review.iterdir()
+    }
+    plots = sorted(p.name for p in (review / "plots").iterdir())
+    assert plots == [
+        "accuracy.tiny-0.png",
+        "accuracy.tiny-1.png",
+        "block_errors.png",
+        "perplexity_vs_sparsity.wiki.png",
+    ]
+    assert all((review / "plots" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for name in plots)
+    assert "[dense] The capital of France is" in (review / "generations.md").read_text()
+
+    capsys.readouterr()
+    assert main(["report", "test-batch", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["model"], r["recipe"]) for r in rows] == [
+        ("tiny-0", "dense"),
+        ("tiny-0", "wanda50"),
+        ("tiny-0", "sgpt24"),
+        ("tiny-1", "dense"),
+        ("tiny-1", "wanda50"),
+        ("tiny-1", "sgpt24"),
+    ]
+    wanda0 = next(
+        c.data.metrics
+        for c in children
+        if c.data.params["recipe_name"] == "wanda50" and c.data.params["model"].endswith("tiny-0")
+    )
+    assert float(rows[1]["ppl wiki"]) == pytest.approx(wanda0["ppl.wiki"], abs=1e-3)
+    assert float(rows[1]["delta ppl wiki"]) == pytest.approx(wanda0["ppl.wiki"] - wanda0["dense_ppl.wiki"], abs=1e-3)
+    assert float(rows[0]["acc.piqa"]) == pytest.approx(wanda0["dense_acc.piqa"], abs=1e-4)
+    assert rows[0]["sparsity"] == "-" and float(rows[1]["sparsity"]) == pytest.approx(0.5, abs=1e-3)
+    assert (review / "report.csv").read_text() == render(batch_report(Tracker(Settings()), parent_id), "csv")
 
     for result in results:
         stored = Path(result.model_uri.removeprefix("file://"))
