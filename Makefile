@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -m flows.demo
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks pruning_core infra tests
