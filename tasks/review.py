@@ -35,6 +35,8 @@ class BatchReport(BaseModel):
     batch: str
     run_id: str
     rows: list[ReportRow]  # per model: its dense row, then its recipes
+    task_splits: dict[str, str] = {}  # task -> "validation, 200 items" as the evaluations logged it
+    seq_lens: dict[str, str] = {}  # perplexity dataset -> seq_len
 
     def datasets(self) -> list[str]:
         return sorted({label for row in self.rows for label in row.perplexity})
@@ -61,8 +63,16 @@ def batch_report(tracker: Tracker, ref: str) -> BatchReport:
     parent = tracker.find_batch_run(ref)
     rows: list[ReportRow] = []
     dense_rows: dict[str, ReportRow] = {}
+    splits: dict[str, str] = {}
+    seq_lens: dict[str, str] = {}
     for run in tracker.child_runs(parent):
         metrics, params = run.data.metrics, run.data.params
+        for key, value in params.items():
+            if key.startswith("evaluation.split."):
+                task = key.removeprefix("evaluation.split.")
+                splits[task] = f"{value}, {params.get(f'evaluation.items.{task}', '?')} items"
+            elif key.startswith("evaluation.seq_len."):
+                seq_lens[key.removeprefix("evaluation.seq_len.")] = value
         model = params.get("model", run.info.run_name.split("/")[0])
         if model not in dense_rows and "dense_size_mib" in metrics:
             dense_rows[model] = ReportRow(
@@ -95,7 +105,7 @@ def batch_report(tracker: Tracker, ref: str) -> BatchReport:
             ordered.append(dense_rows[model])
         ordered.extend(r for r in rows if r.model == model)
     batch = parent.data.tags.get("batch", parent.info.run_name)
-    return BatchReport(batch=batch, run_id=parent.info.run_id, rows=ordered)
+    return BatchReport(batch=batch, run_id=parent.info.run_id, rows=ordered, task_splits=splits, seq_lens=seq_lens)
 
 
 # --- rendering ---
@@ -154,9 +164,11 @@ def render(report: BatchReport, fmt: str = "table") -> str:
         return buffer.getvalue()
     header, records = _records(report, with_deltas=True)
     title = f"batch {report.batch} (MLflow run {report.run_id}); deltas against dense in parentheses"
+    notes = _notes(report)
     if fmt == "markdown":
         lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in records]) + "\n"
+        lines += ["| " + " | ".join(r) + " |" for r in records]
+        return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
     widths = [max(len(cell) for cell in column) for column in zip(header, *records, strict=False)]
     lines = [title] + [
         "  ".join(
@@ -164,7 +176,17 @@ def render(report: BatchReport, fmt: str = "table") -> str:
         )
         for r in [header, *records]
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes) + "\n"
+
+
+def _notes(report: BatchReport) -> list[str]:
+    """Where the numbers come from: the seq_len of each perplexity, the split and item count of each task."""
+    notes = []
+    if report.seq_lens:
+        notes.append("perplexity seq_len: " + ", ".join(f"{d} {n}" for d, n in sorted(report.seq_lens.items())))
+    if report.task_splits:
+        notes.append("tasks: " + "; ".join(f"{t} ({s})" for t, s in sorted(report.task_splits.items())))
+    return notes
 
 
 def write_plots(report: BatchReport, folder: Path) -> list[Path]:

@@ -115,6 +115,11 @@ def test_batch_end_to_end_tracks_publishes_and_reruns_nothing(prefect_api, pipel
     assert float(rows[0]["acc.piqa"]) == pytest.approx(wanda0["dense_acc.piqa"], abs=1e-4)
     assert rows[0]["sparsity"] == "-" and float(rows[1]["sparsity"]) == pytest.approx(0.5, abs=1e-3)
     assert (review / "report.csv").read_text() == render(batch_report(Tracker(Settings()), parent_id), "csv")
+    assert main(["report", parent_id, "--format", "markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert "| tiny-0 | wanda50 | finished | 0.500 |" in markdown
+    assert "- perplexity seq_len: wiki 64" in markdown
+    assert "- tasks: arc_easy (test, 4 items); piqa (validation, 4 items)" in markdown
 
     for result in results:
         stored = Path(result.model_uri.removeprefix("file://"))
