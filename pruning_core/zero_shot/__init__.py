@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +114,22 @@ def _scores(results: dict, names: list[str], splits: dict[str, str], sources: di
     return scores
 
 
+# lm-eval warns that a model object (not a name) was passed and that num_fewshot was set: both on purpose.
+_EXPECTED_WARNINGS = ("lm_eval.models.huggingface", "lm_eval.evaluator")
+
+
+@contextmanager
+def _quiet(loggers: tuple[str, ...]) -> Iterator[None]:
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def unknown_tasks(names: list[str]) -> list[str]:
     """Names neither among the paper's tasks nor in lm-eval's registry (indexing it takes seconds)."""
     others = [name for name in names if name not in PAPER_TASKS]
@@ -162,15 +180,16 @@ def evaluate_zero_shot(
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = simple_evaluate(
-        model=lm,
-        tasks=runnable,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        bootstrap_iters=1000,
-    )
+    with _quiet(_EXPECTED_WARNINGS):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        results = simple_evaluate(
+            model=lm,
+            tasks=runnable,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=1000,
+        )
     result.scores = _scores(results, runnable, definitions.splits, definitions.sources)
     return result
