@@ -203,10 +203,7 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
     }
     run_record_path(settings, run_id).write_text(json.dumps(record, indent=2))
     generations = {f"{Path(r.model).name} x {r.recipe_name}": r.generations for r in results if r.generations}
-    review = finish_batch_run(
-        parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed), generations
-    )
-    logger.info("batch %s review (secateur report %s):\n%s", batch.name, parent, review)
+    finish_batch_run(parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed), generations)
     if failed:
         names = "; ".join(f"{Path(r.model).name} x {r.recipe_name}: {r.error}" for r in failed)
         raise PairsFailed(f"{len(failed)} of {len(results)} pairs failed: {names}")

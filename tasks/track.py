@@ -9,7 +9,7 @@ from prefect import task
 
 from infra.settings import Settings
 from infra.tracking import Tracker
-from tasks.review import batch_report, render, write_review
+from tasks.review import batch_report, write_review
 
 
 @task(name="start_batch_run", retries=2, retry_delay_seconds=5)
@@ -34,8 +34,8 @@ def record_failed_pair(experiment: str, parent_run_id: str, model: str, recipe_n
 @task(name="finish_batch_run", retries=2, retry_delay_seconds=5)
 def finish_batch_run(
     parent_run_id: str, summary: str, metrics: dict[str, float], failed: bool, generations: dict[str, str]
-) -> str:
-    """Logs the summary, the review (table, plots, generations) read back from the children; returns the table."""
+) -> None:
+    """Logs the summary and the review (table, plots, generations) read back from the children."""
     tracker = Tracker(Settings())
     tracker.log(parent_run_id, metrics=metrics)
     report = batch_report(tracker, parent_run_id)
@@ -44,4 +44,3 @@ def finish_batch_run(
         write_review(report, Path(folder), generations)
         tracker.log_artifacts(parent_run_id, folder)
     tracker.finish(parent_run_id, failed=failed)
-    return render(report, "table")
