@@ -204,6 +204,7 @@ def test_report_of_an_unknown_batch_run_is_one_line(capsys, pipeline_home):
         (["evaluate", "{tmp}/x.gguf", "--perplexity", "{wiki}"], "model file not found"),
         (["evaluate", "{model}", "--task", "piqa", "--task-data", "{tmp}/none"], "task data folder not found"),
         (["evaluate", "{model}"], "give --perplexity DATA, --task NAME, or both"),
+        (["evaluate", "{model}", "--task", "piqa", "--task", "no_such_task"], "unknown lm-eval task(s): no_such_task"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr_and_nonzero(capsys, tiny_model_dir, tmp_path, argv, message):

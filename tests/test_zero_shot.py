@@ -75,3 +75,25 @@ def test_definitions_include_the_stock_task_and_point_at_local_files(tmp_path):
     assert first["choices"]["text"][first["choices"]["label"].index(first["answerKey"])] == "quit eating lunch out"
     # Same documents -> same folder: a second call reuses it.
     assert write_task_definitions(["arc_challenge", "openbookqa"], SHARED_DATA, tmp_path) == definitions
+
+
+def test_original_hellaswag_release_in_a_data_folder_is_read(tmp_path):
+    row = {
+        "ind": 4,
+        "activity_label": "Removing ice from car",
+        "ctx_a": "Then, the man writes over the snow covering the window of a car.",
+        "ctx_b": "a woman wearing winter clothes",
+        "endings": [", the man continues.", " smiles.", " leaves.", " is seen."],
+        "label": 3,
+        "split": "val",
+    }
+    (tmp_path / "hellaswag").mkdir()
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").write_text(json.dumps(row) + "\n")
+    documents = find_documents(tmp_path, "hellaswag")
+    assert documents.split == "validation" and len(documents.rows) == 1
+    from datasets import Dataset
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    processed = process_docs(Dataset.from_list(documents.rows))[0]
+    assert processed["gold"] == 3 and processed["query"].startswith("Removing ice from car: Then, the man")
+    assert find_documents(tmp_path, "piqa") is None
