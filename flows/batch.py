@@ -30,7 +30,6 @@ class PairResult(BaseModel):
     sparsity: float | None = None
     perplexity: dict[str, float] = {}
     dense_perplexity: dict[str, float] = {}
-    accuracy: dict[str, float] = {}  # task -> acc
     generations: str | None = None  # dense and pruned continuations of the sanity prompts
     prune_seconds: float | None = None
     model_uri: str | None = None
@@ -103,7 +102,6 @@ def compress_model(
         sparsity=pruned.sparsity,
         perplexity=result.perplexity,
         dense_perplexity=dense.perplexity,
-        accuracy={name: a.metrics.get("acc", float("nan")) for name, a in result.zero_shot.items()},
         generations=generations_text(dense.generations, result.generations, recipe_name) or None,
         prune_seconds=pruned.prune_seconds,
         model_uri=publication.model_uri,
