@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pruning_core.adapters import adapter_for
+from pruning_core.structured.storage import has_block_shapes, load_structured
 
 
 class ModelSpecError(ValueError):
@@ -58,6 +59,9 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
 
     source = ModelSource.parse(spec)
     kwargs = source.kwargs(trust_remote_code)
+    if not source.gguf_file and has_block_shapes(source.location):
+        # Structurally pruned with different widths per block: our loader, since from_pretrained cannot.
+        return load_structured(source.location, dtype), AutoTokenizer.from_pretrained(source.location, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     if source.gguf_file:

@@ -1,0 +1,104 @@
+"""Dependency groups of a Llama-family block and the surgery that removes them.
+
+A group is what must be removed together for the block to still compute: an attention head couples
+its q/k/v output rows with its o_proj input columns; an MLP channel couples gate/up output row c with
+down_proj input column c. With grouped-query attention one k/v head serves several q heads, so the
+unit is either a whole kv group (the kv head and all its q heads) or one q head, removed in equal
+numbers from every kv group so that each kv head still serves the same number of q heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+AttentionUnit = Literal["q_heads", "kv_groups"]
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Widths of one block: q heads, kv heads, MLP channels."""
+
+    heads: int
+    kv_heads: int
+    intermediate_size: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"heads": self.heads, "kv_heads": self.kv_heads, "intermediate_size": self.intermediate_size}
+
+
+def head_dim(block: nn.Module) -> int:
+    return int(block.self_attn.head_dim)
+
+
+def block_shape(block: nn.Module) -> BlockShape:
+    attn, dim = block.self_attn, head_dim(block)
+    return BlockShape(
+        heads=attn.q_proj.out_features // dim,
+        kv_heads=attn.k_proj.out_features // dim,
+        intermediate_size=block.mlp.gate_proj.out_features,
+    )
+
+
+def head_rows(heads: list[int] | torch.Tensor, dim: int) -> torch.Tensor:
+    """Row indices of the given heads in a projection that stacks heads of `dim` rows each."""
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    return (heads.unsqueeze(1) * dim + torch.arange(dim)).reshape(-1)
+
+
+def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new linear keeping `index` along `dim` of the weight (0: output rows, 1: input columns)."""
+    weight = linear.weight.data.index_select(dim, index.to(linear.weight.device))
+    out_features, in_features = weight.shape
+    has_bias = linear.bias is not None
+    new = nn.Linear(in_features, out_features, bias=has_bias, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if has_bias:
+        bias = linear.bias.data if dim == 1 else linear.bias.data.index_select(0, index.to(linear.bias.device))
+        new.bias.data.copy_(bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def keep_attention(block: nn.Module, keep_q: list[int], keep_kv: list[int]) -> None:
+    """Keep q heads `keep_q` and kv heads `keep_kv` (in order), every kv head serving the same count."""
+    attn, dim = block.self_attn, head_dim(block)
+    if not keep_q or not keep_kv or len(keep_q) % len(keep_kv):
+        raise ValueError(f"cannot keep {len(keep_q)} q heads over {len(keep_kv)} kv heads")
+    q_rows, kv_rows = head_rows(keep_q, dim), head_rows(keep_kv, dim)
+    attn.q_proj = _sliced(attn.q_proj, q_rows, 0)
+    attn.k_proj = _sliced(attn.k_proj, kv_rows, 0)
+    attn.v_proj = _sliced(attn.v_proj, kv_rows, 0)
+    attn.o_proj = _sliced(attn.o_proj, q_rows, 1)
+    # The attention forward reads head counts from the weights, except the q-per-kv ratio.
+    attn.num_key_value_groups = len(keep_q) // len(keep_kv)
+    for name, value in (("num_heads", len(keep_q)), ("num_key_value_heads", len(keep_kv))):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def keep_channels(block: nn.Module, keep: list[int] | torch.Tensor) -> None:
+    """Keep MLP channels `keep`: gate/up output rows and down_proj input columns."""
+    mlp = block.mlp
+    index = torch.as_tensor(keep, dtype=torch.long)
+    mlp.gate_proj = _sliced(mlp.gate_proj, index, 0)
+    mlp.up_proj = _sliced(mlp.up_proj, index, 0)
+    mlp.down_proj = _sliced(mlp.down_proj, index, 1)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(index)
+
+
+def reshape_block(block: nn.Module, shape: BlockShape) -> None:
+    """Give a freshly built block the widths `shape` (the loader fills in the weights afterwards)."""
+    current = block_shape(block)
+    if shape.heads != current.heads or shape.kv_heads != current.kv_heads:
+        per_kv = shape.heads // shape.kv_heads
+        keep_kv = list(range(shape.kv_heads))
+        old_per_kv = current.heads // current.kv_heads
+        keep_q = [kv * old_per_kv + i for kv in keep_kv for i in range(per_kv)]
+        keep_attention(block, keep_q, keep_kv)
+    if shape.intermediate_size != current.intermediate_size:
+        keep_channels(block, list(range(shape.intermediate_size)))

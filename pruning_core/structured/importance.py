@@ -1,0 +1,145 @@
+"""Importance of dependency groups from calibration-loss gradients (LLM-Pruner, section 3.2).
+
+Per weight element: first order `|W * g|` (element1), second order with the Fisher diagonal
+`1/2 * W * F * W` (element2); per weight vector: `|sum(W * g)|` over the group's slice (vector).
+Each coupled layer gives one score per unit (summed over the unit's slice); the layers' scores are
+aggregated per unit by sum, mean, max or prod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning_core.structured.groups import AttentionUnit, block_shape
+
+Importance = Literal["element1", "element2", "vector"]
+Aggregation = Literal["sum", "mean", "max", "prod"]
+
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def projection_weights(model: nn.Module, blocks_path: str, blocks: list[int]) -> dict[str, nn.Parameter]:
+    return {
+        f"{blocks_path}.{i}.{name}.weight": model.get_submodule(f"{blocks_path}.{i}.{name}").weight
+        for i in blocks
+        for name in PROJECTIONS
+    }
+
+
+def gradient_statistics(
+    model: nn.Module,
+    weights: dict[str, nn.Parameter],
+    calibration: torch.Tensor,
+    importance: Importance,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Sum of per-sample gradients (element1, vector) or of their squares (element2, the Fisher diagonal).
+
+    The whole model runs forward and backward once per calibration row; only `weights` keep gradients.
+    """
+    model.to(device)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    wanted = {id(p) for p in weights.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in weights.items()}
+    was_training = model.training
+    model.eval()  # no dropout: the gradients are of the deployed model
+    try:
+        for row in tqdm(calibration, desc="gradients", leave=False, disable=not progress):
+            ids = row.unsqueeze(0).to(device)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for name, p in weights.items():
+                grad = p.grad.detach().to(torch.float32)
+                totals[name] += grad.square() if importance == "element2" else grad
+    finally:
+        model.zero_grad(set_to_none=True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.train(was_training)
+        model.to("cpu")
+    return {name: t.cpu() for name, t in totals.items()}
+
+
+def _scores(weight: torch.Tensor, statistic: torch.Tensor, importance: Importance) -> torch.Tensor:
+    """Per-element contribution; for `vector` the signed product, summed and made absolute per unit."""
+    weight = weight.detach().to(torch.float32)
+    if importance == "element1":
+        return (weight * statistic).abs()
+    if importance == "element2":
+        return 0.5 * weight * statistic * weight
+    return weight * statistic
+
+
+def _unit_sum(element: torch.Tensor, units: int, dim: int, importance: Importance) -> torch.Tensor:
+    """Sum an element score over each of `units` equal slices along `dim` (rows 0, columns 1)."""
+    rows = element if dim == 0 else element.T
+    per_unit = rows.reshape(units, -1, rows.shape[1])
+    total = per_unit.sum(dim=(1, 2), dtype=torch.float64)
+    return total.abs() if importance == "vector" else total
+
+
+def aggregate(layer_scores: list[torch.Tensor], how: Aggregation) -> torch.Tensor:
+    stacked = torch.stack(layer_scores)
+    reducers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "sum": lambda s: s.sum(0),
+        "mean": lambda s: s.mean(0),
+        "max": lambda s: s.amax(0),
+        "prod": lambda s: s.prod(0),
+    }
+    return reducers[how](stacked)
+
+
+def unit_importance(
+    block: nn.Module,
+    statistics: dict[str, torch.Tensor],
+    importance: Importance,
+    aggregation: Aggregation,
+    attention_unit: AttentionUnit,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention unit scores, MLP channel scores) of one block.
+
+    `statistics` maps the block's relative projection names (`self_attn.q_proj`, ...) to gradient sums.
+    Attention units are q heads (q rows + o columns) or kv groups (their q heads, the kv head's k/v rows,
+    the o columns of those q heads).
+    """
+    shape = block_shape(block)
+
+    def element(name: str) -> torch.Tensor:
+        return _scores(block.get_submodule(name).weight, statistics[name], importance)
+
+    q = _unit_sum(element("self_attn.q_proj"), shape.heads, 0, importance)
+    o = _unit_sum(element("self_attn.o_proj"), shape.heads, 1, importance)
+    if attention_unit == "q_heads":
+        attention = aggregate([q, o], aggregation)
+    else:
+        per_kv = shape.heads // shape.kv_heads
+        k = _unit_sum(element("self_attn.k_proj"), shape.kv_heads, 0, importance)
+        v = _unit_sum(element("self_attn.v_proj"), shape.kv_heads, 0, importance)
+        grouped = [q.reshape(shape.kv_heads, per_kv).sum(1), k, v, o.reshape(shape.kv_heads, per_kv).sum(1)]
+        attention = aggregate(grouped, aggregation)
+    channels = shape.intermediate_size
+    mlp = aggregate(
+        [
+            _unit_sum(element("mlp.gate_proj"), channels, 0, importance),
+            _unit_sum(element("mlp.up_proj"), channels, 0, importance),
+            _unit_sum(element("mlp.down_proj"), channels, 1, importance),
+        ],
+        aggregation,
+    )
+    return attention, mlp

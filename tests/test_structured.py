@@ -1,0 +1,150 @@
+"""LLM-Pruner: dependency groups, importance, physically smaller models that load again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pruning_core.modeling import load_model
+from pruning_core.structured.groups import block_shape, head_rows, keep_attention, keep_channels
+from pruning_core.structured.importance import aggregate, gradient_statistics, projection_weights
+from pruning_core.structured.llm_pruner import (
+    StructuredPruningError,
+    StructuredSettings,
+    parameter_count,
+    prune_structured,
+)
+from pruning_core.structured.storage import SHAPES_KEY, has_block_shapes, save_structured
+from tests.conftest import tiny_model
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_removing_a_head_removes_its_rows_and_columns_and_equals_zeroing(family):
+    model = tiny_model(family)
+    reference = tiny_model(family)
+    attn = model.model.layers[0].self_attn
+    dim = attn.head_dim
+    q, k, v, o = (
+        attn.q_proj.weight.clone(),
+        attn.k_proj.weight.clone(),
+        attn.v_proj.weight.clone(),
+        attn.o_proj.weight.clone(),
+    )
+    # 4 q heads over 2 kv heads: drop q head 1 (kv 0) and q head 2 (kv 1), every kv head keeps one q head.
+    keep_attention(model.model.layers[0], keep_q=[0, 3], keep_kv=[0, 1])
+    assert torch.equal(attn_q := model.model.layers[0].self_attn.q_proj.weight, q[head_rows([0, 3], dim)])
+    assert attn_q.shape == (2 * dim, 64)
+    assert torch.equal(model.model.layers[0].self_attn.k_proj.weight, k)
+    assert torch.equal(model.model.layers[0].self_attn.v_proj.weight, v)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.weight, o[:, head_rows([0, 3], dim)])
+    # Dense model with those heads' o_proj columns zeroed computes the same function.
+    with torch.no_grad():
+        reference.model.layers[0].self_attn.o_proj.weight[:, head_rows([1, 2], dim)] = 0
+    torch.testing.assert_close(_logits(model), _logits(reference), atol=1e-5, rtol=0)
+
+
+def test_removing_kv_groups_and_channels_equals_zeroing():
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    block, dense = model.model.layers[1], reference.model.layers[1]
+    dim = block.self_attn.head_dim
+    keep_attention(block, keep_q=[2, 3], keep_kv=[1])  # kv group 0 (q heads 0, 1) goes
+    keep_channels(block, [c for c in range(128) if c % 3])
+    assert block_shape(block).as_dict() == {"heads": 2, "kv_heads": 1, "intermediate_size": 85}
+    assert block.mlp.down_proj.weight.shape == (64, 85)
+    with torch.no_grad():
+        dense.self_attn.o_proj.weight[:, head_rows([0, 1], dim)] = 0
+        dense.mlp.down_proj.weight[:, [c for c in range(128) if c % 3 == 0]] = 0
+    torch.testing.assert_close(_logits(model), _logits(reference), atol=1e-5, rtol=0)
+
+
+def test_aggregations():
+    scores = [torch.tensor([1.0, 4.0]), torch.tensor([3.0, 2.0])]
+    assert aggregate(scores, "sum").tolist() == [4.0, 6.0]
+    assert aggregate(scores, "mean").tolist() == [2.0, 3.0]
+    assert aggregate(scores, "max").tolist() == [3.0, 4.0]
+    assert aggregate(scores, "prod").tolist() == [3.0, 8.0]
+
+
+def test_fisher_statistics_are_sums_of_squared_per_sample_gradients():
+    model = tiny_model("llama")
+    weights = projection_weights(model, "model.layers", [1])
+    first = gradient_statistics(model, weights, IDS, "element1", progress=False)
+    second = gradient_statistics(model, weights, IDS, "element2", progress=False)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    per_sample = []
+    for row in IDS:
+        model.zero_grad()
+        model(input_ids=row[None], labels=row[None]).loss.backward()
+        per_sample.append(model.get_submodule("model.layers.1.mlp.down_proj").weight.grad.clone())
+    torch.testing.assert_close(first[name], per_sample[0] + per_sample[1])
+    torch.testing.assert_close(second[name], per_sample[0] ** 2 + per_sample[1] ** 2)
+
+
+@pytest.mark.parametrize("importance", ["element1", "element2", "vector"])
+def test_prune_structured_removes_the_ratio_and_drops_the_least_important(importance):
+    model = tiny_model("llama")
+    settings = StructuredSettings(ratio=0.1, importance=importance, keep_first=1, keep_last=1)
+    result = prune_structured(model, IDS, settings, progress=False)
+    assert [plan.index for plan in result.plans] == [1]
+    assert result.parameters_after == parameter_count(model) < result.parameters_before
+    assert result.removed == pytest.approx(0.1, abs=0.01)
+    assert block_shape(model.model.layers[0]).intermediate_size == 128  # kept whole
+    assert block_shape(model.model.layers[2]).intermediate_size == 128
+    assert _logits(model).isfinite().all()
+
+
+def test_importance_picks_channels_with_small_contribution():
+    model = tiny_model("llama")
+    with torch.no_grad():  # channels 0..9 of block 1 barely matter: tiny down_proj columns
+        model.model.layers[1].mlp.down_proj.weight[:, :10] *= 1e-4
+    settings = StructuredSettings(ratio=0.02, keep_first=1, keep_last=1)
+    result = prune_structured(model, IDS, settings, progress=False)
+    kept = set(result.plans[0].keep_channels)
+    assert 128 - len(kept) >= 10 and not kept & set(range(10))
+
+
+def test_a_ratio_the_pruned_blocks_cannot_give_is_refused():
+    with pytest.raises(StructuredPruningError, match="lower the ratio"):
+        prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.5, keep_first=1, keep_last=1))
+    with pytest.raises(StructuredPruningError, match="nothing to prune"):
+        prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.1))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_uniform_widths_load_with_plain_from_pretrained(tmp_path, tiny_tokenizer, family):
+    model = tiny_model(family)
+    settings = StructuredSettings(ratio=0.3, keep_first=0, keep_last=0, attention_unit="kv_groups")
+    prune_structured(model, IDS, settings, progress=False)
+    assert save_structured(model, tiny_tokenizer, tmp_path) is True
+    assert not has_block_shapes(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_key_value_heads == 1 and loaded.config.num_attention_heads == 2
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=0)
+
+
+def test_heterogeneous_widths_round_trip_through_our_loader(tmp_path, tiny_tokenizer):
+    model = tiny_model("llama")
+    prune_structured(model, IDS, StructuredSettings(ratio=0.15, keep_first=1, keep_last=0), progress=False)
+    assert save_structured(model, tiny_tokenizer, tmp_path) is False
+    assert has_block_shapes(tmp_path)
+    with pytest.raises(ValueError, match="secateur_structured"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path))
+    shapes = [block_shape(b).as_dict() for b in loaded.model.layers]
+    assert shapes == [block_shape(b).as_dict() for b in model.model.layers]
+    assert shapes[0] != shapes[1]
+    assert loaded.config.to_dict()[SHAPES_KEY] == shapes
+    assert parameter_count(loaded) == parameter_count(model)
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=0)
+    generated = loaded.generate(IDS[:1, :5], max_new_tokens=4, do_sample=False)  # cache path works too
+    assert generated.shape == (1, 9)
