@@ -61,17 +61,22 @@ def _matches(name: str, patterns: list[str] | dict[str, float]) -> str | None:
     return None
 
 
-def layer_target(recipe: Recipe, name: str) -> SparsityTarget | None:
-    """The target of one linear (full module name), or None when it is skipped."""
+def layer_target(recipe: Recipe, name: str, block_sparsity: float | None = None) -> SparsityTarget | None:
+    """The target of one linear (full module name), or None when it is skipped.
+
+    A per-layer override wins over the block's allocated sparsity (OWL), which wins over the recipe's.
+    """
     if _matches(name, recipe.skip):
         return None
     override = _matches(name, recipe.layer_sparsity)
     if override is not None:
         return SparsityTarget(ratio=recipe.layer_sparsity[override])
+    if block_sparsity is not None:
+        return SparsityTarget(ratio=block_sparsity)
     return recipe.target
 
 
-class _GroupObserver:
+class GroupObserver:
     """Forward hook feeding one group's input into its statistics, plus a sample for error estimates."""
 
     def __init__(self, block: nn.Module, tap: InputTap, device: torch.device | str, with_hessian: bool) -> None:
@@ -96,6 +101,29 @@ class _GroupObserver:
         self.handle.remove()
 
 
+def observe_groups(
+    adapter: ArchitectureAdapter,
+    block: nn.Module,
+    groups: list[LinearGroup],
+    inputs: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    device: torch.device | str,
+    with_hessian: bool,
+    label: str,
+    progress: bool,
+) -> list[GroupObserver]:
+    """Run the block over every calibration sample with an observer on each group's input."""
+    observers = [GroupObserver(block, g.tap, device, with_hessian) for g in groups]
+    try:
+        with adapter.statistics_mode(block), torch.no_grad():
+            for sample in tqdm(inputs, desc=label, leave=False, disable=not progress):
+                run_block(block, sample.unsqueeze(0), block_kwargs)
+    finally:
+        for observer in observers:
+            observer.remove()
+    return observers
+
+
 def _relative_error(dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor) -> float:
     reference = sample @ dense.T
     return float((sample @ (dense - pruned).T).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
@@ -104,8 +132,16 @@ def _relative_error(dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Ten
 class BlockPruner:
     """Prunes the linears of one block given its calibration inputs."""
 
-    def __init__(self, recipe: Recipe, adapter: ArchitectureAdapter, model: nn.Module, device: torch.device | str):
+    def __init__(
+        self,
+        recipe: Recipe,
+        adapter: ArchitectureAdapter,
+        model: nn.Module,
+        device: torch.device | str,
+        block_sparsity: list[float] | None = None,
+    ):
         self.recipe = recipe
+        self.block_sparsity = block_sparsity
         self.method = METHODS[recipe.method]
         self.groups = adapter.groups(model)
         self.adapter = adapter
@@ -118,36 +154,30 @@ class BlockPruner:
         prefix = self.adapter.block_prefix(index)
         stages = [[g] for g in self.groups] if self.recipe.true_sequential else [self.groups]
         for stage in stages:
-            observers = self._observe(block, stage, inputs, block_kwargs, f"block {index} statistics", progress)
+            observers = observe_groups(
+                self.adapter,
+                block,
+                stage,
+                inputs,
+                block_kwargs,
+                self.device,
+                self.method.needs == "hessian",
+                f"block {index} statistics",
+                progress,
+            )
+            sparsity = self.block_sparsity[index] if self.block_sparsity is not None else None
             for group, observer in zip(stage, observers, strict=True):
                 for relative in group.linears:
-                    error = self._prune_linear(block.get_submodule(relative), f"{prefix}.{relative}", observer)
+                    name = f"{prefix}.{relative}"
+                    error = self._prune_linear(block.get_submodule(relative), name, observer, sparsity)
                     if error is not None:
                         errors[f"{prefix}.{relative}"] = error
         return errors
 
-    def _observe(
-        self,
-        block: nn.Module,
-        groups: list[LinearGroup],
-        inputs: torch.Tensor,
-        block_kwargs: dict[str, Any],
-        label: str,
-        progress: bool,
-    ) -> list[_GroupObserver]:
-        with_hessian = self.method.needs == "hessian"
-        observers = [_GroupObserver(block, g.tap, self.device, with_hessian) for g in groups]
-        try:
-            with self.adapter.statistics_mode(block), torch.no_grad():
-                for sample in tqdm(inputs, desc=label, leave=False, disable=not progress):
-                    run_block(block, sample.unsqueeze(0), block_kwargs)
-        finally:
-            for observer in observers:
-                observer.remove()
-        return observers
-
-    def _prune_linear(self, linear: nn.Linear, name: str, observer: _GroupObserver) -> float | None:
-        target = layer_target(self.recipe, name)
+    def _prune_linear(
+        self, linear: nn.Linear, name: str, observer: GroupObserver, block_sparsity: float | None
+    ) -> float | None:
+        target = layer_target(self.recipe, name, block_sparsity)
         if target is None:
             log.info("%s: skipped (left dense)", name)
             return None
@@ -185,11 +215,13 @@ def prune_model(
     start_inputs: torch.Tensor | None = None,
     on_block: Callable[[BlockResult], None] | None = None,
     progress: bool = True,
+    block_sparsity: list[float] | None = None,
 ) -> PruneSummary:
     """Prune `model` in place, block by block, on calibration token ids (n_samples x seq_len).
 
     To resume at block k, load the pruned weights of blocks < k into `model` and pass
     `start_block=k` with `start_inputs` = the inputs of block k saved by `on_block` of block k-1.
+    `block_sparsity` (one ratio per block, e.g. from OWL) replaces the recipe's uniform sparsity.
     """
     started = time.perf_counter()
     adapter = adapter_for(model)
@@ -201,7 +233,7 @@ def prune_model(
     first_inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration[: 1 if start_block else None])
     inputs = (start_inputs if start_block else first_inputs).to(device)
     block_kwargs = to_device(block_kwargs, device)
-    pruner = BlockPruner(recipe, adapter, model, device)
+    pruner = BlockPruner(recipe, adapter, model, device, block_sparsity)
     summary = PruneSummary(blocks=len(blocks), start_block=start_block)
 
     home = next(blocks[0].parameters()).device

@@ -11,8 +11,12 @@ from torch import nn
 from pruning_core.data import calibration_windows, tokenize_text
 from pruning_core.engine import BlockResult, prune_model
 from pruning_core.modeling import prunable_weight_names, save_model, sparsity_report, write_report
+from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
+from pruning_core.recovery import RecoveryResult, RecoverySpec, TrainingState, recover
+from pruning_core.structured.llm_pruner import forward_latency_ms, prune_structured
+from pruning_core.structured.storage import save_structured
 
 
 def calibration_set(tokenizer, rows: list[str], recipe: Recipe) -> torch.Tensor:
@@ -32,10 +36,12 @@ def prune_to_folder(
     start_block: int = 0,
     start_inputs: torch.Tensor | None = None,
     on_block: Callable[[BlockResult], None] | None = None,
+    block_sparsity: list[float] | None = None,
 ) -> dict:
     """Prune `model` in place, save it in Hugging Face format with `sparsity.json`; return that report.
 
-    `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks.
+    `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks;
+    `block_sparsity` comes from `allocate_sparsity` (computed on the dense model).
     """
     summary = prune_model(
         model,
@@ -46,6 +52,7 @@ def prune_to_folder(
         start_block=start_block,
         start_inputs=start_inputs,
         on_block=on_block,
+        block_sparsity=block_sparsity,
     )
     save_model(model, tokenizer, out_dir)
     report = sparsity_report(out_dir, prunable_weight_names(model))
@@ -56,8 +63,78 @@ def prune_to_folder(
         reconstruction_error=summary.errors,
         prune_seconds=summary.seconds,
     )
+    if block_sparsity is not None:
+        report["block_sparsity"] = block_sparsity
     write_report(out_dir, report)
     return report
+
+
+def allocate_sparsity(
+    model: nn.Module, calibration_ids: torch.Tensor, recipe: Recipe, device: str = "cpu", progress: bool = True
+) -> list[float] | None:
+    """Per-block sparsity of the recipe's allocation (None for uniform); call it on the dense model."""
+    if recipe.allocation != "owl":
+        return None
+    fractions = outlier_fractions(model, calibration_ids, recipe.owl_m, device, progress)
+    return owl_sparsities(fractions, recipe.sparsity, recipe.owl_lambda)
+
+
+def prune_structured_to_folder(
+    model: nn.Module,
+    tokenizer,
+    calibration_ids: torch.Tensor,
+    recipe: Recipe,
+    out_dir: str | Path,
+    device: str = "cpu",
+    progress: bool = True,
+    details: dict | None = None,
+    statistics: dict[str, torch.Tensor] | None = None,
+    latency_tokens: int = 128,
+) -> dict:
+    """LLM-Pruner on `model` in place; save the smaller model with `sparsity.json`; return that report.
+
+    The report has parameters before/after, each block's widths and the CPU latency of a forward pass.
+    """
+    latency_before = forward_latency_ms(model, latency_tokens)
+    result = prune_structured(model, calibration_ids, recipe.structured_settings(), device, progress, statistics)
+    latency_after = forward_latency_ms(model, latency_tokens)
+    loads_with_from_pretrained = save_structured(model, tokenizer, out_dir)
+    report = {
+        **(details or {}),
+        "total": result.removed,
+        "parameters": result.parameters_after,
+        "parameters_before": result.parameters_before,
+        "parameters_after": result.parameters_after,
+        "block_share": result.block_share,
+        "block_shapes": {str(k): v for k, v in result.layer_shapes().items()},
+        "latency_ms_before": latency_before,
+        "latency_ms_after": latency_after,
+        "latency_tokens": latency_tokens,
+        "loads_with_from_pretrained": loads_with_from_pretrained,
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_fingerprint": recipe.fingerprint(),
+        "reconstruction_error": {},
+        "prune_seconds": result.seconds,
+    }
+    write_report(out_dir, report)
+    return report
+
+
+def recover_to_folder(
+    model: nn.Module,
+    tokenizer,
+    rows: list[str],
+    spec: RecoverySpec,
+    out_dir: str | Path,
+    device: str = "cpu",
+    progress: bool = True,
+    start: TrainingState | None = None,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
+) -> tuple[nn.Module, RecoveryResult]:
+    """LoRA recovery on the rows of a data spec, merged and saved like any structurally pruned model."""
+    merged, result = recover(model, tokenize_text(tokenizer, rows), spec, device, progress, start, on_checkpoint)
+    save_structured(merged, tokenizer, out_dir)
+    return merged, result
 
 
 def evaluate_perplexities(

@@ -5,12 +5,32 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pruning_core.masks import SparsityTarget
+from pruning_core.recovery import RecoverySpec
+from pruning_core.structured.groups import AttentionUnit
+from pruning_core.structured.importance import Aggregation, Importance
+from pruning_core.structured.llm_pruner import StructuredSettings
+
+STRUCTURED_METHODS = ("llm_pruner",)
+# Fields added after recipes were first fingerprinted: left out of the canonical JSON while they hold
+# their defaults, so that existing recipes keep their fingerprints (and their cached results).
+_LATER_FIELDS = (
+    "ratio",
+    "importance",
+    "aggregation",
+    "keep_first",
+    "keep_last",
+    "attention_unit",
+    "recovery",
+    "allocation",
+    "owl_m",
+    "owl_lambda",
+)
 
 
 class Recipe(BaseModel):
@@ -33,14 +53,27 @@ class Recipe(BaseModel):
     true_sequential: bool = Field(
         default=False, description="prune attn q/k/v -> o -> mlp in order, re-running the block"
     )
+    # Structured pruning (llm_pruner)
+    ratio: float | None = Field(default=None, gt=0.0, lt=1.0, description="llm_pruner: fraction of parameters removed")
+    importance: Importance = Field(default="element1", description="llm_pruner: element1 | element2 | vector")
+    aggregation: Aggregation = Field(default="sum", description="llm_pruner: per-group sum | mean | max | prod")
+    keep_first: int = Field(default=4, ge=0, description="llm_pruner: leading blocks kept whole")
+    keep_last: int = Field(default=2, ge=0, description="llm_pruner: trailing blocks kept whole")
+    attention_unit: AttentionUnit = Field(default="q_heads", description="llm_pruner: q_heads | kv_groups")
+    recovery: RecoverySpec | None = Field(default=None, description="llm_pruner: LoRA recovery after pruning")
+    # Layer-wise allocation of an unstructured sparsity
+    allocation: Literal["uniform", "owl"] = Field(default="uniform", description="uniform | owl")
+    owl_m: float = Field(default=5.0, gt=0.0, description="OWL: outlier threshold, times the block's mean score")
+    owl_lambda: float = Field(default=0.08, gt=0.0, lt=0.5, description="OWL: block sparsity spans target ± λ")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         from pruning_core.methods import METHODS
 
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; allowed: {', '.join(sorted(METHODS))}")
+        if value not in METHODS and value not in STRUCTURED_METHODS:
+            allowed = ", ".join(sorted([*METHODS, *STRUCTURED_METHODS]))
+            raise ValueError(f"unknown method {value!r}; allowed: {allowed}")
         return value
 
     @field_validator("pattern")
@@ -58,20 +91,58 @@ class Recipe(BaseModel):
                 raise ValueError(f"ratio for {name!r} must be in (0, 1), got {ratio}")
         return value
 
+    @property
+    def structured(self) -> bool:
+        return self.method in STRUCTURED_METHODS
+
     @model_validator(mode="after")
     def _one_target(self) -> Recipe:
+        if self.structured:
+            if self.ratio is None or self.sparsity is not None or self.pattern is not None:
+                raise ValueError(f"{self.method} takes 'ratio' (fraction of parameters removed), not sparsity/pattern")
+            if self.allocation != "uniform":
+                raise ValueError(f"allocation {self.allocation!r} is for unstructured methods, not {self.method}")
+            return self
+        if self.ratio is not None or self.recovery is not None:
+            raise ValueError("'ratio' and 'recovery' belong to structured methods (llm_pruner)")
         if (self.sparsity is None) == (self.pattern is None):
             raise ValueError("give exactly one of 'sparsity' (a ratio in (0, 1)) or 'pattern' (N:M such as '2:4')")
+        if self.allocation == "owl":
+            if self.sparsity is None:
+                raise ValueError("allocation 'owl' spreads an unstructured 'sparsity'; N:M patterns are per group")
+            if not self.owl_lambda < self.sparsity < 1 - self.owl_lambda:
+                raise ValueError(f"with owl_lambda {self.owl_lambda} the sparsity must lie in (λ, 1 - λ)")
         return self
+
+    def structured_settings(self) -> StructuredSettings:
+        return StructuredSettings(
+            ratio=self.ratio,
+            importance=self.importance,
+            aggregation=self.aggregation,
+            keep_first=self.keep_first,
+            keep_last=self.keep_last,
+            attention_unit=self.attention_unit,
+        )
+
+    def describe(self) -> str:
+        if self.structured:
+            return f"{self.ratio:.0%} of parameters"
+        return self.target.describe() + (" (OWL)" if self.allocation == "owl" else "")
 
     @property
     def target(self) -> SparsityTarget:
+        if self.structured:
+            raise ValueError(f"{self.method} removes whole heads and channels; it has no sparsity target")
         if self.pattern is not None:
             return SparsityTarget.parse_pattern(self.pattern)
         return SparsityTarget(ratio=self.sparsity)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        for name in _LATER_FIELDS:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                del data[name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()

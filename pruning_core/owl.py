@@ -1,0 +1,55 @@
+"""OWL (Yin et al., 2024): outlier-weighted layer-wise sparsity.
+
+A block whose Wanda scores `|W_ij| * ||X_j||` hold a larger share of outliers (scores above M times the
+block's mean score) matters more and gets a lower sparsity. The shares are scaled to [0, 2λ] and
+centred, so block sparsities span target ± λ and their mean is exactly the target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning_core.adapters import adapter_for, capture_first_block_inputs, to_device
+from pruning_core.engine import block_outputs, observe_groups
+
+
+def owl_sparsities(outlier_fractions: list[float], sparsity: float, lam: float) -> list[float]:
+    """One sparsity per block: lower where the outlier fraction is higher, mean equal to `sparsity`."""
+    fractions = torch.tensor(outlier_fractions, dtype=torch.float64)
+    spread = fractions.max() - fractions.min()
+    if spread == 0:
+        return [sparsity] * len(outlier_fractions)
+    scaled = (fractions - fractions.min()) / spread * (2 * lam)
+    return (sparsity - (scaled - scaled.mean())).tolist()
+
+
+@torch.no_grad()
+def outlier_fractions(
+    model: nn.Module, calibration: torch.Tensor, m: float = 5.0, device: str = "cpu", progress: bool = True
+) -> list[float]:
+    """Per block, the fraction of its prunable weights whose Wanda score exceeds `m` x the block's mean.
+
+    Computed on the dense model, block by block, each block fed the dense outputs of the one before.
+    """
+    adapter = adapter_for(model)
+    blocks, groups = adapter.blocks(model), adapter.groups(model)
+    inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration)
+    inputs, block_kwargs = inputs.to(device), to_device(block_kwargs, device)
+    home = next(blocks[0].parameters()).device
+    fractions = []
+    for index in tqdm(range(len(blocks)), desc="OWL outliers", disable=not progress):
+        block = blocks[index].to(device)
+        label = f"block {index} statistics"
+        observers = observe_groups(adapter, block, groups, inputs, block_kwargs, device, False, label, progress)
+        scores = [
+            (block.get_submodule(name).weight.abs().to(torch.float32) * observer.stats.column_norms()).flatten()
+            for group, observer in zip(groups, observers, strict=True)
+            for name in group.linears
+        ]
+        flat = torch.cat(scores)
+        fractions.append(float((flat > m * flat.mean()).to(torch.float64).mean()))
+        inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress)
+        block.to(home)
+    return fractions
