@@ -19,6 +19,7 @@ from tasks.evaluate import EvaluationSpec, evaluate
 from tasks.fetch import fetch_model
 from tasks.prune import prune
 from tasks.publish import PairRecord, generations_text, publish
+from tasks.recover import recover
 from tasks.track import finish_batch_run, record_failed_pair, start_batch_run
 
 
@@ -74,15 +75,29 @@ def compress_model(
     parent_run_id: str | None = None,
     experiment: str = "secateur",
 ) -> PairResult:
-    """fetch -> calibrate -> dense baseline -> prune (checkpointed) -> evaluate -> publish."""
+    """fetch -> calibrate -> dense baseline -> prune (checkpointed) [-> recover] -> evaluate -> publish.
+
+    With a recovery (structured recipes), the pruned model's perplexity is measured before it too.
+    """
     settings = Settings()
     stages = _Stages()
     snapshot = stages.run("fetch", retried(fetch_model, settings), model)
     calibration_set = stages.run("calibrate", stored(build_calibration, settings), snapshot, calibration)
     evaluate_task = stored(evaluate, settings)
     dense = stages.run("evaluate_dense", evaluate_task, snapshot.path, snapshot.fingerprint, evaluation)
-    pruned = stages.run("prune", stored(prune, settings), snapshot, calibration_set, recipe)
-    result = stages.run("evaluate", evaluate_task, pruned.path, pruned.fingerprint, evaluation)
+    # Recipes that differ only in their recovery share one prune.
+    pruned = stages.run("prune", stored(prune, settings), snapshot, calibration_set, recipe.without_recovery())
+    recovered = before_recovery = None
+    final_path, final_fingerprint = pruned.path, pruned.fingerprint
+    if recipe.recovery is not None:
+        before_spec = evaluation.perplexity_only()
+        if before_spec is not None:
+            before_recovery = stages.run(
+                "evaluate_before_recovery", evaluate_task, pruned.path, pruned.fingerprint, before_spec
+            )
+        recovered = stages.run("recover", stored(recover, settings), pruned, recipe.recovery)
+        final_path, final_fingerprint = recovered.path, recovered.fingerprint
+    result = stages.run("evaluate", evaluate_task, final_path, final_fingerprint, evaluation)
     record = PairRecord(
         recipe_name=recipe_name,
         recipe=recipe,
@@ -92,6 +107,8 @@ def compress_model(
         pruned=pruned,
         evaluation=result,
         dense=dense,
+        recovered=recovered,
+        before_recovery=before_recovery,
         stage_seconds=stages.seconds,
     )
     publication = retried(publish, settings)(record, parent_run_id, experiment)

@@ -43,7 +43,7 @@ class ResumePoint:
     meta: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     handle = os.open(path, os.O_RDONLY)
     try:
         os.fsync(handle)
@@ -77,10 +77,10 @@ class BlockCheckpoints:
         }
         (temp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         for name in (WEIGHTS, INPUTS, RECORD):
-            _fsync(temp / name)
+            fsync_path(temp / name)
         shutil.rmtree(final, ignore_errors=True)  # a refused checkpoint of this block, if any
         os.replace(temp, final)
-        _fsync(self.folder)
+        fsync_path(self.folder)
         stale = self.block_dir(index - KEEP_INPUTS) / INPUTS
         stale.unlink(missing_ok=True)
         if self.mirror is not None:

@@ -130,9 +130,11 @@ def recover_to_folder(
     progress: bool = True,
     start: TrainingState | None = None,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
+    checkpoint_every: int = 25,
 ) -> tuple[nn.Module, RecoveryResult]:
     """LoRA recovery on the rows of a data spec, merged and saved like any structurally pruned model."""
-    merged, result = recover(model, tokenize_text(tokenizer, rows), spec, device, progress, start, on_checkpoint)
+    tokens = tokenize_text(tokenizer, rows)
+    merged, result = recover(model, tokens, spec, device, progress, start, on_checkpoint, checkpoint_every)
     save_structured(merged, tokenizer, out_dir)
     return merged, result
 

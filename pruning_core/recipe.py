@@ -16,7 +16,6 @@ from pruning_core.structured.groups import AttentionUnit
 from pruning_core.structured.importance import Aggregation, Importance
 from pruning_core.structured.llm_pruner import StructuredSettings
 
-STRUCTURED_METHODS = ("llm_pruner",)
 # Fields added after recipes were first fingerprinted: left out of the canonical JSON while they hold
 # their defaults, so that existing recipes keep their fingerprints (and their cached results).
 _LATER_FIELDS = (
@@ -69,7 +68,7 @@ class Recipe(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from pruning_core.methods import METHODS
+        from pruning_core.methods import METHODS, STRUCTURED_METHODS
 
         if value not in METHODS and value not in STRUCTURED_METHODS:
             allowed = ", ".join(sorted([*METHODS, *STRUCTURED_METHODS]))
@@ -93,6 +92,8 @@ class Recipe(BaseModel):
 
     @property
     def structured(self) -> bool:
+        from pruning_core.methods import STRUCTURED_METHODS
+
         return self.method in STRUCTURED_METHODS
 
     @model_validator(mode="after")
@@ -123,6 +124,10 @@ class Recipe(BaseModel):
             keep_last=self.keep_last,
             attention_unit=self.attention_unit,
         )
+
+    def without_recovery(self) -> Recipe:
+        """The prune alone: recipes differing only in recovery share one structured prune."""
+        return self.model_copy(update={"recovery": None})
 
     def describe(self) -> str:
         if self.structured:
@@ -159,12 +164,13 @@ class Recipe(BaseModel):
 
     @classmethod
     def with_overrides(cls, base: dict[str, Any], overrides: dict[str, Any]) -> Recipe:
-        """`base` updated with the overrides that are set; a sparsity or pattern replaces both."""
+        """`base` updated with the overrides that are set; a sparsity, pattern or ratio replaces the others."""
         given = {k: v for k, v in overrides.items() if v is not None}
         merged = dict(base)
-        if "sparsity" in given or "pattern" in given:
-            merged.pop("sparsity", None)
-            merged.pop("pattern", None)
+        targets = ("sparsity", "pattern", "ratio")
+        if any(name in given for name in targets):
+            for name in targets:
+                merged.pop(name, None)
         merged.update(given)
         return cls.model_validate(merged)
 

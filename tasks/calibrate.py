@@ -37,14 +37,14 @@ class CalibrationSet(BaseModel):
     seconds: float = 0.0
 
 
-def _data_identity(spec: str) -> str:
+def data_identity(spec: str) -> str:
     """A local file is identified by its content; remote specs by their text."""
     path = spec.removeprefix("jsonl:").rpartition(":")[0] if spec.startswith("jsonl:") else spec
     return sha256_file(path) if Path(path).is_file() else spec
 
 
 def calibration_fingerprint(snapshot: ModelSnapshot, spec: CalibrationSpec) -> str:
-    return fingerprint({"model": snapshot.fingerprint, "spec": spec.model_dump(), "data": _data_identity(spec.data)})
+    return fingerprint({"model": snapshot.fingerprint, "spec": spec.model_dump(), "data": data_identity(spec.data)})
 
 
 def _cache_key(context, parameters: dict) -> str:

@@ -68,6 +68,12 @@ class EvaluationSpec(BaseModel):
             raise ValueError("give perplexity datasets, tasks, or both")
         return self
 
+    def perplexity_only(self) -> EvaluationSpec | None:
+        """The same perplexity protocol without tasks or generations (None when it has no datasets)."""
+        if not self.perplexity:
+            return None
+        return self.model_copy(update={"tasks": [], "generation_tokens": 0})
+
     def datasets(self) -> dict[str, PerplexityDataset]:
         """label -> dataset, each with its own seq_len filled in."""
         out = {}

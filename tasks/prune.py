@@ -16,12 +16,15 @@ from infra.artifacts import open_store
 from infra.checkpoints import BlockCheckpoints
 from infra.hashing import fingerprint
 from infra.settings import Settings
+from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.adapters import adapter_for
 from pruning_core.engine import BlockResult, restore_blocks
-from pruning_core.job import prune_to_folder
-from pruning_core.methods import METHODS
+from pruning_core.job import allocate_sparsity, prune_structured_to_folder, prune_to_folder
+from pruning_core.methods import method_version
 from pruning_core.modeling import load_model
 from pruning_core.recipe import Recipe
+from pruning_core.structured.importance import gradient_statistics
+from pruning_core.structured.llm_pruner import statistics_weights
 from tasks.calibrate import CalibrationSet, load_calibration
 from tasks.common import peak_gpu_mib, peak_rss_mib
 from tasks.fetch import ModelSnapshot
@@ -43,10 +46,13 @@ class PrunedModel(BaseModel):
     resumed_from_block: int = 0
     peak_rss_mib: float = 0.0
     peak_gpu_mib: float = 0.0
+    block_sparsity: list[float] = []  # per block, when the recipe allocates it (OWL)
+    # Structured pruning: parameters_before/after, latency_ms_before/after (CPU forward pass), block_share.
+    structure: dict[str, float] = {}
 
 
 def run_fingerprint(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe) -> str:
-    code = {"engine": ENGINE_VERSION, "method": METHODS[recipe.method].version}
+    code = {"engine": ENGINE_VERSION, "method": method_version(recipe.method)}
     return fingerprint(
         {
             "model": snapshot.fingerprint,
@@ -82,7 +88,8 @@ def prune_with_checkpoints(
     out = settings.root / "models" / snapshot.slug / recipe.fingerprint()[:16] / run
     report = _finished(out)
     if report is None:
-        report = _prune(snapshot, calibration, recipe, settings, run, out, progress)
+        prune_stage = _prune_structured if recipe.structured else _prune
+        report = prune_stage(snapshot, calibration, recipe, settings, run, out, progress)
     return PrunedModel(
         path=str(out),
         fingerprint=run,
@@ -94,7 +101,82 @@ def prune_with_checkpoints(
         resumed_from_block=report.get("resumed_from_block", 0),
         peak_rss_mib=report.get("peak_rss_mib", 0.0),
         peak_gpu_mib=report.get("peak_gpu_mib", 0.0),
+        block_sparsity=report.get("block_sparsity", []),
+        structure={key: float(report[key]) for key in STRUCTURE_KEYS if key in report},
     )
+
+
+STRUCTURE_KEYS = ("parameters_before", "parameters_after", "latency_ms_before", "latency_ms_after", "block_share")
+
+
+def commit_folder(staging: Path, out: Path, report: dict) -> None:
+    """Write the report last, then move the finished folder into place."""
+    report.update(peak_rss_mib=peak_rss_mib(), peak_gpu_mib=peak_gpu_mib())
+    (staging / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, out)
+
+
+def staging_folder(out: Path) -> Path:
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def _details(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> dict:
+    return {
+        "model": snapshot.spec,
+        "model_fingerprint": snapshot.fingerprint,
+        "run_fingerprint": run,
+        "calibration_fingerprint": calibration.fingerprint,
+    }
+
+
+def _prune_structured(
+    snapshot: ModelSnapshot,
+    calibration: CalibrationSet,
+    recipe: Recipe,
+    settings: Settings,
+    run: str,
+    out: Path,
+    progress: bool,
+) -> dict:
+    """LLM-Pruner; its checkpoint is the gradient statistics (the slow part), so a rerun skips that pass."""
+    started = time.perf_counter()
+    checkpoint = StageCheckpoint(settings.root / "work" / run / "gradients", run)
+    model, tokenizer = load_model(snapshot.path)
+    ids = load_calibration(calibration)
+    saved = checkpoint.read()
+    if saved is None:
+        structured = recipe.structured_settings()
+        weights = statistics_weights(model, structured)
+        statistics = gradient_statistics(model, weights, ids, structured.importance, settings.device, progress)
+        checkpoint.write(statistics, {"seconds": time.perf_counter() - started})
+    else:
+        statistics = saved[0]
+        log.info("resuming %s from checkpointed gradient statistics", snapshot.spec)
+    staging = staging_folder(out)
+    report = prune_structured_to_folder(
+        model,
+        tokenizer,
+        ids,
+        recipe,
+        staging,
+        settings.device,
+        progress,
+        _details(snapshot, calibration, run),
+        statistics,
+    )
+    # No blocks to resume from: 1 marks a run that reused checkpointed gradient statistics.
+    report.update(
+        block_errors=[], resumed_from_block=int(saved is not None), prune_seconds=time.perf_counter() - started
+    )
+    commit_folder(staging, out, report)
+    checkpoint.clear()
+    shutil.rmtree(checkpoint.folder.parent, ignore_errors=True)
+    return report
 
 
 def _prune(
@@ -111,6 +193,7 @@ def _prune(
     checkpoints = BlockCheckpoints(settings.root / "work" / run / "checkpoints", run, mirror, f"checkpoints/{run}")
     model, tokenizer = load_model(snapshot.path)
     ids = load_calibration(calibration)
+    block_sparsity = allocate_sparsity(model, ids, recipe, settings.device, progress)  # on the dense model
     resume = checkpoints.resume_point()
     if resume.start_block:
         restore_blocks(model, [checkpoints.load_weights(path) for path in resume.block_weights])
@@ -121,8 +204,7 @@ def _prune(
             result.index, result.state_dict, result.next_inputs, {"errors": result.errors, "seconds": result.seconds}
         )
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_folder(out)
     earlier_errors = {k: v for meta in resume.meta for k, v in meta["errors"].items()}
     adapter = adapter_for(model)
     report = prune_to_folder(
@@ -133,15 +215,11 @@ def _prune(
         staging,
         settings.device,
         progress=progress,
-        details={
-            "model": snapshot.spec,
-            "model_fingerprint": snapshot.fingerprint,
-            "run_fingerprint": run,
-            "calibration_fingerprint": calibration.fingerprint,
-        },
+        details=_details(snapshot, calibration, run),
         start_block=resume.start_block,
         start_inputs=resume.inputs,
         on_block=on_block,
+        block_sparsity=block_sparsity,
     )
     errors = {**earlier_errors, **report["reconstruction_error"]}
     report.update(
@@ -149,14 +227,8 @@ def _prune(
         block_errors=_block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
         resumed_from_block=resume.start_block,
         prune_seconds=time.perf_counter() - started,
-        peak_rss_mib=peak_rss_mib(),
-        peak_gpu_mib=peak_gpu_mib(),
     )
-    (staging / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, out)
+    commit_folder(staging, out, report)
     checkpoints.clear()
     shutil.rmtree(checkpoints.folder.parent, ignore_errors=True)
     return report

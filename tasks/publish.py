@@ -20,6 +20,7 @@ from tasks.common import retry_if_transient
 from tasks.evaluate import Evaluation
 from tasks.fetch import ModelSnapshot
 from tasks.prune import ENGINE_VERSION, PrunedModel
+from tasks.recover import RecoveredModel
 
 
 class PairRecord(BaseModel):
@@ -31,9 +32,20 @@ class PairRecord(BaseModel):
     calibration: CalibrationSpec
     calibration_fingerprint: str
     pruned: PrunedModel
-    evaluation: Evaluation
+    evaluation: Evaluation  # of the final model (after recovery when there is one)
     dense: Evaluation
+    recovered: RecoveredModel | None = None
+    before_recovery: Evaluation | None = None  # perplexity of the pruned model before recovery
     stage_seconds: dict[str, float]
+
+    @property
+    def model_path(self) -> str:
+        """The model this pair delivers: the recovered one when the recipe has a recovery."""
+        return self.recovered.path if self.recovered else self.pruned.path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.recovered.fingerprint if self.recovered else self.pruned.fingerprint
 
 
 class Publication(BaseModel):
@@ -44,7 +56,7 @@ class Publication(BaseModel):
 
 def artifact_key(record: PairRecord) -> str:
     """Content-addressed: <model-slug>/<recipe-fingerprint>/<run-fingerprint>."""
-    return f"{record.snapshot.slug}/{record.pruned.recipe_fingerprint[:16]}/{record.pruned.fingerprint}"
+    return f"{record.snapshot.slug}/{record.recipe.fingerprint()[:16]}/{record.fingerprint}"
 
 
 def folder_mib(path: str | Path) -> float:
@@ -67,19 +79,30 @@ def metrics_of(record: PairRecord) -> dict[str, float]:
         "sparsity": record.pruned.sparsity,
         "peak_rss_mib": record.pruned.peak_rss_mib,
         "resumed_from_block": float(record.pruned.resumed_from_block),
-        "model_size_mib": folder_mib(record.pruned.path),
+        "model_size_mib": folder_mib(record.model_path),
         "dense_size_mib": folder_mib(record.snapshot.path),
+        **record.pruned.structure,
     }
     if record.pruned.peak_gpu_mib:
         metrics["peak_gpu_mib"] = record.pruned.peak_gpu_mib
     metrics.update(evaluation_metrics(record.evaluation))
     metrics.update(evaluation_metrics(record.dense, "dense_"))
+    if record.before_recovery is not None:
+        metrics.update(evaluation_metrics(record.before_recovery, "before_recovery_"))
+    if record.recovered is not None:
+        metrics.update(
+            {
+                "recovery.steps": float(record.recovered.steps),
+                "recovery.final_loss": record.recovered.losses[-1],
+                "recovery.resumed_from_step": float(record.recovered.resumed_from_step),
+            }
+        )
     metrics.update({f"seconds.{stage}": s for stage, s in record.stage_seconds.items()})
     return metrics
 
 
 def params_of(record: PairRecord) -> dict:
-    from pruning_core.methods import METHODS
+    from pruning_core.methods import method_version
 
     evaluation = record.evaluation
     return {
@@ -96,8 +119,8 @@ def params_of(record: PairRecord) -> dict:
             "items": {name: a.items for name, a in evaluation.zero_shot.items()},
             "skipped": evaluation.skipped_tasks,
         },
-        "code_version": f"engine-{ENGINE_VERSION}/{record.recipe.method}-{METHODS[record.recipe.method].version}",
-        "run_fingerprint": record.pruned.fingerprint,
+        "code_version": f"engine-{ENGINE_VERSION}/{record.recipe.method}-{method_version(record.recipe.method)}",
+        "run_fingerprint": record.fingerprint,
     }
 
 
@@ -122,22 +145,28 @@ def _report_folder(record: PairRecord, folder: Path) -> Path:
         (folder / "generations.txt").write_text(
             generations_text(record.dense.generations, record.evaluation.generations, record.recipe_name)
         )
-    line_plot(
-        record.pruned.block_errors,
-        folder / "block_errors.png",
-        f"{record.snapshot.slug} / {record.recipe_name}: reconstruction error per block",
-        "block",
-        "mean relative error",
-    )
+    title = f"{record.snapshot.slug} / {record.recipe_name}"
+    if record.pruned.block_errors:
+        line_plot(
+            record.pruned.block_errors,
+            folder / "block_errors.png",
+            f"{title}: reconstruction error per block",
+            "block",
+            "mean relative error",
+        )
+    if record.pruned.block_sparsity:
+        line_plot(record.pruned.block_sparsity, folder / "block_sparsity.png", f"{title}: OWL", "block", "sparsity")
+    if record.recovered is not None:
+        line_plot(record.recovered.losses, folder / "recovery_loss.png", f"{title}: LoRA recovery", "step", "loss")
     return folder
 
 
 def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
     store = open_store(settings.artifact_location, settings.upload_attempts)
     key = artifact_key(record)
-    report_dir = _report_folder(record, settings.root / "work" / record.pruned.fingerprint / "report")
-    store.put_folder(record.pruned.path, f"{key}/model", {"run_fingerprint": record.pruned.fingerprint})
-    store.put_folder(report_dir, f"{key}/report", {"run_fingerprint": record.pruned.fingerprint})
+    report_dir = _report_folder(record, settings.root / "work" / record.fingerprint / "report")
+    store.put_folder(record.model_path, f"{key}/model", {"run_fingerprint": record.fingerprint})
+    store.put_folder(report_dir, f"{key}/report", {"run_fingerprint": record.fingerprint})
     publication = Publication(
         model_uri=store.url(f"{key}/model"), report_uri=store.url(f"{key}/report"), mlflow_run_id=None
     )
@@ -148,9 +177,10 @@ def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | No
         parent_run_id,
         tags={"model_uri": publication.model_uri, "recipe": record.recipe_name},
     )
-    tracker.log(
-        run_id, params=params_of(record), metrics=metrics_of(record), series={"block_error": record.pruned.block_errors}
-    )
+    series = {"block_error": record.pruned.block_errors, "block_sparsity": record.pruned.block_sparsity}
+    if record.recovered is not None:
+        series["recovery_loss"] = record.recovered.losses
+    tracker.log(run_id, params=params_of(record), metrics=metrics_of(record), series=series)
     (report_dir / "model_uri.txt").write_text(publication.model_uri + "\n")
     (report_dir / "summary.json").write_text(json.dumps(metrics_of(record), indent=2, sort_keys=True))
     tracker.log_artifacts(run_id, report_dir)

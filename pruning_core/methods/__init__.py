@@ -13,4 +13,13 @@ METHODS: dict[str, Method] = {
     "apt": Method(prune=prune_apt, needs="hessian"),
 }
 
-__all__ = ["METHODS", "LayerProblem", "Method"]
+# Structured methods remove whole heads and channels over the whole model (pruning_core.structured);
+# name -> version (bump when its output changes: it is part of every run fingerprint).
+STRUCTURED_METHODS: dict[str, str] = {"llm_pruner": "1"}
+
+
+def method_version(name: str) -> str:
+    return STRUCTURED_METHODS[name] if name in STRUCTURED_METHODS else METHODS[name].version
+
+
+__all__ = ["METHODS", "STRUCTURED_METHODS", "LayerProblem", "Method", "method_version"]

@@ -1,0 +1,120 @@
+"""recover: LoRA fine-tuning of a structurally pruned model, checkpointed so a rerun continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel
+
+from infra.hashing import fingerprint
+from infra.settings import Settings
+from infra.stage_checkpoint import StageCheckpoint
+from pruning_core.data import read_rows
+from pruning_core.job import recover_to_folder
+from pruning_core.modeling import load_model
+from pruning_core.recovery import RecoverySpec, TrainingState
+from tasks.calibrate import data_identity
+from tasks.prune import REPORT, PrunedModel, commit_folder, staging_folder
+
+log = logging.getLogger(__name__)
+
+RECOVERY_VERSION = "1"  # bump when recovery's output changes
+CHECKPOINT_EVERY = 25  # steps between training-state checkpoints
+
+
+class RecoveredModel(BaseModel):
+    path: str
+    fingerprint: str  # of (pruned model, recovery spec, data, code version)
+    steps: int
+    losses: list[float]
+    seconds: float
+    resumed_from_step: int = 0
+
+
+def recovery_fingerprint(pruned: PrunedModel, spec: RecoverySpec) -> str:
+    return fingerprint(
+        {
+            "pruned": pruned.fingerprint,
+            "spec": spec.model_dump(mode="json"),
+            "data": data_identity(spec.data),
+            "code": RECOVERY_VERSION,
+        }
+    )
+
+
+def _cache_key(context, parameters: dict) -> str:
+    return "recover-" + recovery_fingerprint(parameters["pruned"], parameters["spec"])
+
+
+def _state_tensors(state: TrainingState) -> dict:
+    return {
+        **{f"adapter.{k}": v for k, v in state.adapter.items()},
+        **{f"optimizer.{k}": v for k, v in state.optimizer.items()},
+    }
+
+
+def _state_from(tensors: dict, meta: dict) -> TrainingState:
+    def part(prefix: str) -> dict:
+        return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+    return TrainingState(meta["step"], meta["losses"], part("adapter."), part("optimizer."), meta["optimizer_groups"])
+
+
+def recover_with_checkpoints(
+    pruned: PrunedModel, spec: RecoverySpec, settings: Settings, progress: bool = False
+) -> RecoveredModel:
+    run = recovery_fingerprint(pruned, spec)
+    out = Path(pruned.path).with_name(f"{Path(pruned.path).name}-recovered-{run[:16]}")
+    report_path = out / REPORT
+    if not report_path.is_file():
+        _recover(pruned, spec, settings, run, out, progress)
+    report = json.loads(report_path.read_text())
+    recovery = report["recovery"]
+    return RecoveredModel(
+        path=str(out),
+        fingerprint=run,
+        steps=spec.steps,
+        losses=recovery["losses"],
+        seconds=recovery["seconds"],
+        resumed_from_step=recovery["resumed_from_step"],
+    )
+
+
+def _recover(pruned: PrunedModel, spec: RecoverySpec, settings: Settings, run: str, out: Path, progress: bool) -> None:
+    started = time.perf_counter()
+    rows = read_rows(spec.data)  # a bad data spec fails before the model is loaded
+    checkpoint = StageCheckpoint(settings.root / "work" / run / "recovery", run)
+    saved = checkpoint.read()
+    start = _state_from(*saved) if saved is not None else None
+    if start is not None:
+        log.info("resuming recovery of %s at step %d of %d", pruned.path, start.step, spec.steps)
+
+    def on_checkpoint(state: TrainingState) -> None:
+        meta = {"step": state.step, "losses": state.losses, "optimizer_groups": state.optimizer_groups}
+        checkpoint.write(_state_tensors(state), meta)
+
+    model, tokenizer = load_model(pruned.path)
+    staging = staging_folder(out)
+    _, result = recover_to_folder(
+        model, tokenizer, rows, spec, staging, settings.device, progress, start, on_checkpoint, CHECKPOINT_EVERY
+    )
+    report = json.loads((Path(pruned.path) / REPORT).read_text())
+    report["recovery"] = {
+        "spec": spec.model_dump(mode="json"),
+        "fingerprint": run,
+        "losses": result.losses,
+        "seconds": time.perf_counter() - started,
+        "resumed_from_step": result.resumed_from_step,
+    }
+    commit_folder(staging, out, report)
+    checkpoint.clear()
+
+
+@task(name="recover", cache_key_fn=_cache_key, persist_result=True)
+def recover(pruned: PrunedModel, spec: RecoverySpec) -> RecoveredModel:
+    """No retries: the training-state checkpoint already makes a rerun cheap."""
+    return recover_with_checkpoints(pruned, spec, Settings())
