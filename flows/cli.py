@@ -12,16 +12,26 @@ from pathlib import Path
 
 from flows.batch_cli import PairFailures, add_commands
 from infra.settings import Settings, prepare_prefect_environment
-from pruning_core.methods import METHODS
+from pruning_core.methods import METHODS, STRUCTURED_METHODS
 
 
 def _add_prune(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("prune", help="prune a model block by block and save it in Hugging Face format")
     parser.add_argument("model", help="model folder, .gguf file or hf://org/name@revision")
-    parser.add_argument("--method", choices=sorted(METHODS), help="pruning method")
+    parser.add_argument("--method", choices=sorted([*METHODS, *STRUCTURED_METHODS]), help="pruning method")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="unstructured ratio in (0, 1), e.g. 0.5")
     target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
+    target.add_argument("--ratio", type=float, help="llm_pruner: fraction of all parameters to remove, e.g. 0.2")
+    parser.add_argument("--allocation", choices=["uniform", "owl"], help="per-block sparsity (owl: from outliers)")
+    structured = parser.add_argument_group("llm_pruner")
+    structured.add_argument("--importance", choices=["element1", "element2", "vector"], help="default element1")
+    structured.add_argument("--aggregation", choices=["sum", "mean", "max", "prod"], help="default sum")
+    structured.add_argument("--keep-first", type=int, help="leading blocks kept whole (default 4)")
+    structured.add_argument("--keep-last", type=int, help="trailing blocks kept whole (default 2)")
+    structured.add_argument("--attention-unit", choices=["q_heads", "kv_groups"], help="default q_heads")
+    structured.add_argument("--recovery-steps", type=int, help="LoRA recovery steps after pruning")
+    structured.add_argument("--recovery-data", help="LoRA recovery text (a data spec like --calibration)")
     parser.add_argument(
         "--calibration", required=True, help="text file, jsonl:PATH:FIELD or hf://dataset[/config]:split:field"
     )
@@ -63,42 +73,89 @@ def _recipe_from_args(args: argparse.Namespace):
         "seq_len": args.seq_len,
         "seed": args.seed,
         "true_sequential": args.true_sequential,
+        "ratio": args.ratio,
+        "allocation": args.allocation,
+        "importance": args.importance,
+        "aggregation": args.aggregation,
+        "keep_first": args.keep_first,
+        "keep_last": args.keep_last,
+        "attention_unit": args.attention_unit,
     }
     base = Recipe.read_yaml(args.recipe) if args.recipe is not None else {}
+    recovery = {"steps": args.recovery_steps, "data": args.recovery_data}
+    if any(v is not None for v in recovery.values()):
+        flags["recovery"] = {**(base.get("recovery") or {}), **{k: v for k, v in recovery.items() if v is not None}}
     return Recipe.with_overrides(base, flags)
 
 
 def _run_prune(args: argparse.Namespace) -> dict:
     from pruning_core.data import read_rows
-    from pruning_core.job import calibration_set, prune_to_folder
+    from pruning_core.job import calibration_set
     from pruning_core.modeling import load_model
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
     _check_device(args.device)
     rows = read_rows(args.calibration)  # a bad data spec fails before the model is loaded
+    recovery_rows = read_rows(recipe.recovery.data) if recipe.recovery is not None else None
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     calibration = calibration_set(tokenizer, rows, recipe)
-    report = prune_to_folder(
-        model,
-        tokenizer,
-        calibration,
-        recipe,
-        args.out,
-        args.device,
-        details={"model": args.model, "calibration": args.calibration},
-    )
+    details = {"model": args.model, "calibration": args.calibration}
+    prune = _prune_structured if recipe.structured else _prune_unstructured
+    summary = prune(args, model, tokenizer, calibration, recipe, details, recovery_rows)
     seconds = time.perf_counter() - started
-    print(f"pruned {args.model} with {recipe.method} at {recipe.target.describe()} -> {args.out}")
-    print(f"achieved sparsity {report['total']:.4f} over {report['parameters']:,} prunable weights; {seconds:.1f} s")
+    print(f"pruned {args.model} with {recipe.method} at {recipe.describe()} -> {args.out}; {seconds:.1f} s")
     return {
         "out": str(args.out),
         "method": recipe.method,
-        "target": recipe.target.describe(),
-        "sparsity": report["total"],
+        "target": recipe.describe(),
         "seconds": seconds,
         "recipe_fingerprint": recipe.fingerprint(),
+        **summary,
     }
+
+
+def _prune_unstructured(args, model, tokenizer, calibration, recipe, details, recovery_rows) -> dict:
+    from pruning_core.job import allocate_sparsity, prune_to_folder
+
+    block_sparsity = allocate_sparsity(model, calibration, recipe, args.device)
+    report = prune_to_folder(
+        model, tokenizer, calibration, recipe, args.out, args.device, details=details, block_sparsity=block_sparsity
+    )
+    print(f"achieved sparsity {report['total']:.4f} over {report['parameters']:,} prunable weights")
+    summary = {"sparsity": report["total"]}
+    if block_sparsity is not None:
+        print("block sparsity: " + " ".join(f"{s:.3f}" for s in block_sparsity))
+        summary["block_sparsity"] = block_sparsity
+    return summary
+
+
+def _prune_structured(args, model, tokenizer, calibration, recipe, details, recovery_rows) -> dict:
+    from pruning_core.job import prune_structured_to_folder, recover_to_folder
+    from pruning_core.modeling import write_report
+
+    report = prune_structured_to_folder(model, tokenizer, calibration, recipe, args.out, args.device, details=details)
+    before, after = report["parameters_before"], report["parameters_after"]
+    print(f"parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)")
+    print(
+        f"CPU forward latency ({report['latency_tokens']} tokens): "
+        f"{report['latency_ms_before']:.1f} ms -> {report['latency_ms_after']:.1f} ms"
+    )
+    summary = {
+        "parameters_before": before,
+        "parameters_after": after,
+        "removed": report["total"],
+        "latency_ms_before": report["latency_ms_before"],
+        "latency_ms_after": report["latency_ms_after"],
+        "loads_with_from_pretrained": report["loads_with_from_pretrained"],
+    }
+    if recipe.recovery is not None:
+        _, result = recover_to_folder(model, tokenizer, recovery_rows, recipe.recovery, args.out, args.device)
+        report["recovery"] = {"spec": recipe.recovery.model_dump(mode="json"), "losses": result.losses}
+        write_report(args.out, report)
+        print(f"LoRA recovery: {recipe.recovery.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+        summary["recovery_loss"] = [result.losses[0], result.losses[-1]]
+    return summary
 
 
 def _run_evaluate(args: argparse.Namespace) -> dict:

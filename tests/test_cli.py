@@ -62,6 +62,55 @@ def test_prune_saves_a_loadable_model_with_its_sparsity_report(capsys, tiny_mode
     assert not list(out.glob("*.bin")), "no pickled weights"
 
 
+def test_llm_pruner_with_recovery_reports_parameters_and_saves_a_smaller_model(capsys, tiny_model_dir, tmp_path):
+    from pruning_core.modeling import load_model
+    from pruning_core.structured.groups import block_shape
+
+    out = tmp_path / "smaller"
+    code, stdout, stderr = run_cli(
+        capsys,
+        *("prune", tiny_model_dir, "--method", "llm_pruner", "--ratio", 0.1, "--importance", "element2"),
+        *("--keep-first", 1, "--keep-last", 0, "--recovery-steps", 3, "--recovery-data", WIKITEXT_VALID),
+        *("--calibration", WIKITEXT_VALID, "--samples", 4, "--seq-len", 32, "--out", out, "--json"),
+    )
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert result["parameters_after"] < result["parameters_before"]
+    assert result["removed"] == pytest.approx(0.1, abs=0.01) and result["target"] == "10% of parameters"
+    assert result["latency_ms_before"] > 0 and result["loads_with_from_pretrained"] is False
+    assert len(result["recovery_loss"]) == 2 and "LoRA recovery: 3 steps" in stdout
+    report = json.loads((out / "sparsity.json").read_text())
+    assert report["recipe"]["importance"] == "element2" and len(report["recovery"]["losses"]) == 3
+    model, _ = load_model(str(out))
+    assert [block_shape(b).intermediate_size == 128 for b in model.model.layers] == [True, False, False]
+    assert sum(p.numel() for p in model.parameters()) == result["parameters_after"]
+
+
+def test_llm_pruner_with_nothing_to_prune_fails_after_loading_with_one_error_line(capsys, tiny_model_dir, tmp_path):
+    code, _stdout, stderr = run_cli(
+        capsys,
+        *("prune", tiny_model_dir, "--method", "llm_pruner", "--ratio", 0.1),
+        *("--calibration", WIKITEXT_VALID, "--out", tmp_path / "o"),
+    )
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert code != 0 and errors == [
+        "secateur: error: nothing to prune: the model has 3 blocks and keep_first=4, keep_last=2"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+def test_owl_allocation_from_the_cli(capsys, tiny_model_dir, tmp_path):
+    code, stdout, stderr = run_cli(
+        capsys,
+        *("prune", tiny_model_dir, "--method", "wanda", "--sparsity", 0.5, "--allocation", "owl"),
+        *("--calibration", WIKITEXT_VALID, "--samples", 4, "--seq-len", 32, "--out", tmp_path / "owl", "--json"),
+    )
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert sum(result["block_sparsity"]) / 3 == pytest.approx(0.5) and len(set(result["block_sparsity"])) == 3
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.01) and result["target"] == "50% (OWL)"
+
+
 def test_prune_with_recipe_file_and_flag_override(capsys, tiny_model_dir, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: wanda\nsparsity: 0.5\nskip: ['*.down_proj']\nseq_len: 64\ncalibration_samples: 2\n")
@@ -200,6 +249,16 @@ def test_report_of_an_unknown_batch_run_is_one_line(capsys, pipeline_home):
         (
             ["prune", "{model}", "--recipe", "{tmp}/none.yaml", "--calibration", "{wiki}", "--out", "{tmp}/o"],
             "recipe file not found",
+        ),
+        (
+            ["prune", "{model}", "--method", "llm_pruner", "--ratio", "0.1", "--recovery-steps", "5"]
+            + ["--calibration", "{wiki}", "--out", "{tmp}/o"],
+            "recovery.data: Field required",
+        ),
+        (
+            ["prune", "{model}", "--method", "wanda", "--pattern", "2:4", "--allocation", "owl"]
+            + ["--calibration", "{wiki}", "--out", "{tmp}/o"],
+            "N:M patterns are per group",
         ),
         (["evaluate", "{tmp}/x.gguf", "--perplexity", "{wiki}"], "model file not found"),
         (["evaluate", "{model}", "--task", "piqa", "--task-data", "{tmp}/none"], "task data folder not found"),

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.benchmarks.bench_pruning                      # the full grid: 128 x 512 calibration
     .venv/bin/python -m tests.benchmarks.bench_pruning --samples 32 --targets 0.5 2:4 --eval-tokens 16384
+    .venv/bin/python -m tests.benchmarks.bench_pruning --methods wanda apt --targets 0.7 --allocations uniform owl
 
 Each (method, target) runs in its own process so that its peak resident memory is its own.
 Writes tests/benchmarks/results/pruning-<timestamp>.json and prints a table.
@@ -30,7 +31,7 @@ def one_run(args: argparse.Namespace) -> dict:
     """Prune once and evaluate; runs inside a child process."""
     from infra.assets import smollm2_gguf, text_asset
     from pruning_core.data import read_rows
-    from pruning_core.job import calibration_set, evaluate_perplexities, prune_to_folder
+    from pruning_core.job import allocate_sparsity, calibration_set, evaluate_perplexities, prune_to_folder
     from pruning_core.modeling import load_model
     from pruning_core.recipe import Recipe
 
@@ -40,11 +41,22 @@ def one_run(args: argparse.Namespace) -> dict:
         result = {"prune_seconds": 0.0, "sparsity": 0.0}
     else:
         target = {"pattern": args.target} if ":" in args.target else {"sparsity": float(args.target)}
-        recipe = Recipe(method=args.method, calibration_samples=args.samples, seq_len=args.seq_len, **target)
+        recipe = Recipe(
+            method=args.method,
+            calibration_samples=args.samples,
+            seq_len=args.seq_len,
+            allocation=args.allocation,
+            **target,
+        )
         calibration = calibration_set(tokenizer, read_rows(str(text_asset(C4_CALIBRATION))), recipe)
         started = time.perf_counter()
-        report = prune_to_folder(model, tokenizer, calibration, recipe, args.out, args.device, progress=False)
+        blocks = allocate_sparsity(model, calibration, recipe, args.device, progress=False)
+        report = prune_to_folder(
+            model, tokenizer, calibration, recipe, args.out, args.device, progress=False, block_sparsity=blocks
+        )
         result = {"prune_seconds": time.perf_counter() - started, "sparsity": report["total"]}
+        if blocks is not None:
+            result["block_sparsity"] = blocks
     ppl = evaluate_perplexities(model, tokenizer, evaluation, args.eval_seq_len, args.eval_tokens, progress=False)
     result.update(
         perplexity=ppl["wikitext2"].perplexity,
@@ -58,23 +70,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "apt"])
     parser.add_argument("--targets", nargs="+", default=["0.5", "0.6", "0.7", "2:4", "4:8"])
+    parser.add_argument("--allocations", nargs="+", default=["uniform"], choices=["uniform", "owl"])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=None, help="score only the first N tokens (default all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--child", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "ALLOCATION"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/secateur-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        args.method, args.target = args.child
+        args.method, args.target, args.allocation = args.child
         print(json.dumps(one_run(args)))
         return
 
-    runs = [("dense", "-")] + [(m, t) for t in args.targets for m in args.methods]
+    runs = [("dense", "-", "uniform")]
+    runs += [(m, t, a) for t in args.targets for m in args.methods for a in args.allocations]
     rows = []
-    for method, target in runs:
+    for method, target, allocation in runs:
         command = [
             sys.executable,
             "-m",
@@ -82,6 +96,7 @@ def main() -> None:
             "--child",
             method,
             target,
+            allocation,
             "--samples",
             str(args.samples),
             "--seq-len",
@@ -91,7 +106,7 @@ def main() -> None:
             "--eval-seq-len",
             str(args.eval_seq_len),
             "--out",
-            f"{args.out}/{method}-{target}",
+            f"{args.out}/{method}-{target}-{allocation}",
         ]
         if args.eval_tokens:
             command += ["--eval-tokens", str(args.eval_tokens)]
@@ -102,12 +117,13 @@ def main() -> None:
         row = {
             "method": method,
             "target": target,
+            "allocation": allocation,
             "wall_seconds": time.perf_counter() - started,
             **json.loads(done.stdout.strip().splitlines()[-1]),
         }
         rows.append(row)
         print(
-            f"{method:<10} {target:>5} sparsity {row['sparsity']:.3f} ppl {row['perplexity']:>10.2f} "
+            f"{method:<10} {target:>5} {allocation:<7} sparsity {row['sparsity']:.3f} ppl {row['perplexity']:>10.2f} "
             f"prune {row['prune_seconds']:>7.1f} s  peak RSS {row['peak_rss_mib']:>6.0f} MiB",
             flush=True,
         )
