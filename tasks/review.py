@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from infra.plots import bar_plot, line_plot, scatter_plot
 from infra.tracking import Tracker
+from pruning_core.methods import STRUCTURED_METHODS
 
 FORMATS = ("table", "csv", "markdown")
 DENSE = "dense"
@@ -186,6 +187,9 @@ def _notes(report: BatchReport) -> list[str]:
         notes.append("perplexity seq_len: " + ", ".join(f"{d} {n}" for d, n in sorted(report.seq_lens.items())))
     if report.task_splits:
         notes.append("tasks: " + "; ".join(f"{t} ({s})" for t, s in sorted(report.task_splits.items())))
+    structured = sorted({r.method for r in report.rows if r.method in STRUCTURED_METHODS})
+    if structured:
+        notes.append(f"{', '.join(structured)}: sparsity = fraction of all parameters removed (whole heads/channels)")
     return notes
 
 
