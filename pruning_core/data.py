@@ -21,6 +21,21 @@ class DataSpecError(ValueError):
     pass
 
 
+def local_path(spec: str) -> Path | None:
+    """The file a data spec reads, or None for a hub dataset."""
+    if spec.startswith("hf://"):
+        return None
+    return Path(spec.removeprefix("jsonl:").rpartition(":")[0] if spec.startswith("jsonl:") else spec)
+
+
+def check_data_spec(spec: str) -> str:
+    """Fail early (before any work) on a local data file that is not there."""
+    path = local_path(spec)
+    if path is not None and not path.is_file():
+        raise DataSpecError(f"data file not found: {path}")
+    return spec
+
+
 def read_rows(spec: str) -> list[str]:
     """The rows of a data spec, each as a string (text-file rows keep their newline)."""
     if spec.startswith("hf://"):

@@ -103,6 +103,8 @@ class Recipe(BaseModel):
                 raise ValueError(f"{self.method} takes 'ratio' (fraction of parameters removed), not sparsity/pattern")
             if self.allocation != "uniform":
                 raise ValueError(f"allocation {self.allocation!r} is for unstructured methods, not {self.method}")
+            if self.layer_sparsity or self.skip or self.true_sequential:
+                raise ValueError(f"{self.method} prunes whole blocks: use keep_first/keep_last, not per-layer fields")
             return self
         if self.ratio is not None or self.recovery is not None:
             raise ValueError("'ratio' and 'recovery' belong to structured methods (llm_pruner)")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,6 +35,13 @@ class RecoverySpec(BaseModel):
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
     seed: int = Field(default=0, ge=0)
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, value: str) -> str:
+        from pruning_core.data import check_data_spec
+
+        return check_data_spec(value)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from infra.hashing import fingerprint, sha256_file
 from infra.settings import Settings
-from pruning_core.data import calibration_windows, read_rows, tokenize_text
+from pruning_core.data import calibration_windows, local_path, read_rows, tokenize_text
 from pruning_core.modeling import load_tokenizer
 from tasks.fetch import ModelSnapshot
 
@@ -39,8 +39,8 @@ class CalibrationSet(BaseModel):
 
 def data_identity(spec: str) -> str:
     """A local file is identified by its content; remote specs by their text."""
-    path = spec.removeprefix("jsonl:").rpartition(":")[0] if spec.startswith("jsonl:") else spec
-    return sha256_file(path) if Path(path).is_file() else spec
+    path = local_path(spec)
+    return sha256_file(path) if path is not None and path.is_file() else spec
 
 
 def calibration_fingerprint(snapshot: ModelSnapshot, spec: CalibrationSpec) -> str:

@@ -251,13 +251,20 @@ def test_report_of_an_unknown_batch_run_is_one_line(capsys, pipeline_home):
             "recipe file not found",
         ),
         (
-            ["prune", "{model}", "--method", "llm_pruner", "--ratio", "0.1", "--recovery-steps", "5"]
-            + ["--calibration", "{wiki}", "--out", "{tmp}/o"],
+            "prune {model} --method llm_pruner --ratio 0.1 --recovery-steps 5 --calibration {wiki} --out {tmp}/o".split(
+                " "
+            ),
             "recovery.data: Field required",
         ),
         (
-            ["prune", "{model}", "--method", "wanda", "--pattern", "2:4", "--allocation", "owl"]
-            + ["--calibration", "{wiki}", "--out", "{tmp}/o"],
+            (
+                "prune {model} --method llm_pruner --ratio 0.1 --recovery-steps 5 --recovery-data {tmp}/none.txt "
+                "--calibration {wiki} --out {tmp}/o"
+            ).split(),
+            "recovery.data: data file not found:",
+        ),
+        (
+            "prune {model} --method wanda --pattern 2:4 --allocation owl --calibration {wiki} --out {tmp}/o".split(),
             "N:M patterns are per group",
         ),
         (["evaluate", "{tmp}/x.gguf", "--perplexity", "{wiki}"], "model file not found"),

@@ -108,7 +108,7 @@ def test_lora_recovery_lowers_perplexity_and_merges(trained_tiny, tiny_tokenizer
 
 
 def test_recovery_resumes_to_identical_weights(trained_tiny):
-    spec = RecoverySpec(data="unused", steps=6, learning_rate=1e-3, batch_size=2, seq_len=32)
+    spec = RecoverySpec(data=str(WIKITEXT_VALID), steps=6, learning_rate=1e-3, batch_size=2, seq_len=32)
     tokens = trained_tiny[1]
     straight, _ = recover(_pruned(trained_tiny), tokens, spec, progress=False)
     saved: list[TrainingState] = []

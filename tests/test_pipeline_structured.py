@@ -20,7 +20,7 @@ from tasks.calibrate import CalibrationSpec, make_calibration
 from tasks.fetch import snapshot_model
 from tasks.prune import prune_with_checkpoints
 from tasks.recover import recover_with_checkpoints
-from tests.conftest import WIKITEXT_VALID, batch_mapping, save_tiny
+from tests.conftest import SHARED_DATA, WIKITEXT_VALID, batch_mapping, save_tiny
 
 RECOVERY = {"data": str(WIKITEXT_VALID), "steps": 4, "batch_size": 2, "seq_len": 32, "learning_rate": 1e-3}
 RECIPES = [
@@ -31,7 +31,9 @@ RECIPES = [
 
 def test_structured_and_owl_recipes_run_through_the_batch(prefect_api, pipeline_home, tmp_path, tiny_tokenizer):
     model = str(save_tiny(tmp_path / "tiny", tiny_tokenizer))
-    results = compress_batch(batch_mapping([model], RECIPES))
+    config = batch_mapping([model], RECIPES)
+    config["evaluation"] |= {"tasks": ["piqa"], "task_data": str(SHARED_DATA), "limit": 4}
+    results = compress_batch(config)
     assert [r.status for r in results] == ["completed", "completed"]
     llmp, owl = results
     assert llmp.task_states["recover"] == "Completed"
@@ -64,7 +66,10 @@ def test_structured_and_owl_recipes_run_through_the_batch(prefect_api, pipeline_
     assert max(sparsities) - min(sparsities) == pytest.approx(0.16, abs=1e-6)
     assert owl.sparsity == pytest.approx(0.5, abs=0.01)
 
-    again = compress_batch(batch_mapping([model], RECIPES))
+    assert "acc.piqa" in metrics and "acc.piqa" not in {
+        k.removeprefix("before_recovery_") for k in metrics if k.startswith("before_")
+    }
+    again = compress_batch(config)
     assert again[0].task_states["prune"] == again[0].task_states["recover"] == "Cached"
     assert again[1].task_states["prune"] == "Cached"
 
