@@ -40,33 +40,49 @@ class StageCheckpoint:
         (temp / RECORD).write_text(json.dumps(record, sort_keys=True))
         for name in (TENSORS, RECORD):
             fsync_path(temp / name)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        # The previous state stays on disk (as `previous`) until the new one is in place.
+        shutil.rmtree(self.previous, ignore_errors=True)
+        if self.folder.exists():
+            os.replace(self.folder, self.previous)
         os.replace(temp, self.folder)
         fsync_path(self.folder.parent)
+        shutil.rmtree(self.previous, ignore_errors=True)
 
-    def _check(self) -> dict[str, Any]:
+    @property
+    def previous(self) -> Path:
+        return self.folder.with_name(f".{self.folder.name}.previous")
+
+    def _check(self, folder: Path) -> dict[str, Any]:
         try:
-            record = json.loads((self.folder / RECORD).read_text())
+            record = json.loads((folder / RECORD).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise CheckpointRefused(f"unreadable {RECORD} ({error})") from error
         if record.get("fingerprint") != self.fingerprint:
             raise CheckpointRefused(f"fingerprint {record.get('fingerprint')!r} is not this run's {self.fingerprint!r}")
-        tensors = self.folder / TENSORS
+        tensors = folder / TENSORS
         if not tensors.is_file() or sha256_file(tensors) != record.get("sha256"):
             raise CheckpointRefused(f"{TENSORS} is missing or does not match its sha256")
         return record
 
     def read(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The saved (tensors, meta), or None when there is none or it is refused (logged, then removed)."""
-        if not self.folder.is_dir():
-            return None
-        try:
-            record = self._check()
-        except CheckpointRefused as reason:
-            log.warning("refused checkpoint %s: %s; starting this stage over", self.folder, reason)
+        """The saved (tensors, meta), or None when there is none or it is refused (logged, then removed).
+
+        A crash while a newer state was being swapped in leaves the older one as `previous`: it is used.
+        """
+        for folder in (self.folder, self.previous):
+            if not folder.is_dir():
+                continue
+            try:
+                record = self._check(folder)
+            except CheckpointRefused as reason:
+                log.warning("refused checkpoint %s: %s", folder, reason)
+                continue
+            return load_file(folder / TENSORS), record["meta"]
+        if self.folder.is_dir() or self.previous.is_dir():
+            log.warning("no usable checkpoint under %s; starting this stage over", self.folder.parent)
             self.clear()
-            return None
-        return load_file(self.folder / TENSORS), record["meta"]
+        return None
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(self.previous, ignore_errors=True)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pruning_core.adapters import adapter_for
-from pruning_core.structured.storage import has_block_shapes, load_structured
+from pruning_core.structured.storage import SHAPES_KEY, has_block_shapes, load_structured, save_structured
 
 
 class ModelSpecError(ValueError):
@@ -81,6 +81,9 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Hugging Face format: safetensors weights, config, generation config, tokenizer."""
+    if hasattr(model.config, SHAPES_KEY):  # structurally pruned earlier: keep its per-block widths loadable
+        save_structured(model, tokenizer, out_dir)
+        return Path(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

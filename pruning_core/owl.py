@@ -1,8 +1,10 @@
 """OWL (Yin et al., 2024): outlier-weighted layer-wise sparsity.
 
 A block whose Wanda scores `|W_ij| * ||X_j||` hold a larger share of outliers (scores above M times the
-block's mean score) matters more and gets a lower sparsity. The shares are scaled to [0, 2λ] and
-centred, so block sparsities span target ± λ and their mean is exactly the target.
+block's mean score) matters more and gets a lower sparsity. The shares are min-max scaled to [0, 2λ] and
+centred on their mean: block sparsities spread over 2λ and their mean is exactly the target. The spread
+is not centred on the target (one outlier-heavy block among many lands near target - 2λ), so recipes
+keep the target within (2λ, 1 - 2λ).
 """
 
 from __future__ import annotations

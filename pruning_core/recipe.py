@@ -18,6 +18,8 @@ from pruning_core.structured.llm_pruner import StructuredSettings
 
 # Fields added after recipes were first fingerprinted: left out of the canonical JSON while they hold
 # their defaults, so that existing recipes keep their fingerprints (and their cached results).
+_STRUCTURED_FIELDS = ("importance", "aggregation", "keep_first", "keep_last", "attention_unit")
+_OWL_FIELDS = ("owl_m", "owl_lambda")
 _LATER_FIELDS = (
     "ratio",
     "importance",
@@ -63,7 +65,7 @@ class Recipe(BaseModel):
     # Layer-wise allocation of an unstructured sparsity
     allocation: Literal["uniform", "owl"] = Field(default="uniform", description="uniform | owl")
     owl_m: float = Field(default=5.0, gt=0.0, description="OWL: outlier threshold, times the block's mean score")
-    owl_lambda: float = Field(default=0.08, gt=0.0, lt=0.5, description="OWL: block sparsity spans target ± λ")
+    owl_lambda: float = Field(default=0.08, gt=0.0, lt=0.25, description="OWL: block sparsities spread over 2λ")
 
     @field_validator("method")
     @classmethod
@@ -105,6 +107,7 @@ class Recipe(BaseModel):
                 raise ValueError(f"allocation {self.allocation!r} is for unstructured methods, not {self.method}")
             if self.layer_sparsity or self.skip or self.true_sequential:
                 raise ValueError(f"{self.method} prunes whole blocks: use keep_first/keep_last, not per-layer fields")
+            self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
             return self
         if self.ratio is not None or self.recovery is not None:
             raise ValueError("'ratio' and 'recovery' belong to structured methods (llm_pruner)")
@@ -113,9 +116,18 @@ class Recipe(BaseModel):
         if self.allocation == "owl":
             if self.sparsity is None:
                 raise ValueError("allocation 'owl' spreads an unstructured 'sparsity'; N:M patterns are per group")
-            if not self.owl_lambda < self.sparsity < 1 - self.owl_lambda:
-                raise ValueError(f"with owl_lambda {self.owl_lambda} the sparsity must lie in (λ, 1 - λ)")
+            if not 2 * self.owl_lambda < self.sparsity < 1 - 2 * self.owl_lambda:
+                raise ValueError(f"with owl_lambda {self.owl_lambda} the sparsity must lie in (2λ, 1 - 2λ)")
+        else:
+            self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
+        self._only_defaults(_STRUCTURED_FIELDS, "llm_pruner")
         return self
+
+    def _only_defaults(self, names: tuple[str, ...], owner: str) -> None:
+        """Fields of another method would change the fingerprint without changing the result: refuse them."""
+        for name in names:
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{name!r} applies to {owner} only")
 
     def structured_settings(self) -> StructuredSettings:
         return StructuredSettings(

@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from prefect import task
 from pydantic import BaseModel
 
@@ -44,6 +45,7 @@ class PrunedModel(BaseModel):
     block_errors: list[float]  # mean relative reconstruction error per block
     prune_seconds: float
     resumed_from_block: int = 0
+    resumed_gradients: bool = False  # structured: the gradient statistics came from a checkpoint
     peak_rss_mib: float = 0.0
     peak_gpu_mib: float = 0.0
     block_sparsity: list[float] = []  # per block, when the recipe allocates it (OWL)
@@ -99,6 +101,7 @@ def prune_with_checkpoints(
         block_errors=report["block_errors"],
         prune_seconds=report["prune_seconds"],
         resumed_from_block=report.get("resumed_from_block", 0),
+        resumed_gradients=report.get("resumed_gradients", False),
         peak_rss_mib=report.get("peak_rss_mib", 0.0),
         peak_gpu_mib=report.get("peak_gpu_mib", 0.0),
         block_sparsity=report.get("block_sparsity", []),
@@ -132,6 +135,19 @@ def _details(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> 
         "run_fingerprint": run,
         "calibration_fingerprint": calibration.fingerprint,
     }
+
+
+def _allocation(model, ids, recipe: Recipe, settings: Settings, run: str, progress: bool) -> list[float] | None:
+    """OWL's per-block sparsity, computed once on the dense model and kept for a resume (None: uniform)."""
+    if recipe.allocation == "uniform":
+        return None
+    checkpoint = StageCheckpoint(settings.root / "work" / run / "allocation", run)
+    saved = checkpoint.read()
+    if saved is not None:
+        return saved[0]["block_sparsity"].tolist()
+    block_sparsity = allocate_sparsity(model, ids, recipe, settings.device, progress)
+    checkpoint.write({"block_sparsity": torch.tensor(block_sparsity, dtype=torch.float64)}, {})
+    return block_sparsity
 
 
 def _prune_structured(
@@ -169,10 +185,7 @@ def _prune_structured(
         _details(snapshot, calibration, run),
         statistics,
     )
-    # No blocks to resume from: 1 marks a run that reused checkpointed gradient statistics.
-    report.update(
-        block_errors=[], resumed_from_block=int(saved is not None), prune_seconds=time.perf_counter() - started
-    )
+    report.update(block_errors=[], resumed_gradients=saved is not None, prune_seconds=time.perf_counter() - started)
     commit_folder(staging, out, report)
     checkpoint.clear()
     shutil.rmtree(checkpoint.folder.parent, ignore_errors=True)
@@ -193,7 +206,7 @@ def _prune(
     checkpoints = BlockCheckpoints(settings.root / "work" / run / "checkpoints", run, mirror, f"checkpoints/{run}")
     model, tokenizer = load_model(snapshot.path)
     ids = load_calibration(calibration)
-    block_sparsity = allocate_sparsity(model, ids, recipe, settings.device, progress)  # on the dense model
+    block_sparsity = _allocation(model, ids, recipe, settings, run, progress)
     resume = checkpoints.resume_point()
     if resume.start_block:
         restore_blocks(model, [checkpoints.load_weights(path) for path in resume.block_weights])
@@ -230,7 +243,7 @@ def _prune(
     )
     commit_folder(staging, out, report)
     checkpoints.clear()
-    shutil.rmtree(checkpoints.folder.parent, ignore_errors=True)
+    shutil.rmtree(checkpoints.folder.parent, ignore_errors=True)  # the allocation checkpoint too
     return report
 
 

@@ -181,3 +181,30 @@ def test_mirrored_checkpoints_resume_on_another_machine(tmp_path, deep_model, mo
     assert resumed.resumed_from_block == 5
     _assert_identical(_weights(resumed), reference)
     assert not any((tmp_path / "shared-store" / "checkpoints").rglob("*.safetensors")), "cleared after success"
+
+
+def test_stage_checkpoint_keeps_the_previous_state_until_the_new_one_is_in(tmp_path, monkeypatch, caplog):
+    import os
+
+    import torch
+
+    from infra import stage_checkpoint
+    from infra.stage_checkpoint import StageCheckpoint
+
+    checkpoint = StageCheckpoint(tmp_path / "run" / "recovery", "run-a")
+    checkpoint.write({"x": torch.ones(3)}, {"step": 1})
+    real_replace = os.replace
+
+    def crash_on_swap_in(src, dst):
+        if str(src).endswith(".tmp-" + str(os.getpid())):
+            raise OSError("killed while swapping in")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(stage_checkpoint.os, "replace", crash_on_swap_in)
+    with pytest.raises(OSError):
+        checkpoint.write({"x": torch.zeros(3)}, {"step": 2})
+    monkeypatch.setattr(stage_checkpoint.os, "replace", real_replace)
+    tensors, meta = checkpoint.read()  # the state of step 1 survived
+    assert meta == {"step": 1} and torch.equal(tensors["x"], torch.ones(3))
+    assert StageCheckpoint(tmp_path / "run" / "recovery", "run-b").read() is None  # another run's: refused
+    assert "is not this run's" in caplog.text

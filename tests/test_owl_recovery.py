@@ -61,6 +61,17 @@ def test_owl_recipe_validation():
     with pytest.raises(ValueError, match="unstructured"):
         Recipe(method="llm_pruner", ratio=0.2, allocation="owl")
     assert Recipe(method="llm_pruner", ratio=0.2).describe() == "20% of parameters"
+    with pytest.raises(ValueError, match="2λ"):  # one outlier-heavy block could get a negative sparsity
+        Recipe(method="wanda", sparsity=0.15, allocation="owl")
+    with pytest.raises(ValueError, match="'keep_first' applies to llm_pruner only"):
+        Recipe(method="wanda", sparsity=0.5, keep_first=2)
+    with pytest.raises(ValueError, match="'owl_m' applies to allocation 'owl' only"):
+        Recipe(method="wanda", sparsity=0.5, owl_m=3)
+    old = Recipe(method="wanda", sparsity=0.5)
+    assert (
+        "allocation" not in old.canonical_json()
+        and "owl" in Recipe(method="wanda", sparsity=0.5, allocation="owl").canonical_json()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -93,10 +93,10 @@ def test_structured_prune_and_recovery_resume_from_their_checkpoints(
         prune_with_checkpoints(snapshot, calibration, recipe, settings)
     monkeypatch.setattr(prune_module, "prune_structured_to_folder", original)
     resumed = prune_with_checkpoints(snapshot, calibration, recipe, settings)
-    assert resumed.resumed_from_block == 1
+    assert resumed.resumed_gradients and resumed.resumed_from_block == 0
     fresh_settings = Settings(home=tmp_path / "fresh")
     fresh = prune_with_checkpoints(snapshot, calibration, recipe, fresh_settings)
-    assert fresh.resumed_from_block == 0
+    assert not fresh.resumed_gradients
     assert (
         json.loads(Path(resumed.path, "sparsity.json").read_text())["block_shapes"]
         == json.loads(Path(fresh.path, "sparsity.json").read_text())["block_shapes"]

@@ -113,6 +113,18 @@ def test_importance_picks_channels_with_small_contribution():
     assert 128 - len(kept) >= 10 and not kept & set(range(10))
 
 
+def test_without_gqa_a_head_goes_with_its_k_and_v(tiny_tokenizer, tmp_path):
+    from tests.conftest import save_tiny
+
+    folder = save_tiny(tmp_path / "mha", tiny_tokenizer, num_key_value_heads=4)
+    model, _ = load_model(str(folder))
+    settings = StructuredSettings(ratio=0.1, keep_first=1, keep_last=1, attention_unit="q_heads")
+    result = prune_structured(model, IDS, settings, progress=False)
+    after = result.plans[0].after
+    assert after.heads == after.kv_heads < 4  # whole heads, not q heads alone
+    assert _logits(model).isfinite().all()
+
+
 def test_a_ratio_the_pruned_blocks_cannot_give_is_refused():
     with pytest.raises(StructuredPruningError, match="lower the ratio"):
         prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.5, keep_first=1, keep_last=1))

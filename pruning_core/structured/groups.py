@@ -30,6 +30,20 @@ class BlockShape:
         return {"heads": self.heads, "kv_heads": self.kv_heads, "intermediate_size": self.intermediate_size}
 
 
+def effective_unit(shape: BlockShape, unit: AttentionUnit) -> AttentionUnit:
+    """The attention unit that can actually be removed in a block of this shape.
+
+    Without GQA (one q head per kv head) a q head alone cannot go while its k/v stay useful: the unit is
+    the whole head (q, k, v rows and o columns), i.e. a kv group. With a single kv head (MQA) there is no
+    kv group to spare: only q heads can go.
+    """
+    if shape.heads == shape.kv_heads:
+        return "kv_groups"
+    if shape.kv_heads == 1:
+        return "q_heads"
+    return unit
+
+
 def head_dim(block: nn.Module) -> int:
     return int(block.self_attn.head_dim)
 
@@ -54,12 +68,12 @@ def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     weight = linear.weight.data.index_select(dim, index.to(linear.weight.device))
     out_features, in_features = weight.shape
     has_bias = linear.bias is not None
-    new = nn.Linear(in_features, out_features, bias=has_bias, device=weight.device, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
+    # Built on the meta device (no random init of a layer about to be overwritten), then given the slices.
+    new = nn.Linear(in_features, out_features, bias=has_bias, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if has_bias:
         bias = linear.bias.data if dim == 1 else linear.bias.data.index_select(0, index.to(linear.bias.device))
-        new.bias.data.copy_(bias)
-    new.weight.requires_grad_(linear.weight.requires_grad)
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
     return new
 
 

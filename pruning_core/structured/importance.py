@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning_core.structured.groups import AttentionUnit, block_shape
+from pruning_core.structured.groups import AttentionUnit, block_shape, effective_unit
 
 Importance = Literal["element1", "element2", "vector"]
 Aggregation = Literal["sum", "mean", "max", "prod"]
@@ -51,6 +51,7 @@ def gradient_statistics(
 
     The whole model runs forward and backward once per calibration row; only `weights` keep gradients.
     """
+    home = next(model.parameters()).device
     model.to(device)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     wanted = {id(p) for p in weights.values()}
@@ -72,7 +73,7 @@ def gradient_statistics(
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         model.train(was_training)
-        model.to("cpu")
+        model.to(home)
     return {name: t.cpu() for name, t in totals.items()}
 
 
@@ -86,11 +87,15 @@ def _scores(weight: torch.Tensor, statistic: torch.Tensor, importance: Importanc
     return weight * statistic
 
 
-def _unit_sum(element: torch.Tensor, units: int, dim: int, importance: Importance) -> torch.Tensor:
+def _unit_sum(element: torch.Tensor, units: int, dim: int) -> torch.Tensor:
     """Sum an element score over each of `units` equal slices along `dim` (rows 0, columns 1)."""
     rows = element if dim == 0 else element.T
     per_unit = rows.reshape(units, -1, rows.shape[1])
-    total = per_unit.sum(dim=(1, 2), dtype=torch.float64)
+    return per_unit.sum(dim=(1, 2), dtype=torch.float64)
+
+
+def _finish(total: torch.Tensor, importance: Importance) -> torch.Tensor:
+    """Vector-wise importance is |sum of W * g| over the unit's whole slice; the others are sums already."""
     return total.abs() if importance == "vector" else total
 
 
@@ -123,23 +128,19 @@ def unit_importance(
     def element(name: str) -> torch.Tensor:
         return _scores(block.get_submodule(name).weight, statistics[name], importance)
 
-    q = _unit_sum(element("self_attn.q_proj"), shape.heads, 0, importance)
-    o = _unit_sum(element("self_attn.o_proj"), shape.heads, 1, importance)
-    if attention_unit == "q_heads":
-        attention = aggregate([q, o], aggregation)
+    q = _unit_sum(element("self_attn.q_proj"), shape.heads, 0)
+    o = _unit_sum(element("self_attn.o_proj"), shape.heads, 1)
+    if effective_unit(shape, attention_unit) == "q_heads":
+        attention = aggregate([_finish(q, importance), _finish(o, importance)], aggregation)
     else:
         per_kv = shape.heads // shape.kv_heads
-        k = _unit_sum(element("self_attn.k_proj"), shape.kv_heads, 0, importance)
-        v = _unit_sum(element("self_attn.v_proj"), shape.kv_heads, 0, importance)
+        k = _unit_sum(element("self_attn.k_proj"), shape.kv_heads, 0)
+        v = _unit_sum(element("self_attn.v_proj"), shape.kv_heads, 0)
         grouped = [q.reshape(shape.kv_heads, per_kv).sum(1), k, v, o.reshape(shape.kv_heads, per_kv).sum(1)]
-        attention = aggregate(grouped, aggregation)
+        attention = aggregate([_finish(g, importance) for g in grouped], aggregation)
     channels = shape.intermediate_size
+    mlp_layers = (("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1))
     mlp = aggregate(
-        [
-            _unit_sum(element("mlp.gate_proj"), channels, 0, importance),
-            _unit_sum(element("mlp.up_proj"), channels, 0, importance),
-            _unit_sum(element("mlp.down_proj"), channels, 1, importance),
-        ],
-        aggregation,
+        [_finish(_unit_sum(element(name), channels, dim), importance) for name, dim in mlp_layers], aggregation
     )
     return attention, mlp

@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pruning_core.adapters import adapter_for
-from pruning_core.structured.groups import AttentionUnit, BlockShape, block_shape, keep_attention, keep_channels
+from pruning_core.structured.groups import (
+    AttentionUnit,
+    BlockShape,
+    block_shape,
+    effective_unit,
+    keep_attention,
+    keep_channels,
+)
 from pruning_core.structured.importance import (
     PROJECTIONS,
     Aggregation,
@@ -90,7 +97,7 @@ def plan_block(
     hidden = block.self_attn.q_proj.in_features
     dim = block.self_attn.head_dim
     per_kv = shape.heads // shape.kv_heads
-    if unit == "q_heads":
+    if effective_unit(shape, unit) == "q_heads":
         drop_per_kv = min(per_kv - 1, round(share * per_kv))
         keep_q = []
         for kv in range(shape.kv_heads):
@@ -150,13 +157,31 @@ class StructuredResult:
         return {plan.index: plan.after.as_dict() for plan in self.plans}
 
 
-def statistics_weights(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
-    """The projection weights whose gradients LLM-Pruner needs (those of the blocks it prunes)."""
+def block_share(model: nn.Module, settings: StructuredSettings) -> float:
+    """The share of each pruned block's projection parameters that must go; refuses what cannot be done.
+
+    Needs only parameter counts, so a bad recipe fails before the gradient pass.
+    """
     adapter = adapter_for(model)
     if adapter.family not in STRUCTURED_FAMILIES:
         raise StructuredPruningError(
             f"llm_pruner supports the {', '.join(STRUCTURED_FAMILIES)} families, not {adapter.family!r}"
         )
+    blocks = adapter.blocks(model)
+    indices = pruned_block_indices(len(blocks), settings.keep_first, settings.keep_last)
+    share = settings.ratio * parameter_count(model) / sum(projection_parameters(blocks[i]) for i in indices)
+    if share >= 0.95:
+        raise StructuredPruningError(
+            f"removing {settings.ratio:.0%} of the parameters from blocks {indices[0]}..{indices[-1]} alone would "
+            f"take {share:.0%} of each; lower the ratio or keep fewer blocks whole (keep_first/keep_last)"
+        )
+    return share
+
+
+def statistics_weights(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
+    """The projection weights whose gradients LLM-Pruner needs (those of the blocks it prunes)."""
+    block_share(model, settings)  # fail before any work
+    adapter = adapter_for(model)
     indices = pruned_block_indices(len(adapter.blocks(model)), settings.keep_first, settings.keep_last)
     return projection_weights(model, adapter.blocks_path, indices)
 
@@ -181,12 +206,7 @@ def prune_structured(
     blocks = adapter.blocks(model)
     indices = pruned_block_indices(len(blocks), settings.keep_first, settings.keep_last)
     before = parameter_count(model)
-    share = settings.ratio * before / sum(projection_parameters(blocks[i]) for i in indices)
-    if share >= 0.95:
-        raise StructuredPruningError(
-            f"removing {settings.ratio:.0%} of the parameters from blocks {indices[0]}..{indices[-1]} alone would "
-            f"take {share:.0%} of each; lower the ratio or keep fewer blocks whole (keep_first/keep_last)"
-        )
+    share = block_share(model, settings)
     plans = []
     for index in indices:
         prefix = f"{adapter.block_prefix(index)}."

@@ -11,6 +11,7 @@ with a warning and random weights in every narrowed layer; this way it refuses.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -35,9 +36,11 @@ def save_structured(model: nn.Module, tokenizer, out_dir: str | Path) -> bool:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shapes = block_shapes(model)
-    config = model.config
+    original = model.config
+    config = copy.deepcopy(original)  # the live config is shared by the model's modules: leave it alone
     config.head_dim = int(adapter_for(model).blocks(model)[0].self_attn.head_dim)
-    uniform = len(set(shapes)) == 1
+    # transformers validates hidden_size % num_attention_heads == 0 even with an explicit head_dim.
+    uniform = len(set(shapes)) == 1 and config.hidden_size % shapes[0].heads == 0
     if uniform:
         config.num_attention_heads = shapes[0].heads
         config.num_key_value_heads = shapes[0].kv_heads
@@ -46,7 +49,11 @@ def save_structured(model: nn.Module, tokenizer, out_dir: str | Path) -> bool:
             delattr(config, SHAPES_KEY)
     else:
         setattr(config, SHAPES_KEY, [shape.as_dict() for shape in shapes])
-    model.save_pretrained(out, safe_serialization=True)
+    model.config = config
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        model.config = original
     tokenizer.save_pretrained(out)
     if not uniform:
         path = out / "config.json"
