@@ -115,3 +115,24 @@ def test_every_method_on_smollm2_perplexity_order_and_saved_model(
     assert perplexities["apt"] <= perplexities["sparsegpt"] < perplexities["wanda"] < perplexities["magnitude"], (
         perplexities
     )
+
+
+def test_llm_pruner_on_smollm2_gives_a_smaller_model_that_loads_and_still_predicts(
+    smollm2, calibration, wikitext, dense_perplexity, tmp_path
+):
+    from pruning_core.job import prune_structured_to_folder
+    from pruning_core.structured.groups import block_shape
+
+    dense, tokenizer = smollm2
+    model = copy.deepcopy(dense)
+    recipe = Recipe(method="llm_pruner", ratio=0.2, calibration_samples=4, seq_len=128)
+    report = prune_structured_to_folder(model, tokenizer, calibration[:4, :128], recipe, tmp_path, progress=False)
+    assert report["parameters_before"] == 134_515_008
+    assert report["total"] == pytest.approx(0.2, abs=0.005)
+    reloaded, _ = load_model(str(tmp_path))
+    shapes = [block_shape(b) for b in reloaded.model.layers]
+    # 9 q heads over 3 kv heads: one q head per kv group goes in blocks 4..27; the kv heads all stay
+    assert [s.heads for s in shapes] == [9] * 4 + [6] * 24 + [9] * 2 and {s.kv_heads for s in shapes} == {3}
+    assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
+    pruned = evaluate_perplexities(reloaded, tokenizer, wikitext, SEQ_LEN, 2048, progress=False)["wikitext2"]
+    assert dense_perplexity < pruned.perplexity < 20 * dense_perplexity

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.benchmarks.bench_structured                       # ratio 0.2, element1, 200 steps
     .venv/bin/python -m tests.benchmarks.bench_structured --importances element1 element2 vector
+    .venv/bin/python -m tests.benchmarks.bench_structured --latency-of /tmp/secateur-bench-structured/element1
 
 For each importance: prune 20% of the parameters (first 4 and last 2 blocks kept whole), then LoRA
 recovery (r=8, alpha=16, dropout 0.05, all projections) on exllamav2's c4 text. Reports WikiText-2 raw
@@ -41,6 +42,30 @@ def _measure(model, tokenizer, rows: list[str], args: argparse.Namespace) -> dic
     return row
 
 
+def interleaved_latency(folders: list[str], repeats: int) -> dict:
+    """CPU latency of the dense model and saved pruned folders, measured in alternation so drift hits all alike."""
+    from infra.assets import smollm2_gguf
+    from pruning_core.modeling import load_model
+    from pruning_core.structured.llm_pruner import forward_latency_ms, parameter_count
+
+    models = {"dense": load_model(str(smollm2_gguf()))[0]}
+    models |= {folder: load_model(folder)[0] for folder in folders}
+    times: dict[str, dict[int, list[float]]] = {name: {128: [], 512: []} for name in models}
+    for _ in range(repeats):
+        for tokens in (128, 512):
+            for name, model in models.items():
+                times[name][tokens].append(forward_latency_ms(model, tokens, repeats=1))
+    result = {
+        name: {
+            "parameters": parameter_count(models[name]),
+            **{f"latency_ms_{t}": sorted(v)[len(v) // 2] for t, v in per_tokens.items()},
+        }
+        for name, per_tokens in times.items()
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     from infra.assets import smollm2_gguf, text_asset
     from pruning_core.data import read_rows
@@ -62,7 +87,13 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="/tmp/secateur-bench-structured")
+    parser.add_argument("--latency-of", nargs="+", metavar="FOLDER", help="only: dense vs these folders' latency")
     args = parser.parse_args()
+    if args.latency_of:
+        result = interleaved_latency(args.latency_of, args.latency_repeats)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"latency-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+        return
 
     rows = read_rows(str(WIKITEXT_TEST))
     c4 = str(text_asset(C4_CALIBRATION))
