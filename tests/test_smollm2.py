@@ -134,5 +134,5 @@ def test_llm_pruner_on_smollm2_gives_a_smaller_model_that_loads_and_still_predic
     # 9 q heads over 3 kv heads: one q head per kv group goes in blocks 4..27; the kv heads all stay
     assert [s.heads for s in shapes] == [9] * 4 + [6] * 24 + [9] * 2 and {s.kv_heads for s in shapes} == {3}
     assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
-    pruned = evaluate_perplexities(reloaded, tokenizer, wikitext, SEQ_LEN, 2048, progress=False)["wikitext2"]
+    pruned = evaluate_perplexities(reloaded, tokenizer, wikitext, SEQ_LEN, EVAL_TOKENS, progress=False)["wikitext2"]
     assert dense_perplexity < pruned.perplexity < 20 * dense_perplexity
