@@ -18,7 +18,7 @@ import yaml
 from infra import assets
 from infra.settings import Settings, prepare_prefect_environment
 
-# Sized so that the batch takes about 25 minutes on 2 CPU cores: APT's exact least squares (about
+# Sized so that the batch takes about 30 minutes on 2 CPU cores: APT's exact least squares (about
 # 10 minutes here) does not shrink with fewer calibration tokens; the two tasks take about 2 minutes a model.
 CALIBRATION = {"samples": 16, "seq_len": 256, "seed": 0}
 EVALUATION = {"seq_len": 512, "max_tokens": 4096, "tasks": ["piqa", "arc_easy"], "limit": 200}
