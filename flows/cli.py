@@ -101,8 +101,10 @@ def _run_prune(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     calibration = calibration_set(tokenizer, rows, recipe)
     details = {"model": args.model, "calibration": args.calibration}
-    prune = _prune_structured if recipe.structured else _prune_unstructured
-    summary = prune(args, model, tokenizer, calibration, recipe, details, recovery_rows)
+    if recipe.structured:
+        summary = _prune_structured(args, model, tokenizer, calibration, recipe, details, recovery_rows)
+    else:
+        summary = _prune_unstructured(args, model, tokenizer, calibration, recipe, details)
     seconds = time.perf_counter() - started
     print(f"pruned {args.model} with {recipe.method} at {recipe.describe()} -> {args.out}; {seconds:.1f} s")
     return {
@@ -115,7 +117,7 @@ def _run_prune(args: argparse.Namespace) -> dict:
     }
 
 
-def _prune_unstructured(args, model, tokenizer, calibration, recipe, details, recovery_rows) -> dict:
+def _prune_unstructured(args, model, tokenizer, calibration, recipe, details) -> dict:
     from pruning_core.job import allocate_sparsity, prune_to_folder
 
     block_sparsity = allocate_sparsity(model, calibration, recipe, args.device)

