@@ -40,6 +40,9 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each block is pruned")
     parser.add_argument("--recipe", type=Path, help="recipe YAML; flags given here override its fields")
+    parser.add_argument(
+        "--refit", choices=["cg", "exact"], help="apt: refit on the final mask (default cg; exact: per-row Cholesky)"
+    )
     parser.add_argument("--true-sequential", action="store_true", default=None, help="prune q/k/v -> o -> mlp in order")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the pruned model")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -73,6 +76,7 @@ def _recipe_from_args(args: argparse.Namespace):
         "seq_len": args.seq_len,
         "seed": args.seed,
         "true_sequential": args.true_sequential,
+        "refit": args.refit,
         "ratio": args.ratio,
         "allocation": args.allocation,
         "importance": args.importance,

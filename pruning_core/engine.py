@@ -3,10 +3,14 @@
 The model stays where it was loaded (CPU); one block at a time moves to `device`. For block i:
 hooks accumulate input statistics over the calibration samples, the block's linears are pruned,
 then the block is re-run with its pruned weights and its outputs become the inputs of block i+1.
+Samples go through a block in batches bounded by a memory budget; a statistics pass stops as soon
+as every observed input of its stage has been seen, and methods that need no statistics observe one
+sample only (for the reconstruction-error probe).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import time
@@ -33,6 +37,23 @@ from pruning_core.recipe import Recipe
 from pruning_core.stats import InputStatistics
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FORWARD_BUDGET_MIB = 1024  # activations of one batched block forward
+_ACTIVATION_COPIES = 8  # live tensors of the widest linear's width during a block forward, per token
+
+
+def samples_per_forward(block: nn.Module, inputs: torch.Tensor, budget_mib: int) -> int:
+    """How many calibration samples one block forward may take within `budget_mib` of activations.
+
+    Estimated from the widest linear of the block: a few float32 tensors of that width per token.
+    Depends only on shapes, so a resumed prune batches exactly like the uninterrupted one.
+    """
+    widest = max(
+        [max(m.in_features, m.out_features) for m in block.modules() if isinstance(m, nn.Linear)] + [inputs.shape[-1]]
+    )
+    tokens = inputs.shape[1] if inputs.dim() > 2 else 1
+    per_sample = tokens * widest * 4 * _ACTIVATION_COPIES
+    return max(1, min(len(inputs), budget_mib * 2**20 // per_sample))
 
 
 @dataclass
@@ -76,26 +97,46 @@ def layer_target(recipe: Recipe, name: str, block_sparsity: float | None = None)
     return recipe.target
 
 
+class _StageSeen(Exception):
+    """Raised by the last observer of a stage: the rest of the block's forward is not needed."""
+
+
 class GroupObserver:
     """Forward hook feeding one group's input into its statistics, plus a sample for error estimates."""
 
-    def __init__(self, block: nn.Module, tap: InputTap, device: torch.device | str, with_hessian: bool) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        tap: InputTap,
+        device: torch.device | str,
+        with_hessian: bool,
+        stage: list[bool],
+        sample_tokens: int,
+    ) -> None:
         self.tap = tap
+        self.sample_tokens = sample_tokens
         self.stats: InputStatistics | None = None
         self.sample: torch.Tensor | None = None
         self.device = device
         self.with_hessian = with_hessian
+        self.stage = stage  # one "seen in this forward" flag per observer of the stage
+        self.slot = len(stage)
+        stage.append(False)
         self.handle = block.get_submodule(tap.module).register_forward_hook(self._observe)
 
     def _observe(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         x = args[0] if self.tap.side == "input" else output
         if self.tap.columns is not None:
             x = x[..., self.tap.columns[0] : self.tap.columns[1]]
-        x = x.detach().reshape(-1, x.shape[-1])
+        x = x.detach().reshape(-1, x.shape[-1])  # some families flatten tokens before a linear
         if self.stats is None:
             self.stats = InputStatistics(x.shape[-1], self.device, self.with_hessian)
-            self.sample = x.to(torch.float32).clone()  # first sample: reconstruction-error probe
+            # The first calibration sample's tokens: the reconstruction-error probe.
+            self.sample = x[: self.sample_tokens].to(torch.float32, copy=True)
         self.stats.add_batch(x)
+        self.stage[self.slot] = True
+        if all(self.stage):
+            raise _StageSeen
 
     def remove(self) -> None:
         self.handle.remove()
@@ -111,13 +152,21 @@ def observe_groups(
     with_hessian: bool,
     label: str,
     progress: bool,
+    batch: int,
 ) -> list[GroupObserver]:
-    """Run the block over every calibration sample with an observer on each group's input."""
-    observers = [GroupObserver(block, g.tap, device, with_hessian) for g in groups]
+    """Run the block over the calibration samples, `batch` at a time, with an observer on each group's input.
+
+    Each forward stops once every observer has seen its input (later modules' outputs are not needed).
+    """
+    stage: list[bool] = []
+    sample_tokens = inputs[0].numel() // inputs.shape[-1]
+    observers = [GroupObserver(block, g.tap, device, with_hessian, stage, sample_tokens) for g in groups]
     try:
         with adapter.statistics_mode(block), torch.no_grad():
-            for sample in tqdm(inputs, desc=label, leave=False, disable=not progress):
-                run_block(block, sample.unsqueeze(0), block_kwargs)
+            for start in tqdm(range(0, len(inputs), batch), desc=label, leave=False, disable=not progress):
+                stage[:] = [False] * len(stage)
+                with contextlib.suppress(_StageSeen):
+                    run_block(block, inputs[start : start + batch], block_kwargs)
     finally:
         for observer in observers:
             observer.remove()
@@ -139,8 +188,10 @@ class BlockPruner:
         model: nn.Module,
         device: torch.device | str,
         block_sparsity: list[float] | None = None,
+        forward_budget_mib: int = DEFAULT_FORWARD_BUDGET_MIB,
     ):
         self.recipe = recipe
+        self.forward_budget_mib = forward_budget_mib
         self.block_sparsity = block_sparsity
         self.method = METHODS[recipe.method]
         self.groups = adapter.groups(model)
@@ -153,17 +204,21 @@ class BlockPruner:
         errors: dict[str, float] = {}
         prefix = self.adapter.block_prefix(index)
         stages = [[g] for g in self.groups] if self.recipe.true_sequential else [self.groups]
+        # Without statistics to collect, one sample feeds the reconstruction-error probe.
+        observed = inputs if self.method.needs != "nothing" else inputs[:1]
+        batch = samples_per_forward(block, inputs, self.forward_budget_mib)
         for stage in stages:
             observers = observe_groups(
                 self.adapter,
                 block,
                 stage,
-                inputs,
+                observed,
                 block_kwargs,
-                self.device,
-                self.method.needs == "hessian",
-                f"block {index} statistics",
-                progress,
+                device=self.device,
+                with_hessian=self.method.needs == "hessian",
+                label=f"block {index} statistics",
+                progress=progress,
+                batch=batch,
             )
             sparsity = self.block_sparsity[index] if self.block_sparsity is not None else None
             for group, observer in zip(stage, observers, strict=True):
@@ -183,7 +238,15 @@ class BlockPruner:
             return None
         dense = linear.weight.data.to(torch.float32, copy=True)
         target.check_columns(dense.shape[1], name)
-        problem = LayerProblem(name, dense, observer.stats, target, self.recipe.block_size, self.recipe.damping)
+        problem = LayerProblem(
+            name=name,
+            weight=dense,
+            stats=observer.stats,
+            target=target,
+            block_size=self.recipe.block_size,
+            damping=self.recipe.damping,
+            refit=self.recipe.refit,
+        )
         pruned = self.method.prune(problem)
         linear.weight.data.copy_(pruned.to(linear.weight.dtype))
         return _relative_error(dense, pruned, observer.sample)
@@ -191,11 +254,11 @@ class BlockPruner:
 
 @torch.no_grad()
 def block_outputs(
-    block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[str, Any], label: str, progress: bool
+    block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[str, Any], label: str, progress: bool, batch: int
 ) -> torch.Tensor:
     outputs = torch.empty_like(inputs)
-    for i in tqdm(range(len(inputs)), desc=label, leave=False, disable=not progress):
-        outputs[i] = run_block(block, inputs[i : i + 1], block_kwargs)[0]
+    for start in tqdm(range(0, len(inputs), batch), desc=label, leave=False, disable=not progress):
+        outputs[start : start + batch] = run_block(block, inputs[start : start + batch], block_kwargs)
     return outputs
 
 
@@ -216,12 +279,14 @@ def prune_model(
     on_block: Callable[[BlockResult], None] | None = None,
     progress: bool = True,
     block_sparsity: list[float] | None = None,
+    forward_budget_mib: int = DEFAULT_FORWARD_BUDGET_MIB,
 ) -> PruneSummary:
     """Prune `model` in place, block by block, on calibration token ids (n_samples x seq_len).
 
     To resume at block k, load the pruned weights of blocks < k into `model` and pass
     `start_block=k` with `start_inputs` = the inputs of block k saved by `on_block` of block k-1.
     `block_sparsity` (one ratio per block, e.g. from OWL) replaces the recipe's uniform sparsity.
+    `forward_budget_mib` bounds the activations of one batched block forward.
     """
     started = time.perf_counter()
     adapter = adapter_for(model)
@@ -233,7 +298,7 @@ def prune_model(
     first_inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration[: 1 if start_block else None])
     inputs = (start_inputs if start_block else first_inputs).to(device)
     block_kwargs = to_device(block_kwargs, device)
-    pruner = BlockPruner(recipe, adapter, model, device, block_sparsity)
+    pruner = BlockPruner(recipe, adapter, model, device, block_sparsity, forward_budget_mib)
     summary = PruneSummary(blocks=len(blocks), start_block=start_block)
 
     home = next(blocks[0].parameters()).device
@@ -241,7 +306,8 @@ def prune_model(
         block_started = time.perf_counter()
         block = blocks[index].to(device)
         errors = pruner.prune(index, block, inputs, block_kwargs, progress)
-        inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress)
+        batch = samples_per_forward(block, inputs, forward_budget_mib)
+        inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress, batch)
         block.to(home)
         summary.errors.update(errors)
         if on_block is not None:

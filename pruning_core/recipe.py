@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pruning_core.masks import SparsityTarget
+from pruning_core.methods.base import Refit
 from pruning_core.recovery import RecoverySpec
 from pruning_core.structured.groups import AttentionUnit
 from pruning_core.structured.importance import Aggregation, Importance
@@ -31,6 +32,7 @@ _LATER_FIELDS = (
     "allocation",
     "owl_m",
     "owl_lambda",
+    "refit",
 )
 
 
@@ -53,6 +55,11 @@ class Recipe(BaseModel):
     skip: list[str] = Field(default_factory=list, description="layer names or globs left dense")
     true_sequential: bool = Field(
         default=False, description="prune attn q/k/v -> o -> mlp in order, re-running the block"
+    )
+    refit: Refit = Field(
+        default="cg",
+        description="apt: least-squares refit on the final mask: cg (conjugate gradient over whole-layer "
+        "products) | exact (one Cholesky per row, the reference)",
     )
     # Structured pruning (llm_pruner)
     ratio: float | None = Field(default=None, gt=0.0, lt=1.0, description="llm_pruner: fraction of parameters removed")
@@ -105,7 +112,7 @@ class Recipe(BaseModel):
                 raise ValueError(f"{self.method} takes 'ratio' (fraction of parameters removed), not sparsity/pattern")
             if self.allocation != "uniform":
                 raise ValueError(f"allocation {self.allocation!r} is for unstructured methods, not {self.method}")
-            if self.layer_sparsity or self.skip or self.true_sequential:
+            if self.layer_sparsity or self.skip or self.true_sequential or self.refit != "cg":
                 raise ValueError(f"{self.method} prunes whole blocks: use keep_first/keep_last, not per-layer fields")
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
             return self
@@ -121,6 +128,8 @@ class Recipe(BaseModel):
         else:
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
         self._only_defaults(_STRUCTURED_FIELDS, "llm_pruner")
+        if self.method != "apt":
+            self._only_defaults(("refit",), "apt")
         return self
 
     def _only_defaults(self, names: tuple[str, ...], owner: str) -> None:

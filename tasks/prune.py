@@ -32,7 +32,7 @@ from tasks.fetch import ModelSnapshot
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "1"  # bump when the engine's output changes (it is part of every run fingerprint)
+ENGINE_VERSION = "2"  # bump when the engine's output changes (it is part of every run fingerprint)
 REPORT = "sparsity.json"  # written last into a pruned model folder: its presence means complete
 
 
@@ -233,6 +233,7 @@ def _prune(
         start_inputs=resume.inputs,
         on_block=on_block,
         block_sparsity=block_sparsity,
+        forward_budget_mib=settings.forward_budget_mib,
     )
     errors = {**earlier_errors, **report["reconstruction_error"]}
     report.update(

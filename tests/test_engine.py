@@ -129,3 +129,90 @@ def test_block_callback_reports_state_inputs_and_errors():
 def test_resume_needs_saved_inputs():
     with pytest.raises(ValueError, match="saved inputs"):
         prune_model(tiny_model("llama"), calibration(), Recipe(method="wanda", sparsity=0.5), start_block=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "mamba"])
+def test_batched_block_forward_matches_one_sample_at_a_time(family):
+    from pruning_core.adapters import capture_first_block_inputs
+    from pruning_core.engine import block_outputs, observe_groups
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    block = adapter.blocks(model)[0]
+    inputs, kwargs = capture_first_block_inputs(model, adapter, calibration(6, 24))
+    one = block_outputs(block, inputs, kwargs, "", False, batch=1)
+    batched = block_outputs(block, inputs, kwargs, "", False, batch=4)  # uneven: 4 + 2
+    assert torch.allclose(one, batched, atol=1e-5, rtol=1e-5)
+    groups = adapter.groups(model)
+    stats = {}
+    for batch in (1, 4):
+        observers = observe_groups(
+            adapter,
+            block,
+            groups,
+            inputs,
+            kwargs,
+            device="cpu",
+            with_hessian=True,
+            label="",
+            progress=False,
+            batch=batch,
+        )
+        stats[batch] = [(o.stats.tokens, o.stats.hessian(), o.sample) for o in observers]
+    for (tokens_1, hessian_1, sample_1), (tokens_4, hessian_4, sample_4) in zip(stats[1], stats[4], strict=True):
+        assert tokens_1 == tokens_4 == 6 * 24
+        assert torch.allclose(hessian_1, hessian_4, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(sample_1, sample_4, atol=1e-5) and sample_1.shape[0] == 24, "probe is the first sample"
+
+
+def test_statistics_pass_stops_once_its_inputs_are_seen():
+    from pruning_core.adapters import capture_first_block_inputs
+    from pruning_core.engine import observe_groups
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    block = adapter.blocks(model)[0]
+    inputs, kwargs = capture_first_block_inputs(model, adapter, calibration(4, 16))
+    calls = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    first_stage = adapter.groups(model)[:1]  # q/k/v: only the input norm runs before them
+    observers = observe_groups(
+        adapter, block, first_stage, inputs, kwargs, device="cpu", with_hessian=True, label="", progress=False, batch=2
+    )
+    handle.remove()
+    assert calls == [], "nothing after q/k/v's input runs in the first true-sequential stage"
+    assert observers[0].stats.tokens == 4 * 16
+
+
+def test_forward_batches_stay_within_the_memory_budget():
+    from pruning_core.engine import samples_per_forward
+
+    block = tiny_model("llama").model.layers[0]  # widest linear: 128
+    inputs = torch.zeros(64, 256, 64)
+    per_sample = 256 * 128 * 4 * 8
+    assert samples_per_forward(block, inputs, budget_mib=4) == 4 * 2**20 // per_sample == 4
+    assert samples_per_forward(block, inputs, budget_mib=1024) == 64, "never more than the samples there are"
+    assert samples_per_forward(block, torch.zeros(3, 100_000, 64), budget_mib=16) == 1, "at least one sample"
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "apt"])
+def test_bf16_model_in_bf16_model_out(method, tmp_path, tiny_tokenizer):
+    from safetensors import safe_open
+
+    from pruning_core.job import prune_to_folder
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    report = prune_to_folder(
+        model,
+        tiny_tokenizer,
+        calibration(),
+        Recipe(method=method, pattern="2:4", block_size=32),
+        tmp_path,
+        progress=False,
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        dtypes = {handle.get_tensor(name).dtype for name in handle.keys()}
+    assert dtypes == {torch.bfloat16}
+    assert report["total"] == 0.5
+    assert torch.isfinite(model(input_ids=calibration(1)).logits).all()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_core.masks import SparsityTarget, quota
+from pruning_core.masks import SparsityTarget, lowest_n_of_m, quota
 from pruning_core.methods import METHODS, LayerProblem
-from pruning_core.methods.apt import reconstruct_with_mask
+from pruning_core.methods.apt import CG_MAX_ITERATIONS, CG_TOLERANCE, conjugate_gradient_refit, exact_refit
 from pruning_core.stats import InputStatistics, damped, damped_inverse
 from tests.conftest import correlated_layer
 
@@ -86,22 +86,69 @@ def lstsq_reference(weight, inputs, hessian, mask, damping):
     return reference
 
 
-def test_apt_with_fixed_mask_equals_least_squares():
+def layer_loss(weight, pruned, hessian) -> float:
+    delta = (weight - pruned).double()
+    return float(((delta @ hessian.double()) * delta).sum())
+
+
+# The CG refit stops at a relative residual of CG_TOLERANCE: its weights are within a few times that of the
+# exact least squares, and its layer loss within 1e-4 (relative) of the optimum.
+CG_WEIGHT_TOLERANCE, CG_LOSS_TOLERANCE = 5e-3, 1e-4
+
+
+@pytest.mark.parametrize("mask_kind", ["random", "2:4", "70%"])
+def test_apt_refits_with_fixed_mask_equal_least_squares(mask_kind):
     weight, inputs = correlated_layer(rows=64, cols=96)
     stats = statistics(inputs)
-    mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    generator = torch.Generator().manual_seed(1)
+    if mask_kind == "2:4":
+        mask = lowest_n_of_m(torch.rand(weight.shape, generator=generator), 2, 4)
+    else:
+        mask = torch.rand(weight.shape, generator=generator) < (0.5 if mask_kind == "random" else 0.7)
     hessian = stats.hessian()
-    result = reconstruct_with_mask(weight, damped(hessian, 0.01), mask)
+    system = damped(hessian, 0.01)
     reference = lstsq_reference(weight, inputs, hessian, mask, 0.01)
-    assert torch.all(result[mask] == 0)
-    assert float((result.double() - reference).norm() / reference.norm()) < 1e-4
+    exact = exact_refit(weight, system, mask)
+    assert torch.all(exact[mask] == 0)
+    assert float((exact.double() - reference).norm() / reference.norm()) < 1e-4
+    refit = conjugate_gradient_refit(weight, system, mask, start=weight.masked_fill(mask, 0.0))
+    assert refit.residual <= CG_TOLERANCE and refit.iterations < CG_MAX_ITERATIONS
+    assert torch.equal(refit.weight == 0, mask), "removed weights stay zero and kept ones stay nonzero"
+    assert float((refit.weight.double() - reference).norm() / reference.norm()) < CG_WEIGHT_TOLERANCE
+    optimum = layer_loss(weight, reference, system)
+    assert layer_loss(weight, refit.weight, system) <= optimum * (1 + CG_LOSS_TOLERANCE)
 
 
-def test_apt_final_weights_are_least_squares_of_its_own_mask():
+@pytest.mark.parametrize("refit", ["cg", "exact"])
+def test_apt_final_weights_are_least_squares_of_its_own_mask(refit):
     weight, inputs = correlated_layer(rows=32, cols=64)
-    pruned = prune("apt", weight, inputs, SparsityTarget.parse_pattern("2:4"))
-    reference = lstsq_reference(weight, inputs, statistics(inputs).hessian(), pruned == 0, 0.01)
-    assert float((pruned.double() - reference).norm() / reference.norm()) < 1e-4
+    problem = LayerProblem("layer", weight, statistics(inputs), SparsityTarget.parse_pattern("2:4"), BLOCK, 0.01, refit)
+    pruned = METHODS["apt"].prune(problem)
+    hessian = statistics(inputs).hessian()
+    reference = lstsq_reference(weight, inputs, hessian, pruned == 0, 0.01)
+    difference = float((pruned.double() - reference).norm() / reference.norm())
+    assert difference < (1e-4 if refit == "exact" else CG_WEIGHT_TOLERANCE)
+    optimum = layer_loss(weight, reference, damped(hessian, 0.01))
+    assert layer_loss(weight, pruned, damped(hessian, 0.01)) <= optimum * (1 + CG_LOSS_TOLERANCE)
+
+
+def test_cg_refit_converges_with_a_rank_deficient_hessian():
+    """Dead and duplicated inputs make X X^T singular; damping keeps the refit well posed."""
+    weight, inputs = correlated_layer(rows=48, cols=64)
+    inputs[:, 3] = 0  # a dead input
+    inputs[:, 10:20] = inputs[:, 20:30]  # ten duplicated inputs
+    inputs = inputs[:40]  # fewer tokens than inputs: rank <= 40
+    stats = statistics(inputs)
+    assert torch.linalg.matrix_rank(stats.hessian()) <= 40 < inputs.shape[1]
+    pruned = prune("apt", weight, inputs, SparsityTarget(ratio=0.5), block=16)
+    assert torch.isfinite(pruned).all() and torch.all(pruned[:, 3] == 0)
+    hessian, damping = stats.hessian(), 0.01
+    system = damped(hessian, damping)
+    mask = pruned == 0
+    refit = conjugate_gradient_refit(weight.masked_fill(mask, 0.0), system, mask, start=weight.masked_fill(mask, 0))
+    exact = exact_refit(weight.masked_fill(mask, 0.0), system, mask)
+    assert refit.residual <= CG_TOLERANCE and refit.iterations < CG_MAX_ITERATIONS
+    assert layer_loss(weight, refit.weight, system) <= layer_loss(weight, exact, system) * (1 + CG_LOSS_TOLERANCE)
 
 
 def test_dead_inputs_are_zeroed_and_do_not_break_the_hessian():

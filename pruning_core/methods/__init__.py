@@ -10,7 +10,7 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(prune=prune_magnitude, needs="nothing"),
     "wanda": Method(prune=prune_wanda, needs="column_norms"),
     "sparsegpt": Method(prune=prune_sparsegpt, needs="hessian"),
-    "apt": Method(prune=prune_apt, needs="hessian"),
+    "apt": Method(prune=prune_apt, needs="hessian", version="2"),  # 2: conjugate-gradient refit
 }
 
 # Structured methods remove whole heads and channels over the whole model (pruning_core.structured);

@@ -5,14 +5,18 @@ Removing a set P of a row's weights at once:
 Columns are visited in blocks. In each block every row picks its set P from its current weights
 (unstructured: by the OBS score, the block's quota shared by all rows as in SparseGPT; N:M: for
 each group the N-subset with the least joint loss), then delta* for P is applied to all rows at
-once with batched solves against the full H^-1, so weights left of the block move too (nothing is
-frozen) while earlier zeros are kept. Once the mask is complete, every row is set to the exact
-least-squares reconstruction on its kept inputs, which is delta* for the whole mask at once.
+once: the |P| x |P| solves are batched over rows, and since P lies inside the block the update is one
+(rows x block) @ (block x columns) product, so weights left of the block move too (nothing is frozen)
+while earlier zeros are kept. Once the mask is complete, every row is refit to the least-squares
+reconstruction on its kept inputs (delta* for the whole mask at once): by default a preconditioned
+conjugate gradient over all rows at once (one rows x d @ d x d product per iteration, warm-started
+from the removal updates), or the exact per-row Cholesky solve (`refit="exact"`, the reference).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +27,13 @@ from pruning_core.methods.base import LayerProblem
 from pruning_core.methods.sparsegpt import aligned_block_size
 from pruning_core.stats import damped, damped_inverse, dead_columns
 
+log = logging.getLogger(__name__)
+
 ROW_CHUNK_ELEMENTS = 2**25  # bounds the batched |P| x |P| systems held at once
+# Conjugate-gradient refit: stop when every row's residual norm is below this fraction of its
+# right-hand side, or after the cap (chosen by measurement: tests/benchmarks/bench_apt_refit.py).
+CG_TOLERANCE = 1e-3
+CG_MAX_ITERATIONS = 40
 
 
 def prune_apt(problem: LayerProblem) -> torch.Tensor:
@@ -31,12 +41,24 @@ def prune_apt(problem: LayerProblem) -> torch.Tensor:
     hessian = problem.stats.hessian()
     weight[:, dead_columns(hessian)] = 0
     inverse, damping = damped_inverse(hessian, problem.damping, problem.name)
-    mask = select_mask(weight, inverse, problem, aligned_block_size(problem.block_size, problem))
-    return reconstruct_with_mask(weight, damped(hessian, damping), mask)
+    updated, mask = select_mask(weight, inverse, problem, aligned_block_size(problem.block_size, problem))
+    del inverse
+    system = damped(hessian, damping)
+    if problem.refit == "exact":
+        return exact_refit(weight, system, mask)
+    refit = conjugate_gradient_refit(weight, system, mask, start=updated)
+    if refit.iterations == CG_MAX_ITERATIONS:
+        log.info("%s: refit stopped at %d iterations, residual %.2g", problem.name, refit.iterations, refit.residual)
+    return refit.weight
 
 
-def select_mask(weight: torch.Tensor, inverse: torch.Tensor, problem: LayerProblem, block: int) -> torch.Tensor:
-    """Block by block: choose each row's removal set, apply delta* for it, keep earlier zeros."""
+def select_mask(
+    weight: torch.Tensor, inverse: torch.Tensor, problem: LayerProblem, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block by block: choose each row's removal set, apply delta* for it, keep earlier zeros.
+
+    Returns (weights after every removal update, mask of removed weights).
+    """
     target = problem.target
     current = weight.clone()
     mask = torch.zeros_like(weight, dtype=torch.bool)
@@ -44,20 +66,21 @@ def select_mask(weight: torch.Tensor, inverse: torch.Tensor, problem: LayerProbl
     for start in range(0, weight.shape[1], block):
         end = min(start + block, weight.shape[1])
         w_block = current[:, start:end]
+        inverse_block = inverse[start:end, start:end]
         if target.is_nm:
-            chosen = best_n_of_m_subsets(w_block, inverse[start:end, start:end], target.n, target.m)
+            chosen = best_n_of_m_subsets(w_block, inverse_block, target.n, target.m)
         else:
             # Like SparseGPT, the block's quota is shared by all rows, so rows that matter less give more.
             score = w_block**2 / inverse_diag[start:end]
             chosen = lowest_overall(score, quota(target.ratio, start, end, weight.shape[0]))
         if not chosen.any():
             continue
-        block_mask = torch.zeros_like(mask)
-        block_mask[:, start:end] = chosen
-        current = current + removal_update(current, inverse, block_mask)
-        mask |= block_mask
-        current.masked_fill_(mask, 0.0)
-    return mask
+        # delta* = -c (H^-1)_{P,:} with c = w_P [(H^-1)_PP]^-1; c is zero outside the block.
+        coefficients = removal_coefficients(w_block, inverse_block, chosen)
+        current.addmm_(coefficients, inverse[start:end], alpha=-1.0)
+        mask[:, start:end] = chosen
+        current[:, :end].masked_fill_(mask[:, :end], 0.0)
+    return current, mask
 
 
 def best_n_of_m_subsets(w_block: torch.Tensor, inverse_block: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -120,14 +143,62 @@ def row_batches(selected: torch.Tensor, bucket: int = 32) -> Iterator[RowBatch]:
             yield RowBatch(chunk, order, valid)
 
 
-def removal_update(weight: torch.Tensor, inverse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """delta* that zeroes the masked weights of every row at least loss."""
-    coefficients = torch.zeros_like(weight)  # row r: w_P [(H^-1)_PP]^-1 scattered onto P
-    for batch in row_batches(mask):
-        solved = torch.linalg.solve(batch.system(inverse), batch.take(weight)).squeeze(-1)
-        coefficients[batch.rows] = coefficients[batch.rows].scatter(1, batch.positions, solved)
-    # One dense product instead of gathering (H^-1)_{P,:} for every row.
-    return -(coefficients @ inverse)
+def removal_coefficients(w_block: torch.Tensor, inverse_block: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Row r: w_P [(H^-1)_PP]^-1 scattered onto P (zero elsewhere), for the block's columns."""
+    coefficients = torch.zeros_like(w_block)
+    for batch in row_batches(chosen):
+        factor = torch.linalg.cholesky(batch.system(inverse_block))
+        solved = cholesky_solve(factor, batch.take(w_block)).squeeze(-1)
+        coefficients[batch.rows] = coefficients[batch.rows].scatter(1, batch.positions, solved * batch.valid)
+    return coefficients
+
+
+@dataclass
+class CGRefit:
+    weight: torch.Tensor
+    iterations: int
+    residual: float  # the worst row's relative residual at the end
+
+
+def conjugate_gradient_refit(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    mask: torch.Tensor,
+    start: torch.Tensor,
+    tolerance: float = CG_TOLERANCE,
+    max_iterations: int = CG_MAX_ITERATIONS,
+) -> CGRefit:
+    """Least squares on each row's kept inputs, all rows at once: min_x 1/2 x H x^T - x (H w^T) over x_K.
+
+    Jacobi-preconditioned conjugate gradient with every row its own step sizes; each iteration is one
+    (rows x d) @ (d x d) product. The residual is projected onto the kept inputs, so removed weights
+    stay exactly zero.
+    """
+    keep = (~mask).to(weight.dtype)
+    target = (weight @ hessian).mul_(keep)
+    target_norm = target.norm(dim=1).clamp_min(torch.finfo(weight.dtype).tiny)
+    solution = start * keep
+    residual = target - (solution @ hessian).mul_(keep)
+    preconditioner = 1.0 / torch.diagonal(hessian)
+    preconditioned = residual * preconditioner
+    direction = preconditioned.clone()
+    rho = (residual * preconditioned).sum(dim=1)
+    iterations = 0
+    worst = float((residual.norm(dim=1) / target_norm).max())
+    while worst > tolerance and iterations < max_iterations:
+        product = (direction @ hessian).mul_(keep)
+        curvature = (direction * product).sum(dim=1)
+        step = torch.where(curvature > 0, rho / curvature, torch.zeros_like(rho)).unsqueeze(1)
+        solution.addcmul_(step, direction)
+        residual.addcmul_(step, product, value=-1.0)
+        torch.mul(residual, preconditioner, out=preconditioned)
+        rho_next = (residual * preconditioned).sum(dim=1)
+        beta = torch.where(rho > 0, rho_next / rho, torch.zeros_like(rho)).unsqueeze(1)
+        direction.mul_(beta).add_(preconditioned)
+        rho = rho_next
+        iterations += 1
+        worst = float((residual.norm(dim=1) / target_norm).max())
+    return CGRefit(solution, iterations, worst)
 
 
 def cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -136,11 +207,12 @@ def cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor.transpose(-1, -2), half, upper=True)
 
 
-def reconstruct_with_mask(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def exact_refit(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Exact per-row least squares on the kept inputs: w'_K = (H_KK)^-1 (H w^T)_K, w'_P = 0.
 
-    Solved with a float32 Cholesky and one step of iterative refinement against a float64
-    residual, which brings the result close to float64 accuracy at float32 cost.
+    The reference for the conjugate-gradient refit: one Cholesky per row (rows x k^3). Solved in
+    float32 with one step of iterative refinement against a float64 residual, which brings the result
+    close to float64 accuracy at float32 cost.
     """
     hessian64 = hessian.double()
     targets = weight.double() @ hessian64  # row r holds (H w_r^T)^T

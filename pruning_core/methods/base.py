@@ -12,6 +12,7 @@ from pruning_core.masks import SparsityTarget
 from pruning_core.stats import InputStatistics
 
 Needs = Literal["nothing", "column_norms", "hessian"]
+Refit = Literal["cg", "exact"]
 
 
 @dataclass
@@ -24,6 +25,7 @@ class LayerProblem:
     target: SparsityTarget
     block_size: int = 128
     damping: float = 0.01
+    refit: Refit = "cg"  # APT: how the kept weights are re-solved on the final mask
 
 
 @dataclass(frozen=True)
