@@ -14,7 +14,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,33 @@ class PruneSummary:
     start_block: int
     errors: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # statistics, solve, forward
+    linear_seconds: dict[str, float] = field(default_factory=dict)  # the solve of each linear
+
+
+class PhaseClock:
+    """Seconds per phase of the prune and per linear's solve; waits for the GPU so the times are real."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.phases: dict[str, float] = {"statistics": 0.0, "solve": 0.0, "forward": 0.0}
+        self.linears: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, linear: str | None = None) -> Iterator[None]:
+        started = self._now()
+        try:
+            yield
+        finally:
+            elapsed = self._now() - started
+            self.phases[name] += elapsed
+            if linear is not None:
+                self.linears[linear] = elapsed
 
 
 def _matches(name: str, patterns: list[str] | dict[str, float]) -> str | None:
@@ -189,7 +216,9 @@ class BlockPruner:
         device: torch.device | str,
         block_sparsity: list[float] | None = None,
         forward_budget_mib: int = DEFAULT_FORWARD_BUDGET_MIB,
+        clock: PhaseClock | None = None,
     ):
+        self.clock = clock or PhaseClock(device)
         self.recipe = recipe
         self.forward_budget_mib = forward_budget_mib
         self.block_sparsity = block_sparsity
@@ -208,25 +237,28 @@ class BlockPruner:
         observed = inputs if self.method.needs != "nothing" else inputs[:1]
         batch = samples_per_forward(block, inputs, self.forward_budget_mib)
         for stage in stages:
-            observers = observe_groups(
-                self.adapter,
-                block,
-                stage,
-                observed,
-                block_kwargs,
-                device=self.device,
-                with_hessian=self.method.needs == "hessian",
-                label=f"block {index} statistics",
-                progress=progress,
-                batch=batch,
-            )
+            with self.clock.phase("statistics"):
+                observers = observe_groups(
+                    self.adapter,
+                    block,
+                    stage,
+                    observed,
+                    block_kwargs,
+                    device=self.device,
+                    with_hessian=self.method.needs == "hessian",
+                    label=f"block {index} statistics",
+                    progress=progress,
+                    batch=batch,
+                )
             sparsity = self.block_sparsity[index] if self.block_sparsity is not None else None
             for group, observer in zip(stage, observers, strict=True):
                 for relative in group.linears:
                     name = f"{prefix}.{relative}"
-                    error = self._prune_linear(block.get_submodule(relative), name, observer, sparsity)
+                    with self.clock.phase("solve", linear=name):
+                        error = self._prune_linear(block.get_submodule(relative), name, observer, sparsity)
                     if error is not None:
-                        errors[f"{prefix}.{relative}"] = error
+                        errors[name] = error
+                observer.stats = None  # the group's Hessian is no longer needed: free it before the next one
         return errors
 
     def _prune_linear(
@@ -298,7 +330,8 @@ def prune_model(
     first_inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration[: 1 if start_block else None])
     inputs = (start_inputs if start_block else first_inputs).to(device)
     block_kwargs = to_device(block_kwargs, device)
-    pruner = BlockPruner(recipe, adapter, model, device, block_sparsity, forward_budget_mib)
+    clock = PhaseClock(device)
+    pruner = BlockPruner(recipe, adapter, model, device, block_sparsity, forward_budget_mib, clock)
     summary = PruneSummary(blocks=len(blocks), start_block=start_block)
 
     home = next(blocks[0].parameters()).device
@@ -307,7 +340,8 @@ def prune_model(
         block = blocks[index].to(device)
         errors = pruner.prune(index, block, inputs, block_kwargs, progress)
         batch = samples_per_forward(block, inputs, forward_budget_mib)
-        inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress, batch)
+        with clock.phase("forward"):
+            inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress, batch)
         block.to(home)
         summary.errors.update(errors)
         if on_block is not None:
@@ -315,4 +349,6 @@ def prune_model(
             on_block(BlockResult(index, state, inputs.cpu(), errors, time.perf_counter() - block_started))
         log.info("block %d: mean relative error %.4g", index, sum(errors.values()) / max(len(errors), 1))
     summary.seconds = time.perf_counter() - started
+    summary.phase_seconds = dict(clock.phases)
+    summary.linear_seconds = dict(clock.linears)
     return summary

@@ -65,6 +65,7 @@ def prune_to_folder(
         recipe_fingerprint=recipe.fingerprint(),
         reconstruction_error=summary.errors,
         prune_seconds=summary.seconds,
+        phase_seconds=summary.phase_seconds,
     )
     if block_sparsity is not None:
         report["block_sparsity"] = block_sparsity

@@ -19,6 +19,8 @@ class InputStatistics:
         self.tokens = 0
         self.sum_sq = torch.zeros(columns, dtype=torch.float32, device=device)
         self.sum_outer = torch.zeros(columns, columns, dtype=torch.float32, device=device) if with_hessian else None
+        self._inverses: dict[float, tuple[torch.Tensor, float]] = {}
+        self._upper_factors: dict[float, torch.Tensor] = {}
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, self.columns).to(torch.float32)
@@ -35,6 +37,19 @@ class InputStatistics:
         if self.sum_outer is None:
             raise RuntimeError("statistics were collected without the Hessian")
         return self.sum_outer * (2.0 / max(self.tokens, 1))
+
+    # Linears that read the same input share these: q/k/v or gate/up factorise one Hessian, not three.
+    def inverse(self, damping: float, layer: str = "") -> tuple[torch.Tensor, float]:
+        """(damped H)^-1 and the damping used (see `damped_inverse`), computed once per damping."""
+        if damping not in self._inverses:
+            self._inverses[damping] = damped_inverse(self.hessian(), damping, layer)
+        return self._inverses[damping]
+
+    def upper_factor_of_inverse(self, damping: float, layer: str = "") -> torch.Tensor:
+        """Upper Cholesky factor of (damped H)^-1, computed once per damping."""
+        if damping not in self._upper_factors:
+            self._upper_factors[damping] = torch.linalg.cholesky(self.inverse(damping, layer)[0], upper=True)
+        return self._upper_factors[damping]
 
 
 def dead_columns(hessian: torch.Tensor) -> torch.Tensor:

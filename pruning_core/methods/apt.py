@@ -25,7 +25,7 @@ import torch
 from pruning_core.masks import lowest_overall, quota
 from pruning_core.methods.base import LayerProblem
 from pruning_core.methods.sparsegpt import aligned_block_size
-from pruning_core.stats import damped, damped_inverse, dead_columns
+from pruning_core.stats import damped, dead_columns
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ def prune_apt(problem: LayerProblem) -> torch.Tensor:
     weight = problem.weight.clone()
     hessian = problem.stats.hessian()
     weight[:, dead_columns(hessian)] = 0
-    inverse, damping = damped_inverse(hessian, problem.damping, problem.name)
+    inverse, damping = problem.stats.inverse(problem.damping, problem.name)
     updated, mask = select_mask(weight, inverse, problem, aligned_block_size(problem.block_size, problem))
-    del inverse
     system = damped(hessian, damping)
     if problem.refit == "exact":
         return exact_refit(weight, system, mask)

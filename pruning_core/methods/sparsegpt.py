@@ -6,7 +6,7 @@ import torch
 
 from pruning_core.masks import lowest_n_of_m, lowest_overall, quota
 from pruning_core.methods.base import LayerProblem
-from pruning_core.stats import damped_inverse, dead_columns
+from pruning_core.stats import dead_columns
 
 
 def aligned_block_size(block_size: int, problem: LayerProblem) -> int:
@@ -21,9 +21,8 @@ def prune_sparsegpt(problem: LayerProblem) -> torch.Tensor:
     rows, cols = weight.shape
     hessian = problem.stats.hessian()
     weight[:, dead_columns(hessian)] = 0
-    inverse, _ = damped_inverse(hessian, problem.damping, problem.name)
     # Upper Cholesky of H^-1: row j holds the OBS update for eliminating column j given columns < j frozen.
-    upper = torch.linalg.cholesky(inverse, upper=True)
+    upper = problem.stats.upper_factor_of_inverse(problem.damping, problem.name)
     block = aligned_block_size(problem.block_size, problem)
 
     for start in range(0, cols, block):
@@ -40,10 +39,9 @@ def prune_sparsegpt(problem: LayerProblem) -> torch.Tensor:
             if target.is_nm and i % target.m == 0:
                 group = slice(i, i + target.m)
                 mask[:, group] = lowest_n_of_m(w_block[:, group] ** 2 / u_diag[group] ** 2, target.n, target.m)
-            column = w_block[:, i]
-            error = torch.where(mask[:, i], column, torch.zeros_like(column)) / u_block[i, i]
-            w_block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
+            error = errors[:, i]
+            torch.mul(w_block[:, i], mask[:, i], out=error).div_(u_diag[i])
+            w_block[:, i:].addr_(error, u_block[i, i:], alpha=-1.0)
         weight[:, start:end] = w_block.masked_fill(mask, 0.0)
-        weight[:, end:] -= errors @ upper[start:end, end:]
+        weight[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1.0)
     return weight
