@@ -27,8 +27,11 @@ class Settings(BaseSettings):
         description="MLflow tracking URI (default: SQLite under the state dir)",
     )
     device: str = Field(default="cpu", description="where blocks are pruned and models evaluated: cpu or cuda")
-    forward_budget_mib: int = Field(
-        default=1024, ge=16, description="activation memory of one batched block forward while pruning (MiB)"
+    forward_budget_mib: int | None = Field(
+        default=None,
+        ge=16,
+        description="activation memory of one batched block forward while pruning, MiB (default: 128 on CPU, "
+        "4096 on CUDA)",
     )
     mirror_checkpoints: bool = Field(default=False, description="copy block checkpoints to the artifact store")
     prefect_port: int = Field(default=4200, ge=1, le=65535, description="port of `secateur stack up`'s Prefect server")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pruning_core.data import calibration_windows, tokenize_text
-from pruning_core.engine import DEFAULT_FORWARD_BUDGET_MIB, BlockResult, prune_model
+from pruning_core.engine import BlockResult, prune_model
 from pruning_core.modeling import prunable_weight_names, save_model, sparsity_report, write_report
 from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
@@ -37,13 +37,13 @@ def prune_to_folder(
     start_inputs: torch.Tensor | None = None,
     on_block: Callable[[BlockResult], None] | None = None,
     block_sparsity: list[float] | None = None,
-    forward_budget_mib: int = DEFAULT_FORWARD_BUDGET_MIB,
+    forward_budget_mib: int | None = None,
 ) -> dict:
     """Prune `model` in place, save it in Hugging Face format with `sparsity.json`; return that report.
 
     `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks;
     `block_sparsity` comes from `allocate_sparsity` (computed on the dense model);
-    `forward_budget_mib` bounds the activations of one batched block forward.
+    `forward_budget_mib` bounds the activations of one batched block forward (None: the device's default).
     """
     summary = prune_model(
         model,

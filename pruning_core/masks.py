@@ -56,10 +56,19 @@ def lowest_per_row(score: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def lowest_overall(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the `count` lowest scores of the whole tensor."""
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if count > 0:
-        mask[torch.topk(score.flatten(), count, largest=False).indices] = True
+    """Mask of exactly `count` lowest scores of the whole tensor (ties at the threshold taken in index order).
+
+    A k-th value and a comparison: several times faster than a top-k when `count` is half the tensor.
+    """
+    flat = score.flatten()
+    if count <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if count >= flat.numel():
+        return torch.ones_like(score, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, count).values
+    mask = flat < threshold
+    ties = (flat == threshold).nonzero().squeeze(1)
+    mask[ties[: count - int(mask.sum())]] = True
     return mask.view_as(score)
 
 

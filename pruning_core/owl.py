@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.adapters import adapter_for, capture_first_block_inputs, to_device
-from pruning_core.engine import block_outputs, observe_groups
+from pruning_core.engine import forward_budget, observe_groups, samples_per_forward
 
 
 def owl_sparsities(outlier_fractions: list[float], sparsity: float, lam: float) -> list[float]:
@@ -44,7 +44,21 @@ def outlier_fractions(
     for index in tqdm(range(len(blocks)), desc="OWL outliers", disable=not progress):
         block = blocks[index].to(device)
         label = f"block {index} statistics"
-        observers = observe_groups(adapter, block, groups, inputs, block_kwargs, device, False, label, progress)
+        # The dense block is not changed here: statistics and outputs come from one pass.
+        outputs = torch.empty_like(inputs)
+        observers = observe_groups(
+            adapter,
+            block,
+            groups,
+            inputs,
+            block_kwargs,
+            device=device,
+            with_hessian=False,
+            label=label,
+            progress=progress,
+            batch=samples_per_forward(block, inputs, forward_budget(device, None)),
+            outputs=outputs,
+        )
         scores = [
             (block.get_submodule(name).weight.abs().to(torch.float32) * observer.stats.column_norms()).flatten()
             for group, observer in zip(groups, observers, strict=True)
@@ -52,6 +66,6 @@ def outlier_fractions(
         ]
         flat = torch.cat(scores)
         fractions.append(float((flat > m * flat.mean()).to(torch.float64).mean()))
-        inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress)
+        inputs = outputs
         block.to(home)
     return fractions

@@ -17,7 +17,7 @@ class InputStatistics:
     def __init__(self, columns: int, device: torch.device | str, with_hessian: bool) -> None:
         self.columns = columns
         self.tokens = 0
-        self.sum_sq = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.sum_sq = torch.zeros(columns, dtype=torch.float32, device=device) if not with_hessian else None
         self.sum_outer = torch.zeros(columns, columns, dtype=torch.float32, device=device) if with_hessian else None
         self._inverses: dict[float, tuple[torch.Tensor, float]] = {}
         self._upper_factors: dict[float, torch.Tensor] = {}
@@ -25,13 +25,14 @@ class InputStatistics:
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, self.columns).to(torch.float32)
         self.tokens += x.shape[0]
-        self.sum_sq += (x * x).sum(dim=0)
         if self.sum_outer is not None:
-            self.sum_outer.addmm_(x.T, x)
+            self.sum_outer.addmm_(x.T, x)  # its diagonal holds the squared column norms
+        else:
+            self.sum_sq += (x * x).sum(dim=0)
 
     def column_norms(self) -> torch.Tensor:
         """||X_j||_2 for each input column j."""
-        return self.sum_sq.sqrt()
+        return (torch.diagonal(self.sum_outer) if self.sum_outer is not None else self.sum_sq).sqrt()
 
     def hessian(self) -> torch.Tensor:
         if self.sum_outer is None:

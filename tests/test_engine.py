@@ -163,6 +163,24 @@ def test_batched_block_forward_matches_one_sample_at_a_time(family):
         assert tokens_1 == tokens_4 == 6 * 24
         assert torch.allclose(hessian_1, hessian_4, atol=1e-5, rtol=1e-4)
         assert torch.allclose(sample_1, sample_4, atol=1e-5) and sample_1.shape[0] == 24, "probe is the first sample"
+    # One pass for statistics and outputs (a block not pruned in between, as OWL's): the same of both.
+    outputs = torch.empty_like(inputs)
+    observers = observe_groups(
+        adapter,
+        block,
+        groups,
+        inputs,
+        kwargs,
+        device="cpu",
+        with_hessian=True,
+        label="",
+        progress=False,
+        batch=4,
+        outputs=outputs,
+    )
+    assert torch.equal(outputs, batched)
+    for observer, (_, hessian_4, _) in zip(observers, stats[4], strict=True):
+        assert torch.equal(observer.stats.hessian(), hessian_4)
 
 
 def test_statistics_pass_stops_once_its_inputs_are_seen():

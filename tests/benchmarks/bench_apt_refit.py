@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pruning_core.adapters import adapter_for, capture_first_block_inputs
-from pruning_core.engine import block_outputs, observe_groups, samples_per_forward
+from pruning_core.engine import block_outputs, forward_budget, observe_groups, samples_per_forward
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import LayerProblem
 from pruning_core.methods.apt import conjugate_gradient_refit, exact_refit, select_mask
@@ -114,7 +114,7 @@ def main() -> None:
     rows = []
     for index in range(max(args.blocks) + 1):
         block = blocks[index]
-        batch = samples_per_forward(block, inputs, 1024)
+        batch = samples_per_forward(block, inputs, forward_budget("cpu", None))
         if index in args.blocks:
             groups = adapter.groups(model)
             observers = observe_groups(

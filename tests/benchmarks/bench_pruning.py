@@ -3,6 +3,10 @@
     .venv/bin/python -m tests.benchmarks.bench_pruning                      # the full grid: 128 x 512 calibration
     .venv/bin/python -m tests.benchmarks.bench_pruning --samples 32 --targets 0.5 2:4 --eval-tokens 16384
     .venv/bin/python -m tests.benchmarks.bench_pruning --methods wanda apt --targets 0.7 --allocations uniform owl
+    .venv/bin/python -m tests.benchmarks.bench_pruning --samples 64 --methods sparsegpt apt apt-exact \
+        --targets 0.5 2:4 0.7 --eval-tokens 32768
+
+`apt-exact` is APT with the exact per-row refit (`refit: exact`), the reference for the default CG refit.
 
 Each (method, target) runs in its own process so that its peak resident memory is its own.
 Writes tests/benchmarks/results/pruning-<timestamp>.json and prints a table.
@@ -41,8 +45,11 @@ def one_run(args: argparse.Namespace) -> dict:
         result = {"prune_seconds": 0.0, "sparsity": 0.0}
     else:
         target = {"pattern": args.target} if ":" in args.target else {"sparsity": float(args.target)}
+        method, _, refit = args.method.partition("-")  # apt-exact: APT with the exact per-row refit
+        if refit:
+            target["refit"] = refit
         recipe = Recipe(
-            method=args.method,
+            method=method,
             calibration_samples=args.samples,
             seq_len=args.seq_len,
             allocation=args.allocation,
@@ -54,7 +61,11 @@ def one_run(args: argparse.Namespace) -> dict:
         report = prune_to_folder(
             model, tokenizer, calibration, recipe, args.out, args.device, progress=False, block_sparsity=blocks
         )
-        result = {"prune_seconds": time.perf_counter() - started, "sparsity": report["total"]}
+        result = {
+            "prune_seconds": time.perf_counter() - started,
+            "sparsity": report["total"],
+            "phase_seconds": report["phase_seconds"],
+        }
         if blocks is not None:
             result["block_sparsity"] = blocks
     ppl = evaluate_perplexities(model, tokenizer, evaluation, args.eval_seq_len, args.eval_tokens, progress=False)
