@@ -207,10 +207,10 @@ def observe_groups(
     inputs: torch.Tensor,
     block_kwargs: dict[str, Any],
     device: torch.device | str,
-    with_hessian: bool,
-    label: str,
-    progress: bool,
     batch: int,
+    with_hessian: bool = True,
+    label: str = "",
+    progress: bool = False,
     outputs: torch.Tensor | None = None,
 ) -> list[GroupObserver]:
     """Run the block over the calibration samples, `batch` at a time, with an observer on each group's input.

@@ -146,18 +146,7 @@ def test_batched_block_forward_matches_one_sample_at_a_time(family):
     groups = adapter.groups(model)
     stats = {}
     for batch in (1, 4):
-        observers = observe_groups(
-            adapter,
-            block,
-            groups,
-            inputs,
-            kwargs,
-            device="cpu",
-            with_hessian=True,
-            label="",
-            progress=False,
-            batch=batch,
-        )
+        observers = observe_groups(adapter, block, groups, inputs, kwargs, device="cpu", batch=batch)
         stats[batch] = [(o.stats.tokens, o.stats.hessian(), o.sample) for o in observers]
     for (tokens_1, hessian_1, sample_1), (tokens_4, hessian_4, sample_4) in zip(stats[1], stats[4], strict=True):
         assert tokens_1 == tokens_4 == 6 * 24
@@ -165,19 +154,7 @@ def test_batched_block_forward_matches_one_sample_at_a_time(family):
         assert torch.allclose(sample_1, sample_4, atol=1e-5) and sample_1.shape[0] == 24, "probe is the first sample"
     # One pass for statistics and outputs (a block not pruned in between, as OWL's): the same of both.
     outputs = torch.empty_like(inputs)
-    observers = observe_groups(
-        adapter,
-        block,
-        groups,
-        inputs,
-        kwargs,
-        device="cpu",
-        with_hessian=True,
-        label="",
-        progress=False,
-        batch=4,
-        outputs=outputs,
-    )
+    observers = observe_groups(adapter, block, groups, inputs, kwargs, device="cpu", batch=4, outputs=outputs)
     assert torch.equal(outputs, batched)
     for observer, (_, hessian_4, _) in zip(observers, stats[4], strict=True):
         assert torch.equal(observer.stats.hessian(), hessian_4)
@@ -194,9 +171,7 @@ def test_statistics_pass_stops_once_its_inputs_are_seen():
     calls = []
     handle = block.mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
     first_stage = adapter.groups(model)[:1]  # q/k/v: only the input norm runs before them
-    observers = observe_groups(
-        adapter, block, first_stage, inputs, kwargs, device="cpu", with_hessian=True, label="", progress=False, batch=2
-    )
+    observers = observe_groups(adapter, block, first_stage, inputs, kwargs, device="cpu", batch=2)
     handle.remove()
     assert calls == [], "nothing after q/k/v's input runs in the first true-sequential stage"
     assert observers[0].stats.tokens == 4 * 16

@@ -7,7 +7,13 @@ import torch
 
 from pruning_core.masks import SparsityTarget, lowest_n_of_m, quota
 from pruning_core.methods import METHODS, LayerProblem
-from pruning_core.methods.apt import CG_MAX_ITERATIONS, CG_TOLERANCE, conjugate_gradient_refit, exact_refit
+from pruning_core.methods.apt import (
+    CG_MAX_ITERATIONS,
+    CG_TOLERANCE,
+    conjugate_gradient_refit,
+    exact_refit,
+    removal_coefficients,
+)
 from pruning_core.stats import InputStatistics, damped, damped_inverse
 from tests.conftest import correlated_layer
 
@@ -130,6 +136,25 @@ def test_apt_final_weights_are_least_squares_of_its_own_mask(refit):
     assert difference < (1e-4 if refit == "exact" else CG_WEIGHT_TOLERANCE)
     optimum = layer_loss(weight, reference, damped(hessian, 0.01))
     assert layer_loss(weight, pruned, damped(hessian, 0.01)) <= optimum * (1 + CG_LOSS_TOLERANCE)
+
+
+def test_removal_coefficients_direct_and_through_the_complement_agree():
+    """Rows removing more than half of a block solve the complement system; both equal the direct solve."""
+    _, inputs = correlated_layer(rows=4, cols=32)
+    inverse_block, _ = damped_inverse(statistics(inputs).hessian(), 0.01)
+    generator = torch.Generator().manual_seed(3)
+    w_block = torch.randn(24, 32, generator=generator)
+    chosen = torch.rand(24, 32, generator=generator) < torch.linspace(0.05, 1.0, 24).unsqueeze(1)
+    chosen[0] = False  # a row removing nothing
+    coefficients = removal_coefficients(w_block, inverse_block, chosen)
+    assert chosen.sum(1).max() > 16 > chosen.sum(1)[1:].min(), "both paths are exercised"
+    for row in range(24):
+        p = chosen[row].nonzero().squeeze(1)
+        expected = torch.zeros(32, dtype=torch.float64)
+        if len(p):
+            system = inverse_block.double()[p][:, p]
+            expected[p] = torch.linalg.solve(system, w_block[row, p].double())
+        assert torch.allclose(coefficients[row].double(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max()), row
 
 
 def test_cg_refit_converges_with_a_rank_deficient_hessian():

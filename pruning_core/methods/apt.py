@@ -43,9 +43,12 @@ def prune_apt(problem: LayerProblem) -> torch.Tensor:
     inverse, damping = problem.stats.inverse(problem.damping, problem.name)
     updated, mask = select_mask(weight, inverse, problem, aligned_block_size(problem.block_size, problem))
     system = damped(hessian, damping)
+    del hessian  # at 70B shapes a d x d matrix is GBs: hold one copy during the refit
     if problem.refit == "exact":
         return exact_refit(weight, system, mask)
-    refit = conjugate_gradient_refit(weight, system, mask, start=updated)
+    refit = conjugate_gradient_refit(
+        weight, system, mask, start=updated, tolerance=CG_TOLERANCE, max_iterations=CG_MAX_ITERATIONS
+    )
     if refit.iterations == CG_MAX_ITERATIONS:
         log.info("%s: refit stopped at %d iterations, residual %.2g", problem.name, refit.iterations, refit.residual)
     return refit.weight
@@ -143,12 +146,29 @@ def row_batches(selected: torch.Tensor, bucket: int = 32) -> Iterator[RowBatch]:
 
 
 def removal_coefficients(w_block: torch.Tensor, inverse_block: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Row r: w_P [(H^-1)_PP]^-1 scattered onto P (zero elsewhere), for the block's columns."""
+    """Row r: w_P [(H^-1)_PP]^-1 scattered onto P (zero elsewhere), for the block's columns.
+
+    A row removing more than half of the block solves the smaller complement instead: with
+    G = ((H^-1)_BB)^-1 and Q the block's other columns, [(H^-1)_PP]^-1 = G_PP - G_PQ G_QQ^-1 G_QP, so
+    c = ((w_P - y_Q) G)_P where G_QQ y_Q = (w_P G)_Q: |Q| x |Q| systems instead of |P| x |P|.
+    """
     coefficients = torch.zeros_like(w_block)
-    for batch in row_batches(chosen):
+    complement = chosen.sum(dim=1) > w_block.shape[1] // 2
+    for batch in row_batches(chosen & ~complement.unsqueeze(1)):
         factor = torch.linalg.cholesky(batch.system(inverse_block))
         solved = cholesky_solve(factor, batch.take(w_block)).squeeze(-1)
         coefficients[batch.rows] = coefficients[batch.rows].scatter(1, batch.positions, solved * batch.valid)
+    if complement.any():
+        rows = complement.nonzero().squeeze(1)
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(inverse_block))
+        removed = w_block[rows] * chosen[rows]
+        projected = removed @ precision  # row r: (w_P G) over the whole block
+        others = torch.zeros_like(projected)  # y_Q scattered onto Q
+        for batch in row_batches(~chosen[rows]):
+            factor = torch.linalg.cholesky(batch.system(precision))
+            solved = cholesky_solve(factor, batch.take(projected)).squeeze(-1)
+            others[batch.rows] = others[batch.rows].scatter(1, batch.positions, solved * batch.valid)
+        coefficients[rows] = ((removed - others) @ precision) * chosen[rows]
     return coefficients
 
 

