@@ -253,12 +253,10 @@ class BlockPruner:
         model: nn.Module,
         device: torch.device | str,
         block_sparsity: list[float] | None = None,
-        forward_budget_mib: int | None = None,
         clock: PhaseClock | None = None,
     ):
         self.clock = clock or PhaseClock(device)
         self.recipe = recipe
-        self.forward_budget_mib = forward_budget(device, forward_budget_mib)
         self.block_sparsity = block_sparsity
         self.method = METHODS[recipe.method]
         self.groups = adapter.groups(model)
@@ -266,14 +264,20 @@ class BlockPruner:
         self.device = device
 
     def prune(
-        self, index: int, block: nn.Module, inputs: torch.Tensor, block_kwargs: dict[str, Any], progress: bool
+        self,
+        index: int,
+        block: nn.Module,
+        inputs: torch.Tensor,
+        block_kwargs: dict[str, Any],
+        progress: bool,
+        batch: int,
     ) -> dict[str, float]:
+        """Prune the block's linears; `batch` samples go through the block per statistics forward."""
         errors: dict[str, float] = {}
         prefix = self.adapter.block_prefix(index)
         stages = [[g] for g in self.groups] if self.recipe.true_sequential else [self.groups]
         # Without statistics to collect, one sample feeds the reconstruction-error probe.
         observed = inputs if self.method.needs != "nothing" else inputs[:1]
-        batch = samples_per_forward(block, inputs, self.forward_budget_mib)
         for stage in stages:
             with self.clock.phase("statistics"):
                 observers = observe_groups(
@@ -370,7 +374,7 @@ def prune_model(
     block_kwargs = to_device(block_kwargs, device)
     clock = PhaseClock(device)
     forward_budget_mib = forward_budget(device, forward_budget_mib)
-    pruner = BlockPruner(recipe, adapter, model, device, block_sparsity, forward_budget_mib, clock)
+    pruner = BlockPruner(recipe, adapter, model, device, block_sparsity, clock)
     summary = PruneSummary(blocks=len(blocks), start_block=start_block)
 
     home = next(blocks[0].parameters()).device
@@ -378,8 +382,8 @@ def prune_model(
         for index in tqdm(range(start_block, len(blocks)), desc=f"{recipe.method} blocks", disable=not progress):
             block_started = time.perf_counter()
             block = blocks[index].to(device)
-            errors = pruner.prune(index, block, inputs, block_kwargs, progress)
             batch = samples_per_forward(block, inputs, forward_budget_mib)
+            errors = pruner.prune(index, block, inputs, block_kwargs, progress, batch)
             with clock.phase("forward"):
                 inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress, batch)
             block.to(home)

@@ -39,6 +39,10 @@ class InputStatistics:
             raise RuntimeError("statistics were collected without the Hessian")
         return self.sum_outer * (2.0 / max(self.tokens, 1))
 
+    def dead_columns(self) -> torch.Tensor:
+        """Inputs that were zero for every token (diag H == 0), from the sums, without building H."""
+        return torch.diagonal(self.sum_outer) == 0
+
     # Linears that read the same input share these: q/k/v or gate/up factorise one Hessian, not three.
     def inverse(self, damping: float, layer: str = "") -> tuple[torch.Tensor, float]:
         """(damped H)^-1 and the damping used (see `damped_inverse`), computed once per damping."""
@@ -51,10 +55,6 @@ class InputStatistics:
         if damping not in self._upper_factors:
             self._upper_factors[damping] = torch.linalg.cholesky(self.inverse(damping, layer)[0], upper=True)
         return self._upper_factors[damping]
-
-
-def dead_columns(hessian: torch.Tensor) -> torch.Tensor:
-    return torch.diagonal(hessian) == 0
 
 
 def damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:

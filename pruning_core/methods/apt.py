@@ -25,7 +25,7 @@ import torch
 from pruning_core.masks import lowest_overall, quota
 from pruning_core.methods.base import LayerProblem
 from pruning_core.methods.sparsegpt import aligned_block_size
-from pruning_core.stats import damped, dead_columns
+from pruning_core.stats import damped
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,13 @@ CG_MAX_ITERATIONS = 40
 
 def prune_apt(problem: LayerProblem) -> torch.Tensor:
     weight = problem.weight.clone()
-    hessian = problem.stats.hessian()
-    weight[:, dead_columns(hessian)] = 0
+    weight[:, problem.stats.dead_columns()] = 0
     inverse, damping = problem.stats.inverse(problem.damping, problem.name)
     updated, mask = select_mask(weight, inverse, problem, aligned_block_size(problem.block_size, problem))
-    system = damped(hessian, damping)
-    del hessian  # at 70B shapes a d x d matrix is GBs: hold one copy during the refit
+    system = damped(problem.stats.hessian(), damping)
     if problem.refit == "exact":
         return exact_refit(weight, system, mask)
-    refit = conjugate_gradient_refit(
-        weight, system, mask, start=updated, tolerance=CG_TOLERANCE, max_iterations=CG_MAX_ITERATIONS
-    )
+    refit = conjugate_gradient_refit(weight, system, mask, start=updated)
     if refit.iterations == CG_MAX_ITERATIONS:
         log.info("%s: refit stopped at %d iterations, residual %.2g", problem.name, refit.iterations, refit.residual)
     return refit.weight
@@ -145,6 +141,16 @@ def row_batches(selected: torch.Tensor, bucket: int = 32) -> Iterator[RowBatch]:
             yield RowBatch(chunk, order, valid)
 
 
+def solve_on_selected(matrix: torch.Tensor, values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Row r: x_S with matrix[S, S] x_S = values[r, S], S the row's selected columns; zero elsewhere."""
+    result = torch.zeros_like(values)
+    for batch in row_batches(selected):
+        factor = torch.linalg.cholesky(batch.system(matrix))
+        solved = cholesky_solve(factor, batch.take(values)).squeeze(-1)
+        result[batch.rows] = result[batch.rows].scatter(1, batch.positions, solved * batch.valid)
+    return result
+
+
 def removal_coefficients(w_block: torch.Tensor, inverse_block: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """Row r: w_P [(H^-1)_PP]^-1 scattered onto P (zero elsewhere), for the block's columns.
 
@@ -152,22 +158,14 @@ def removal_coefficients(w_block: torch.Tensor, inverse_block: torch.Tensor, cho
     G = ((H^-1)_BB)^-1 and Q the block's other columns, [(H^-1)_PP]^-1 = G_PP - G_PQ G_QQ^-1 G_QP, so
     c = ((w_P - y_Q) G)_P where G_QQ y_Q = (w_P G)_Q: |Q| x |Q| systems instead of |P| x |P|.
     """
-    coefficients = torch.zeros_like(w_block)
     complement = chosen.sum(dim=1) > w_block.shape[1] // 2
-    for batch in row_batches(chosen & ~complement.unsqueeze(1)):
-        factor = torch.linalg.cholesky(batch.system(inverse_block))
-        solved = cholesky_solve(factor, batch.take(w_block)).squeeze(-1)
-        coefficients[batch.rows] = coefficients[batch.rows].scatter(1, batch.positions, solved * batch.valid)
+    coefficients = solve_on_selected(inverse_block, w_block, chosen & ~complement.unsqueeze(1))
     if complement.any():
         rows = complement.nonzero().squeeze(1)
         precision = torch.cholesky_inverse(torch.linalg.cholesky(inverse_block))
         removed = w_block[rows] * chosen[rows]
         projected = removed @ precision  # row r: (w_P G) over the whole block
-        others = torch.zeros_like(projected)  # y_Q scattered onto Q
-        for batch in row_batches(~chosen[rows]):
-            factor = torch.linalg.cholesky(batch.system(precision))
-            solved = cholesky_solve(factor, batch.take(projected)).squeeze(-1)
-            others[batch.rows] = others[batch.rows].scatter(1, batch.positions, solved * batch.valid)
+        others = solve_on_selected(precision, projected, ~chosen[rows])  # y_Q scattered onto Q
         coefficients[rows] = ((removed - others) @ precision) * chosen[rows]
     return coefficients
 

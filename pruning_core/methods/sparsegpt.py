@@ -6,7 +6,6 @@ import torch
 
 from pruning_core.masks import SparsityTarget, lowest_n_of_m, lowest_overall, quota
 from pruning_core.methods.base import LayerProblem
-from pruning_core.stats import dead_columns
 
 
 def aligned_block_size(block_size: int, problem: LayerProblem) -> int:
@@ -23,8 +22,7 @@ def prune_sparsegpt(problem: LayerProblem) -> torch.Tensor:
     target = problem.target
     weight = problem.weight.clone()
     rows, cols = weight.shape
-    hessian = problem.stats.hessian()
-    weight[:, dead_columns(hessian)] = 0
+    weight[:, problem.stats.dead_columns()] = 0
     # Upper Cholesky of H^-1: row j holds the OBS update for eliminating column j given columns < j frozen.
     upper = problem.stats.upper_factor_of_inverse(problem.damping, problem.name)
     block = aligned_block_size(problem.block_size, problem)

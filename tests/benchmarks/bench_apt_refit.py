@@ -22,7 +22,7 @@ from pruning_core.engine import block_outputs, forward_budget, observe_groups, s
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import LayerProblem
 from pruning_core.methods.apt import conjugate_gradient_refit, exact_refit, select_mask
-from pruning_core.stats import damped, damped_inverse, dead_columns
+from pruning_core.stats import damped, damped_inverse
 from tests.benchmarks.common import SMOLLM2, write_results
 
 
@@ -34,7 +34,7 @@ def layer_loss(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor)
 def profile_linear(name: str, dense: torch.Tensor, stats, target: SparsityTarget, tolerances: list[float]) -> dict:
     hessian = stats.hessian()
     weight = dense.clone()
-    weight[:, dead_columns(hessian)] = 0
+    weight[:, stats.dead_columns()] = 0
     problem = LayerProblem(name=name, weight=weight, stats=stats, target=target)
     started = time.perf_counter()
     inverse, damping = damped_inverse(hessian, problem.damping, name)
