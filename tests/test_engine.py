@@ -87,12 +87,19 @@ def test_true_sequential_prunes_with_inputs_of_already_pruned_layers():
     assert not torch.equal(o_plain, o_seq), "o_proj sees the outputs of the pruned q/k/v in true-sequential mode"
 
 
+# CUDA runs where a GPU is (the lent device machine): deterministic kernels keep a resume bit-identical there too.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "apt"])
-def test_resume_at_block_k_is_bit_identical(method):
+def test_resume_at_block_k_is_bit_identical(method, device):
     recipe = Recipe(method=method, sparsity=0.5, block_size=32)
     full = tiny_model("llama")
     saved: dict[int, object] = {}
-    prune_model(full, calibration(), recipe, progress=False, on_block=lambda r: saved.__setitem__(r.index, r))
+    prune_model(
+        full, calibration(), recipe, device=device, progress=False, on_block=lambda r: saved.__setitem__(r.index, r)
+    )
 
     k = 2
     resumed = tiny_model("llama")  # fresh dense model, as after a crash
@@ -106,6 +113,7 @@ def test_resume_at_block_k_is_bit_identical(method):
         recipe,
         start_block=k,
         start_inputs=saved[k - 1].next_inputs,
+        device=device,
         progress=False,
         on_block=lambda r: seen.append(r.index),
     )
@@ -188,8 +196,9 @@ def test_forward_batches_stay_within_the_memory_budget():
     assert samples_per_forward(block, torch.zeros(3, 100_000, 64), budget_mib=16) == 1, "at least one sample"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["sparsegpt", "apt"])
-def test_bf16_model_in_bf16_model_out(method, tmp_path, tiny_tokenizer):
+def test_bf16_model_in_bf16_model_out(method, device, tmp_path, tiny_tokenizer):
     from safetensors import safe_open
 
     from pruning_core.job import prune_to_folder
@@ -201,6 +210,7 @@ def test_bf16_model_in_bf16_model_out(method, tmp_path, tiny_tokenizer):
         calibration(),
         Recipe(method=method, pattern="2:4", block_size=32),
         tmp_path,
+        device=device,
         progress=False,
     )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -19,6 +19,8 @@ import argparse
 import json
 import platform
 import resource
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -51,9 +53,37 @@ def shaped_model(shape: str, blocks: int, seq_len: int, dtype: torch.dtype):
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
+def time_apt_steps(device: str) -> dict:
+    """Wrap APT's two steps (mask selection, refit) with timers; returns the running totals it fills."""
+    from pruning_core.methods import apt
+
+    totals = {"select_seconds": 0.0, "refit_seconds": 0.0, "refit_iterations": []}
+
+    def timed(function, key: str):
+        def run(*args, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            result = function(*args, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            totals[key] += time.perf_counter() - started
+            if key == "refit_seconds":
+                totals["refit_iterations"].append(result.iterations)
+            return result
+
+        return run
+
+    apt.select_mask = timed(apt.select_mask, "select_seconds")
+    apt.conjugate_gradient_refit = timed(apt.conjugate_gradient_refit, "refit_seconds")
+    return totals
+
+
 def one_run(args: argparse.Namespace) -> dict:
     from pruning_core.engine import BlockResult, prune_model
     from pruning_core.recipe import Recipe
+
+    apt_steps = time_apt_steps(args.device) if args.method == "apt" else None
 
     dtype = getattr(torch, args.dtype)
     built = time.perf_counter()
@@ -93,6 +123,12 @@ def one_run(args: argparse.Namespace) -> dict:
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "build_seconds": build_seconds,
     }
+    if apt_steps:
+        row["apt_steps_per_block"] = {
+            "select_seconds": apt_steps["select_seconds"] / args.blocks,
+            "refit_seconds": apt_steps["refit_seconds"] / args.blocks,
+            "refit_iterations": apt_steps["refit_iterations"],
+        }
     if args.check_resume:
         row["resume_bit_identical"] = resume_is_bit_identical(args, recipe, saved, model, dtype)
     return row
@@ -142,7 +178,18 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
 
-    rows = []
+    rows: list[dict] = []
+    # A run stopped by a time limit (SIGTERM) still writes the rows it has.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        measure_all(args, rows)
+    finally:
+        device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
+        settings = {k: getattr(args, k) for k in ("blocks", "samples", "seq_len", "dtype", "forward_budget_mib")}
+        write_results("scale-shapes", {"device": device, **settings}, rows, args.out)
+
+
+def measure_all(args: argparse.Namespace, rows: list[dict]) -> None:
     for shape in args.shapes:
         for method in args.methods:
             arguments = ["--child", shape, method, "--blocks", str(args.blocks), "--samples", str(args.samples)]
@@ -160,12 +207,9 @@ def main() -> None:
             print(
                 f"{shape:<10} {method:<9} {row['seconds_per_block']:7.1f} s/block ({phases}) "
                 f"projected {row['projected_model_minutes']:6.1f} min  peak GPU {row['peak_gpu_gib'] or 0:.1f} GiB "
-                f"host {row['peak_host_gib']:.1f} GiB",
+                f"host {row['peak_host_gib']:.1f} GiB {row.get('apt_steps_per_block', '')}",
                 flush=True,
             )
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
-    settings = {k: getattr(args, k) for k in ("blocks", "samples", "seq_len", "dtype", "forward_budget_mib")}
-    write_results("scale-shapes", {"device": device, **settings}, rows, args.out)
 
 
 if __name__ == "__main__":
