@@ -11,6 +11,9 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.batch_config import BatchConfig
+from infra.durable import write_atomic
+from infra.preflight import check_services
+from infra.redact import install_log_redaction, redact
 from infra.settings import Settings
 from pruning_core.recipe import Recipe
 from tasks.calibrate import CalibrationSpec, build_calibration
@@ -151,10 +154,18 @@ def summary_table(results: list[PairResult]) -> str:
     return "\n".join(lines)
 
 
+def progress_line(result: PairResult) -> str:
+    name = f"{Path(result.model).name} x {result.recipe_name}"
+    if result.status == "failed":
+        return f"{name}: failed ({result.error})"
+    ppl = ", ".join(f"ppl {label} {value:.2f}" for label, value in result.perplexity.items())
+    return f"{name}: {result.status}, sparsity {result.sparsity or 0:.3f}" + (f", {ppl}" if ppl else "")
+
+
 def _error_line(state) -> str:
     error = state.result(raise_on_failure=False)
     text = str(error) if isinstance(error, BaseException) else (state.message or state.name)
-    return " ".join(text.split())
+    return redact(" ".join(text.split()))
 
 
 def run_record_path(settings: Settings, run_id: str) -> Path:
@@ -167,8 +178,10 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
 
     `only` restricts the run to [model, recipe name] pairs (what `secateur retry` passes).
     """
+    install_log_redaction()  # in whatever process runs the flow (a worker's too)
     batch = BatchConfig.model_validate(config)
     settings = Settings()
+    check_services(settings)  # an unreachable store or MLflow stops the batch before any work
     logger = get_run_logger()
     run_id, run_name = str(flow_run.get_id() or "local"), flow_run.get_name() or batch.name
     parent = start_batch_run(
@@ -184,10 +197,9 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
         tags={"prefect_flow_run_id": run_id, "prefect_flow_run_name": run_name, "batch": batch.name},
     )
     wanted = {tuple(pair) for pair in only} if only else None
+    pairs = [(m, e) for m, e in batch.pairs() if wanted is None or (m, e.name) in wanted]
     results: list[PairResult] = []
-    for model, entry in batch.pairs():
-        if wanted is not None and (model, entry.name) not in wanted:
-            continue
+    for number, (model, entry) in enumerate(pairs, 1):
         state = compress_model(
             model,
             entry.recipe(batch.calibration),
@@ -200,11 +212,12 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
         )
         if state.is_completed():
             results.append(state.result())
-            continue
-        error = _error_line(state)
-        logger.error("%s x %s failed: %s", model, entry.name, error)
-        record_failed_pair(batch.name, parent, model, entry.name, error)
-        results.append(PairResult(model=model, recipe_name=entry.name, status="failed", error=error))
+        else:
+            error = _error_line(state)
+            logger.error("%s x %s failed: %s", model, entry.name, error)
+            record_failed_pair(batch.name, parent, model, entry.name, error)
+            results.append(PairResult(model=model, recipe_name=entry.name, status="failed", error=error))
+        print(f"[{number}/{len(pairs)}] {progress_line(results[-1])}", flush=True)
     table = summary_table(results)
     logger.info("batch %s summary:\n%s", batch.name, table)
     failed = [r for r in results if r.status == "failed"]
@@ -216,7 +229,7 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
         "mlflow_run_id": parent,
         "results": [r.model_dump() for r in results],
     }
-    run_record_path(settings, run_id).write_text(json.dumps(record, indent=2))
+    write_atomic(run_record_path(settings, run_id), json.dumps(record, indent=2))
     generations = {f"{Path(r.model).name} x {r.recipe_name}": r.generations for r in results if r.generations}
     finish_batch_run(parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed), generations)
     if failed:

@@ -69,10 +69,12 @@ def load_batch(path: Path) -> tuple[dict, object]:
     return yaml.safe_load(path.read_text()), config
 
 
-def _run_and_report(config: dict, only: list[list[str]] | None = None) -> dict:
+def _run_and_report(config: dict, only: list[list[str]] | None = None, verbose: bool = False) -> dict:
     from flows.batch import PairResult, compress_batch, run_record_path, summary_table
+    from flows.console import route_logs
 
     settings = Settings()
+    print(f"log: {route_logs(settings.root, verbose)}", flush=True)
     state = compress_batch(config, only, return_state=True)
     run_id = str(state.state_details.flow_run_id)
     record_path = run_record_path(settings, run_id)
@@ -99,7 +101,7 @@ def _run_and_report(config: dict, only: list[list[str]] | None = None) -> dict:
 
 def run_batch(args: argparse.Namespace) -> dict:
     config, _ = load_batch(args.batch)  # a bad batch fails here, before Prefect starts
-    return _run_and_report(config)
+    return _run_and_report(config, verbose=args.verbose)
 
 
 def find_run(settings: Settings, run: str) -> dict:
@@ -125,7 +127,7 @@ def retry_batch(args: argparse.Namespace) -> dict:
         f"retrying {len(failed)} failed pairs of {record['flow_run_name']}: "
         + ", ".join(f"{Path(m).name} x {r}" for m, r in failed)
     )
-    return _run_and_report(record["config"], failed) | {"retried": failed}
+    return _run_and_report(record["config"], failed, verbose=args.verbose) | {"retried": failed}
 
 
 def report_batch(args: argparse.Namespace) -> dict:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infra.redact import has_credentials
 from pruning_core.modeling import ModelSource
 from pruning_core.recipe import Recipe
 from tasks.calibrate import CalibrationSpec
@@ -17,10 +18,25 @@ from tasks.evaluate import EvaluationSpec
 CALIBRATION_FIELDS = ("calibration_samples", "seq_len", "seed")
 
 
+def _not_only_dots(name: str) -> str:
+    if set(name) == {"."}:
+        raise ValueError(f"name {name!r} is only dots")
+    return name
+
+
+# Names label MLflow runs, deployments and report rows: plain characters, bounded length.
+RecipeName = Annotated[
+    str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$"), AfterValidator(_not_only_dots)
+]
+BatchName = Annotated[
+    str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_only_dots)
+]
+
+
 class BatchRecipe(Recipe):
     """A recipe with the name it has in the batch (the name is not part of its fingerprint)."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: RecipeName
 
     @model_validator(mode="before")
     @classmethod
@@ -50,11 +66,30 @@ ModelSpec = Annotated[str, AfterValidator(_model_exists)]
 class BatchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: BatchName
     models: list[ModelSpec] = Field(min_length=1)
     recipes: list[BatchRecipe] = Field(min_length=1)
     calibration: CalibrationSpec
     evaluation: EvaluationSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        """Batch files end up in Prefect parameters, MLflow params and reports: no secret may be in one."""
+
+        def strings(value: Any) -> list[str]:
+            if isinstance(value, dict):
+                return [s for inner in value.values() for s in strings(inner)]
+            if isinstance(value, list):
+                return [s for inner in value for s in strings(inner)]
+            return [value] if isinstance(value, str) else []
+
+        if any(has_credentials(text) for text in strings(data)):
+            raise ValueError(
+                "a URL with credentials (user:password@ or a secret parameter) is not accepted in a batch file; "
+                "give credentials through the environment (AWS_*, HF_TOKEN, MLFLOW_TRACKING_*)"
+            )
+        return data
 
     @field_validator("models")
     @classmethod
@@ -79,7 +114,14 @@ class BatchConfig(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"batch file not found: {path}")
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a batch file is a mapping with name, models, recipes, calibration, evaluation")
         return cls.model_validate(data)

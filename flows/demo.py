@@ -16,7 +16,8 @@ import time
 import yaml
 
 from infra import assets
-from infra.settings import Settings, prepare_prefect_environment
+from infra.redact import install_log_redaction, redact
+from infra.settings import Settings, prepare_environment
 
 # Sized so that the batch takes about 30 minutes on 2 CPU cores: APT's exact least squares (about
 # 10 minutes here) does not shrink with fewer calibration tokens; the two tasks take about 2 minutes a model.
@@ -51,8 +52,9 @@ def demo_batch() -> dict:
 
 
 def main() -> int:
+    install_log_redaction()
     settings = Settings()
-    prepare_prefect_environment(settings)
+    prepare_environment(settings)
     from flows.batch_cli import _run_and_report
 
     config = demo_batch()
@@ -82,7 +84,7 @@ def main() -> int:
     print(render(batch_report(Tracker(settings), summary["flow_run_id"]), "table"))
     print(f"total {time.perf_counter() - started:.0f} s; prune column: Completed = pruned now, Cached = reused")
     print(f"artifacts:   {settings.artifact_location}")
-    print(f"MLflow:      {settings.tracking_uri} (experiment 'demo')")
+    print(f"MLflow:      {redact(settings.tracking_uri)} (experiment 'demo')")
     print("open the UIs: .venv/bin/secateur stack up   -> MLflow http://127.0.0.1:5000, Prefect http://127.0.0.1:4200")
     print("stop them:    .venv/bin/secateur stack down")
     return 0

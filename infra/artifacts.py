@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from infra.durable import atomic_copy, write_atomic
 from infra.hashing import folder_manifest, sha256_file
+from infra.safe_paths import checked_key, path_inside
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ MANIFEST = "MANIFEST.json"
 
 class ArtifactStoreError(RuntimeError):
     """The store could not be reached or an artifact failed verification."""
+
+
+class PermanentStoreError(ArtifactStoreError, ValueError):
+    """A store error that a retry cannot fix (no such bucket, access denied, bad credentials): never retried."""
 
 
 class ArtifactStore(ABC):
@@ -65,10 +70,12 @@ class ArtifactStore(ABC):
         if manifest is None:
             raise ArtifactStoreError(f"{self.url(key)}: no {MANIFEST} (missing or incomplete artifact)")
         dest = Path(dest)
+        for relative in manifest["files"]:  # every entry checked before anything is written
+            checked_key(relative)
         for relative, entry in manifest["files"].items():
             if only is not None and relative not in only:
                 continue
-            target = dest / relative
+            target = path_inside(dest, relative)
             if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,20 +100,9 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete_prefix(self, key: str) -> None: ...
 
-
-def atomic_copy(source: Path, target: Path) -> None:
-    """Copy through a temp file in the target folder, fsync, rename: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 8 * 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ArtifactStoreError unless the store answers and may be written."""
 
 
 class FilesystemStore(ArtifactStore):
@@ -114,8 +110,12 @@ class FilesystemStore(ArtifactStore):
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
 
+    def _path(self, key: str) -> Path:
+        """The file of `key`: a store folder may hold links or odd names, which are refused, never followed."""
+        return path_inside(self.root, key)
+
     def _put_file(self, local: Path, key: str, sha256: str, size: int) -> bool:
-        target = self.root / key
+        target = self._path(key)
         if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha256:
             return False
         try:
@@ -128,41 +128,39 @@ class FilesystemStore(ArtifactStore):
 
     def _get_file(self, key: str, local: Path) -> None:
         try:
-            atomic_copy(self.root / key, local)
+            atomic_copy(self._path(key), local)
         except FileNotFoundError as error:
             raise ArtifactStoreError(f"{self.url(key)}: not in the store") from error
 
     def _read_text(self, key: str) -> str | None:
-        path = self.root / key
+        path = self._path(key)
         return path.read_text() if path.is_file() else None
 
     def _write_text(self, key: str, text: str) -> None:
-        path = self.root / key
-        with tempfile.NamedTemporaryFile("w", dir=self._folder(path), delete=False, suffix=".tmp") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(out.name, path)
+        write_atomic(self._path(key), text)
 
-    @staticmethod
-    def _folder(path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.parent
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise PermanentStoreError(f"cannot create {self.root}: {error.strerror or error}") from error
+        if not os.access(self.root, os.W_OK):
+            raise PermanentStoreError(f"{self.root} is not writable")
 
     def delete_prefix(self, key: str) -> None:
-        path = self.root / key
+        path = self._path(key)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
 
 
-def open_store(location: str, attempts: int = 5) -> ArtifactStore:
+def open_store(location: str, attempts: int = 5, connect_timeout: int = 10) -> ArtifactStore:
     """`s3://bucket/prefix` or a folder path."""
     if location.startswith("s3://"):
         from infra.s3 import S3Store
 
-        return S3Store(location, attempts=attempts)
+        return S3Store(location, attempts=attempts, connect_timeout=connect_timeout)
     if "://" in location and not location.startswith("file://"):
         raise ValueError(f"artifact store must be a folder or s3://bucket/prefix, got {location!r}")
     return FilesystemStore(location.removeprefix("file://"))

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infra.artifacts import ArtifactStore, ArtifactStoreError
+from infra.durable import fsync_path
 from infra.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,6 @@ class ResumePoint:
     inputs: torch.Tensor | None = None
     block_weights: list[Path] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
-
-
-def fsync_path(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 class BlockCheckpoints:

@@ -16,9 +16,16 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from infra.artifacts import ArtifactStore, ArtifactStoreError, atomic_copy
+from infra.artifacts import ArtifactStore, ArtifactStoreError, PermanentStoreError
+from infra.durable import atomic_copy
+from infra.redact import redact
+from infra.safe_paths import checked_key, path_inside
 
 PART_SIZE = 64 * 1024 * 1024
+# Answers a retry cannot change.
+PERMANENT_CODES = frozenset(
+    {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "403", "404"}
+)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -29,10 +36,15 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class S3Store(ArtifactStore):
-    def __init__(self, uri: str, attempts: int = 5, client=None) -> None:
+    def __init__(self, uri: str, attempts: int = 5, connect_timeout: int = 10, client=None) -> None:
         self.bucket, self.prefix = split_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=5, read_timeout=120)
+        # Reads stay long: one part of a large upload may take that long to be acknowledged.
+        config = Config(
+            retries={"mode": "standard", "max_attempts": attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=120,
+        )
         self.client = client or boto3.session.Session().client("s3", config=config)
         self.transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
 
@@ -45,10 +57,16 @@ class S3Store(ArtifactStore):
             yield
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "error")
-            raise ArtifactStoreError(f"S3 {action} s3://{self.bucket}/{self._key(key)} failed: {code}") from error
+            kind = PermanentStoreError if code in PERMANENT_CODES else ArtifactStoreError
+            raise kind(f"S3 {action} s3://{self.bucket}/{self._key(key)} failed: {code}") from error
         except BotoCoreError as error:
-            endpoint = self.client.meta.endpoint_url
-            raise ArtifactStoreError(f"S3 {action} failed at {endpoint}: {error}") from error
+            endpoint = redact(str(self.client.meta.endpoint_url))
+            raise ArtifactStoreError(f"S3 {action} failed at {endpoint}: {redact(str(error))}") from error
+
+    def check(self) -> None:
+        """The bucket answers and these credentials may use it (a batch checks this before any work)."""
+        with self._errors("check", ""):
+            self.client.head_bucket(Bucket=self.bucket)
 
     def _head(self, key: str) -> dict | None:
         try:
@@ -122,11 +140,12 @@ class S3Store(ArtifactStore):
         """A folder that was not stored by us (no manifest): every object under the prefix."""
         if self.read_manifest(key) is not None:
             return self.get_folder(key, dest)
-        keys = self.list_keys(key)
+        # Folder markers ("sub/") hold nothing; every other key is checked before anything is written.
+        keys = [checked_key(relative) for relative in self.list_keys(key) if not relative.endswith("/")]
         if not keys:
             raise ArtifactStoreError(f"{self.url(key)}: no objects under this prefix")
         for relative in keys:
-            target = dest / relative
+            target = path_inside(dest, relative)
             target.parent.mkdir(parents=True, exist_ok=True)
             self._get_file(f"{key}/{relative}", target)
         return dest

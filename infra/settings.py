@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     task_retries: int = Field(default=2, ge=0, le=10, description="Prefect retries of fetch and publish")
     retry_delay_seconds: float = Field(default=10.0, ge=0, description="first retry delay; later ones grow x3")
     upload_attempts: int = Field(default=5, ge=1, le=20, description="S3 attempts per request (standard retry mode)")
+    service_timeout_seconds: int = Field(
+        default=10, ge=1, le=600, description="connect timeout of S3 and MLflow requests, read timeout of MLflow's"
+    )
+    service_retries: int = Field(default=2, ge=0, le=10, description="MLflow HTTP retries per request")
 
     @cached_property
     def root(self) -> Path:
@@ -63,10 +67,14 @@ class Settings(BaseSettings):
         return folder
 
 
-def prepare_prefect_environment(settings: Settings) -> None:
+def prepare_environment(settings: Settings) -> None:
     """Defaults for Prefect's own variables, before prefect is imported; values the user set win."""
     os.environ.setdefault("PREFECT_HOME", str(settings.root / "prefect"))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # SQLite needs the folder
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # MLflow's client would retry an unreachable server for minutes by default; the batch fails in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.service_timeout_seconds))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.service_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")

@@ -44,10 +44,6 @@ def _command(service: Service, settings: Settings) -> list[str]:
         "127.0.0.1",
         "--port",
         str(service.port),
-        "--backend-store-uri",
-        settings.tracking_uri,
-        "--default-artifact-root",
-        settings.mlflow_artifact_root,
         "--workers",
         "1",
     ]
@@ -91,7 +87,13 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, str]:
         if running(settings, service.name):
             continue
         log = open(settings.path("stack") / f"{service.name}.log", "ab")
-        env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect"))}
+        env = {
+            **os.environ,
+            "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect")),
+            # Through the environment, not the command line: a database URL may hold a password (`ps`).
+            "MLFLOW_BACKEND_STORE_URI": settings.tracking_uri,
+            "MLFLOW_DEFAULT_ARTIFACT_ROOT": settings.mlflow_artifact_root,
+        }
         process = subprocess.Popen(
             _command(service, settings),
             stdout=log,

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from infra.checkpoints import CheckpointRefused, fsync_path
+from infra.checkpoints import CheckpointRefused
+from infra.durable import fsync_path
 from infra.hashing import sha256_file
 
 log = logging.getLogger(__name__)

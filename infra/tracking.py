@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infra.redact import redact
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Tracker:
     def start_run(
         self, experiment: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
     ) -> str:
-        run_tags = dict(tags or {})
+        run_tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
@@ -71,8 +72,8 @@ class Tracker:
         metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         for key, values in (series or {}).items():
             metric_list.extend(Metric(key, float(v), now, step) for step, v in enumerate(values))
-        param_list = [Param(k, v) for k, v in flatten_params(params or {}).items()]
-        tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        param_list = [Param(k, redact(v)) for k, v in flatten_params(params or {}).items()]
+        tag_list = [RunTag(k, redact(str(v))) for k, v in (tags or {}).items()]
         # MLflow's per-request limits: 1000 metrics, 100 params, 100 tags.
         for start in range(0, len(metric_list), 900):
             self.client.log_batch(run_id, metrics=metric_list[start : start + 900])

@@ -171,3 +171,10 @@ def capture_first_block_inputs(
 def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
     output = block(hidden, **block_kwargs)
     return output[0] if isinstance(output, tuple) else output
+
+
+def check_sequence_length(model: nn.Module, seq_len: int, what: str) -> None:
+    """Refuse windows longer than the model's position range (its outputs there are meaningless)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"{what} {seq_len} exceeds the model's maximum of {limit} positions")

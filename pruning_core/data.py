@@ -48,8 +48,17 @@ def read_rows(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise DataSpecError(f"data file not found: {spec}")
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = _read_text(path).splitlines(keepends=True)
     return [line for line in lines if not _DOC_TAG.match(line)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataSpecError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise DataSpecError(f"{path}: cannot read ({error.strerror or error})") from None
 
 
 def _jsonl_rows(path: Path, field: str) -> list[str]:
@@ -57,14 +66,22 @@ def _jsonl_rows(path: Path, field: str) -> list[str]:
         raise DataSpecError(f"data file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if field not in record:
-                raise DataSpecError(f"{path}:{number}: no field {field!r}")
-            rows.append(str(record[field]))
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or field not in record:
+                    raise DataSpecError(f"{path}:{number}: no field {field!r}")
+                rows.append(str(record[field]))
+    except json.JSONDecodeError as error:
+        raise DataSpecError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as error:
+        raise DataSpecError(f"{path}: unreadable after line {number} ({type(error).__name__})") from None
+    except OSError as error:
+        raise DataSpecError(f"{path}: cannot read ({error.strerror or error})") from None
     return rows
 
 

@@ -29,6 +29,7 @@ from pruning_core.adapters import (
     LinearGroup,
     adapter_for,
     capture_first_block_inputs,
+    check_sequence_length,
     run_block,
     to_device,
 )
@@ -368,6 +369,7 @@ def prune_model(
     model.eval()
     if start_block and start_inputs is None:
         raise ValueError("resuming at a later block needs the saved inputs of that block")
+    check_sequence_length(model, calibration.shape[-1], "calibration seq_len")
     # Block keyword arguments (masks, rotary embeddings) depend only on the sequence length.
     first_inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration[: 1 if start_block else None])
     inputs = (start_inputs if start_block else first_inputs).to(device)

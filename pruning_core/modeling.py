@@ -59,6 +59,8 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
 
     source = ModelSource.parse(spec)
     kwargs = source.kwargs(trust_remote_code)
+    if not source.gguf_file:
+        check_model_files(Path(source.location))
     if not source.gguf_file and has_block_shapes(source.location):
         # Structurally pruned with different widths per block: our loader, since from_pretrained cannot.
         return load_structured(source.location, dtype), AutoTokenizer.from_pretrained(source.location, **kwargs)
@@ -70,6 +72,23 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model.eval(), tokenizer
+
+
+def check_model_files(folder: Path) -> None:
+    """A local folder's JSON files parse and its safetensors headers read: a broken one is named, not a traceback."""
+    if not folder.is_dir():
+        return  # a hub id: transformers resolves and reports it
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelSpecError(f"{path}: not valid JSON ({error})") from None
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelSpecError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):

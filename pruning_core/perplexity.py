@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruning_core.adapters import check_sequence_length
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -30,6 +32,7 @@ def perplexity(
     label: str = "perplexity",
     progress: bool = True,
 ) -> PerplexityResult:
+    check_sequence_length(model, seq_len, f"{label}: seq_len")
     available = token_ids.numel()
     usable = available if max_tokens is None else min(available, max_tokens)
     windows = usable // seq_len

@@ -11,7 +11,9 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from infra.durable import fsync_path
 from infra.hashing import fingerprint, sha256_file
+from infra.locks import exclusive
 from infra.settings import Settings
 from pruning_core.data import calibration_windows, local_path, read_rows, tokenize_text
 from pruning_core.modeling import load_tokenizer
@@ -55,14 +57,9 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
     started = time.perf_counter()
     key = calibration_fingerprint(snapshot, spec)
     path = settings.path("calibration") / f"{key}.safetensors"
-    if not _valid(path, key):
-        rows = read_rows(spec.data)
-        ids = calibration_windows(
-            tokenize_text(load_tokenizer(snapshot.path), rows), spec.samples, spec.seq_len, spec.seed
-        )
-        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"input_ids": ids.contiguous()}, temp, metadata={"fingerprint": key, "data": spec.data})
-        os.replace(temp, path)
+    with exclusive(settings.path("locks"), f"calibration-{key}"):
+        if not _valid(path, key):
+            _write_calibration(snapshot, spec, key, path)
     return CalibrationSet(
         path=str(path),
         fingerprint=key,
@@ -70,6 +67,15 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
         seq_len=spec.seq_len,
         seconds=time.perf_counter() - started,
     )
+
+
+def _write_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, key: str, path: Path) -> None:
+    rows = read_rows(spec.data)
+    ids = calibration_windows(tokenize_text(load_tokenizer(snapshot.path), rows), spec.samples, spec.seq_len, spec.seed)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"input_ids": ids.contiguous()}, temp, metadata={"fingerprint": key, "data": spec.data})
+    fsync_path(temp)
+    os.replace(temp, path)
 
 
 def _valid(path: Path, key: str) -> bool:

@@ -3,21 +3,26 @@ cached by (model content, evaluation spec) so the dense baseline of a model is c
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra import assets
+from infra.durable import read_json, write_atomic
 from infra.hashing import fingerprint
+from infra.locks import exclusive
 from infra.settings import Settings
 from pruning_core.data import read_rows, tokenize_text
 from pruning_core.generation import greedy_continuations
 from pruning_core.modeling import load_model
 from pruning_core.perplexity import perplexity
 from pruning_core.zero_shot import HUB, evaluate_zero_shot
+
+log = logging.getLogger(__name__)
 
 # Bump when what an evaluation computes changes: it is part of every evaluation's cache key.
 EVALUATION_VERSION = "2"
@@ -123,10 +128,28 @@ def task_data_folder(task_data: str | None) -> Path | str:
     return task_data if task_data == HUB else Path(task_data)
 
 
+def evaluation_key(model_fingerprint: str, spec: EvaluationSpec) -> str:
+    return "evaluate-" + fingerprint({"model": model_fingerprint, "spec": spec.model_dump(), "v": EVALUATION_VERSION})
+
+
 def _cache_key(context, parameters: dict) -> str:
-    return "evaluate-" + fingerprint(
-        {"model": parameters["model_fingerprint"], "spec": parameters["spec"].model_dump(), "v": EVALUATION_VERSION}
-    )
+    return evaluation_key(parameters["model_fingerprint"], parameters["spec"])
+
+
+def evaluate_once(model_path: str, model_fingerprint: str, spec: EvaluationSpec, settings: Settings) -> Evaluation:
+    """Evaluated by one process at a time and kept under the state dir: a second process reuses the result."""
+    key = evaluation_key(model_fingerprint, spec)
+    path = settings.path("evaluations") / f"{key}.json"
+    with exclusive(settings.path("locks"), key):
+        saved = read_json(path)
+        if saved is not None:
+            try:
+                return Evaluation.model_validate(saved)
+            except ValidationError:
+                log.warning("ignoring %s: not an evaluation of this version", path)
+        evaluation = evaluate_folder(model_path, spec, settings)
+        write_atomic(path, evaluation.model_dump_json(indent=1))
+        return evaluation
 
 
 def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, progress: bool = False) -> Evaluation:
@@ -178,4 +201,4 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
 @task(name="evaluate", cache_key_fn=_cache_key, persist_result=True)
 def evaluate(model_path: str, model_fingerprint: str, spec: EvaluationSpec) -> Evaluation:
     """Keyed on the model's fingerprint, not its path: the dense baseline is computed once per model."""
-    return evaluate_folder(model_path, spec, Settings())
+    return evaluate_once(model_path, model_fingerprint, spec, Settings())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
+from infra.durable import read_json, write_atomic
 from infra.hashing import fingerprint, sha256_file
 from infra.settings import Settings
 from pruning_core.modeling import ModelSource, ModelSpecError
@@ -29,10 +31,19 @@ class ModelSnapshot(BaseModel):
     seconds: float = 0.0
 
 
+SLUG_LENGTH = 80
+
+
 def slug_of(spec: str) -> str:
-    name = spec.removeprefix("hf://").removeprefix("s3://").split("@")[0].rstrip("/")
-    name = name.replace("/", "--") if spec.startswith("hf://") else Path(name).name.removesuffix(".gguf")
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
+    """A readable folder name for the model: [a-z0-9._-], never '.' or '..', at most SLUG_LENGTH characters
+    (a longer name keeps its start and gains a hash of the whole spec). It only labels paths; identity is
+    the content fingerprint after it."""
+    name = posixpath.normpath(spec.removeprefix("hf://").removeprefix("s3://").split("@")[0].replace("\\", "/"))
+    name = name.replace("/", "--") if spec.startswith("hf://") else posixpath.basename(name).removesuffix(".gguf")
+    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
+    if len(slug) > SLUG_LENGTH:
+        slug = f"{slug[: SLUG_LENGTH - 17].rstrip('-.')}-{fingerprint(spec)}"
+    return slug
 
 
 class _HashCache:
@@ -40,14 +51,15 @@ class _HashCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+        entries = read_json(path)  # a torn or foreign file is rebuilt, never a permanent failure
+        self.entries: dict[str, str] = entries if isinstance(entries, dict) else {}
 
     def sha256(self, file: Path) -> str:
         stat = file.stat()
         key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in self.entries:
             self.entries[key] = sha256_file(file)
-            self.path.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
+            write_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
         return self.entries[key]
 
 
@@ -69,7 +81,7 @@ def _from_s3(spec: str, settings: Settings) -> Path:
 
     bucket, prefix = split_s3_uri(spec)
     dest = settings.path("downloads", fingerprint(spec))
-    S3Store(f"s3://{bucket}", attempts=settings.upload_attempts).download_prefix(prefix, dest)
+    S3Store(f"s3://{bucket}", settings.upload_attempts, settings.service_timeout_seconds).download_prefix(prefix, dest)
     return dest
 
 

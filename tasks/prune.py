@@ -15,7 +15,9 @@ from pydantic import BaseModel
 
 from infra.artifacts import open_store
 from infra.checkpoints import BlockCheckpoints
+from infra.durable import fsync_path, read_json, write_atomic
 from infra.hashing import fingerprint
+from infra.locks import exclusive
 from infra.settings import Settings
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.adapters import adapter_for
@@ -77,9 +79,18 @@ def _block_means(errors: dict[str, float], blocks: int, prefix_of) -> list[float
     return means
 
 
-def _finished(folder: Path) -> dict | None:
-    report = folder / REPORT
-    return json.loads(report.read_text()) if report.is_file() else None
+def finished_report(folder: Path) -> dict | None:
+    """The report of a complete folder: present, readable, and every file it lists there with its size."""
+    report = read_json(folder / REPORT)
+    if report is None:
+        return None
+    files = report.get("files")
+    if not isinstance(files, dict) or not all(
+        (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items()
+    ):
+        log.warning("%s: its %s does not match its files; it is made again", folder, REPORT)
+        return None
+    return report
 
 
 def prune_with_checkpoints(
@@ -88,10 +99,11 @@ def prune_with_checkpoints(
     """Prune one (model, calibration, recipe); a rerun resumes from the last valid block checkpoint."""
     run = run_fingerprint(snapshot, calibration, recipe)
     out = settings.root / "models" / snapshot.slug / recipe.fingerprint()[:16] / run
-    report = _finished(out)
-    if report is None:
-        prune_stage = _prune_structured if recipe.structured else _prune
-        report = prune_stage(snapshot, calibration, recipe, settings, run, out, progress)
+    with exclusive(settings.path("locks"), f"prune-{run}"):  # another process may be pruning it: wait, reuse
+        report = finished_report(out)
+        if report is None:
+            prune_stage = _prune_structured if recipe.structured else _prune
+            report = prune_stage(snapshot, calibration, recipe, settings, run, out, progress)
     return PrunedModel(
         path=str(out),
         fingerprint=run,
@@ -113,19 +125,42 @@ STRUCTURE_KEYS = ("parameters_before", "parameters_after", "latency_ms_before", 
 
 
 def commit_folder(staging: Path, out: Path, report: dict) -> None:
-    """Write the report last, then move the finished folder into place."""
-    report.update(peak_rss_mib=peak_rss_mib(), peak_gpu_mib=peak_gpu_mib())
-    (staging / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True))
+    """Files synced, then the report (listing each file's size) last, then the folder moved into place."""
+    files = {p.relative_to(staging).as_posix(): p for p in sorted(staging.rglob("*")) if p.is_file()}
+    for path in files.values():
+        fsync_path(path)
+    report.update(
+        peak_rss_mib=peak_rss_mib(),
+        peak_gpu_mib=peak_gpu_mib(),
+        files={name: path.stat().st_size for name, path in files.items() if name != REPORT},
+    )
+    write_atomic(staging / REPORT, json.dumps(report, indent=2, sort_keys=True))
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, out)
+    fsync_path(out.parent)
 
 
 def staging_folder(out: Path) -> Path:
+    """This process's staging folder for `out`; those of processes that are gone are removed."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     return staging
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _details(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> dict:
@@ -202,7 +237,11 @@ def _prune(
     progress: bool,
 ) -> dict:
     started = time.perf_counter()
-    mirror = open_store(settings.artifact_location, settings.upload_attempts) if settings.mirror_checkpoints else None
+    mirror = (
+        open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
+        if settings.mirror_checkpoints
+        else None
+    )
     checkpoints = BlockCheckpoints(settings.root / "work" / run / "checkpoints", run, mirror, f"checkpoints/{run}")
     model, tokenizer = load_model(snapshot.path)
     ids = load_calibration(calibration)

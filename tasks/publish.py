@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -162,7 +163,7 @@ def _report_folder(record: PairRecord, folder: Path) -> Path:
 
 
 def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
-    store = open_store(settings.artifact_location, settings.upload_attempts)
+    store = open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
     key = artifact_key(record)
     report_dir = _report_folder(record, settings.root / "work" / record.fingerprint / "report")
     store.put_folder(record.model_path, f"{key}/model", {"run_fingerprint": record.fingerprint})
@@ -180,10 +181,16 @@ def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | No
     series = {"block_error": record.pruned.block_errors, "block_sparsity": record.pruned.block_sparsity}
     if record.recovered is not None:
         series["recovery_loss"] = record.recovered.losses
-    tracker.log(run_id, params=params_of(record), metrics=metrics_of(record), series=series)
-    (report_dir / "model_uri.txt").write_text(publication.model_uri + "\n")
-    (report_dir / "summary.json").write_text(json.dumps(metrics_of(record), indent=2, sort_keys=True))
-    tracker.log_artifacts(run_id, report_dir)
+    try:
+        tracker.log(run_id, params=params_of(record), metrics=metrics_of(record), series=series)
+        (report_dir / "model_uri.txt").write_text(publication.model_uri + "\n")
+        (report_dir / "summary.json").write_text(json.dumps(metrics_of(record), indent=2, sort_keys=True))
+        tracker.log_artifacts(run_id, report_dir)
+    except BaseException:
+        # A retry starts a new run; this one must not stay RUNNING beside it.
+        with contextlib.suppress(Exception):
+            tracker.finish(run_id, failed=True)
+        raise
     tracker.finish(run_id)
     return publication.model_copy(update={"mlflow_run_id": run_id})
 

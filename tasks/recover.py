@@ -11,6 +11,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from infra.hashing import fingerprint
+from infra.locks import exclusive
 from infra.settings import Settings
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.data import read_rows
@@ -18,7 +19,7 @@ from pruning_core.job import recover_to_folder
 from pruning_core.modeling import load_model
 from pruning_core.recovery import RecoverySpec, TrainingState
 from tasks.calibrate import data_identity
-from tasks.prune import REPORT, PrunedModel, commit_folder, staging_folder
+from tasks.prune import REPORT, PrunedModel, commit_folder, finished_report, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,11 @@ def recover_with_checkpoints(
 ) -> RecoveredModel:
     run = recovery_fingerprint(pruned, spec)
     out = Path(pruned.path).with_name(f"{Path(pruned.path).name}-recovered-{run[:16]}")
-    report_path = out / REPORT
-    if not report_path.is_file():
-        _recover(pruned, spec, settings, run, out, progress)
-    report = json.loads(report_path.read_text())
+    with exclusive(settings.path("locks"), f"recover-{run}"):
+        report = finished_report(out)
+        if report is None:
+            _recover(pruned, spec, settings, run, out, progress)
+            report = finished_report(out)
     recovery = report["recovery"]
     return RecoveredModel(
         path=str(out),

@@ -31,9 +31,9 @@ COMPUTE_STAGES = ("prune", "evaluate", "evaluate_dense")
 
 def batch_overhead(home: Path) -> dict:
     os.environ["SECATEUR_HOME"] = str(home)
-    from infra.settings import Settings, prepare_prefect_environment
+    from infra.settings import Settings, prepare_environment
 
-    prepare_prefect_environment(Settings())
+    prepare_environment(Settings())
     from flows.batch import compress_batch
     from flows.demo import demo_batch
 

@@ -1,0 +1,48 @@
+"""What a batch shows on the terminal: its sources, a line per pair and the summary.
+
+Prefect's INFO lines, the temporary server's chatter and the tracebacks of failed pairs go to a log
+file under the state dir (its path is printed first); `-v` shows everything on the terminal too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+# Loggers that configure their own terminal handler instead of propagating to the root.
+_OWN_HANDLERS = ("uvicorn", "fastapi", "prefect._internal")
+
+
+class _Quiet(logging.Filter):
+    """Terminal filter: Prefect and its server only when critical, everything else from warnings up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("prefect", *_OWN_HANDLERS)):
+            return record.levelno >= logging.CRITICAL
+        return record.levelno >= logging.WARNING
+
+
+def route_logs(state_dir: Path, verbose: bool) -> Path:
+    """Send every INFO record to `<state dir>/logs/<time>-<pid>.log`; quiet the terminal unless verbose.
+
+    Call it after Prefect configured logging (importing prefect does), so its handlers are the ones filtered.
+    """
+    folder = state_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for logger in (root, *(logging.getLogger(name) for name in _OWN_HANDLERS)):
+        if not verbose:
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                    handler.addFilter(_Quiet())
+        logger.addHandler(to_file)
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "botocore", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
