@@ -70,12 +70,20 @@ def load_batch(path: Path) -> tuple[dict, object]:
 
 
 def _run_and_report(config: dict, only: list[list[str]] | None = None, verbose: bool = False) -> dict:
-    from flows.batch import PairResult, compress_batch, run_record_path, summary_table
+    from flows.batch import compress_batch
     from flows.console import route_logs
+    from flows.local_api import local_prefect_api
 
     settings = Settings()
     print(f"log: {route_logs(settings.root, verbose)}", flush=True)
-    state = compress_batch(config, only, return_state=True)
+    with local_prefect_api(settings.root):
+        state = compress_batch(config, only, return_state=True)
+        return _report_run(settings, state)
+
+
+def _report_run(settings: Settings, state) -> dict:
+    from flows.batch import PairResult, run_record_path, summary_table
+
     run_id = str(state.state_details.flow_run_id)
     record_path = run_record_path(settings, run_id)
     if not record_path.is_file():  # failed before the summary: a bad batch or an unreachable service
@@ -100,7 +108,10 @@ def _run_and_report(config: dict, only: list[list[str]] | None = None, verbose: 
 
 
 def run_batch(args: argparse.Namespace) -> dict:
+    from infra.preflight import check_services
+
     config, _ = load_batch(args.batch)  # a bad batch fails here, before Prefect starts
+    check_services(Settings())  # so does an unreachable store or MLflow
     return _run_and_report(config, verbose=args.verbose)
 
 

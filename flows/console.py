@@ -19,6 +19,8 @@ class _Quiet(logging.Filter):
     """Terminal filter: Prefect and its server only when critical, everything else from warnings up."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":  # library deprecation notices: the log file only
+            return False
         if record.name.startswith(("prefect", *_OWN_HANDLERS)):
             return record.levelno >= logging.CRITICAL
         return record.levelno >= logging.WARNING
@@ -35,6 +37,15 @@ def route_logs(state_dir: Path, verbose: bool) -> Path:
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        # Read when these libraries are first imported: MLflow's own stderr handler, datasets' progress bars.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+    logging.captureWarnings(True)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for logger in (root, *(logging.getLogger(name) for name in _OWN_HANDLERS)):
@@ -43,6 +54,7 @@ def route_logs(state_dir: Path, verbose: bool) -> Path:
                 if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                     handler.addFilter(_Quiet())
         logger.addHandler(to_file)
-    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "botocore", "filelock"):
+    for noisy in ("httpx", "httpcore", "alembic", "botocore", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat what the error line says
     return path

@@ -21,6 +21,17 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with that id exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def exclusive(folder: Path, name: str) -> Iterator[None]:
     """Hold the lock `name` under `folder` for the block; waits (logging who holds it) while taken."""

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from infra.locks import process_alive
 from infra.redact import redact
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PARAM_LIMIT = 6000  # MLflow's maximum param value length
+HOST_TAG, PID_TAG = "secateur.host", "secateur.pid"
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -52,6 +56,8 @@ class Tracker:
         self, experiment: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None
     ) -> str:
         run_tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
+        # Who runs it: a later batch on this host ends the run as KILLED if this process dies first.
+        run_tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=run_tags)
@@ -121,6 +127,27 @@ class Tracker:
     def series(self, run_id: str, key: str) -> list[float]:
         """A metric logged with steps, ordered by step."""
         return [m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+    def end_abandoned_runs(self, experiment: str) -> list[str]:
+        """RUNNING runs started on this host by a process that is gone (killed, crashed) end as KILLED."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        host = socket.gethostname().replace("'", "")
+        runs = self.client.search_runs(
+            [found.experiment_id],
+            f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            max_results=1000,
+        )
+        ended = []
+        for run in runs:
+            pid = run.data.tags.get(PID_TAG, "")
+            if pid.isdigit() and not process_alive(int(pid)):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                ended.append(run.info.run_id)
+        if ended:
+            log.warning("ended %d MLflow runs of processes that died as KILLED", len(ended))
+        return ended
 
     def finish(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

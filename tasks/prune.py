@@ -17,7 +17,7 @@ from infra.artifacts import open_store
 from infra.checkpoints import BlockCheckpoints
 from infra.durable import fsync_path, read_json, write_atomic
 from infra.hashing import fingerprint
-from infra.locks import exclusive
+from infra.locks import exclusive, process_alive
 from infra.settings import Settings
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.adapters import adapter_for
@@ -151,16 +151,6 @@ def staging_folder(out: Path) -> Path:
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     return staging
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _details(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> dict:

@@ -15,6 +15,7 @@ from tasks.review import batch_report, write_review
 @task(name="start_batch_run", retries=2, retry_delay_seconds=5)
 def start_batch_run(experiment: str, run_name: str, params: dict, tags: dict[str, str]) -> str:
     tracker = Tracker(Settings())
+    tracker.end_abandoned_runs(experiment)
     run_id = tracker.start_run(experiment, run_name, tags=tags)
     tracker.log(run_id, params=params)
     return run_id

@@ -414,3 +414,79 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, tiny_model_dir):
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ModelSpecError, match=r"model\.safetensors: not a readable safetensors file"):
         load_model(str(folder))
+
+
+def test_runs_of_dead_processes_end_as_killed_and_live_ones_stay(tmp_path, monkeypatch):
+    from infra.settings import Settings
+    from infra.tracking import PID_TAG, Tracker
+
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = Tracker(Settings())
+    crashed = tracker.start_run("batch", "crashed")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tracker.client.set_tag(crashed, PID_TAG, dead.stdout.strip())
+    running = tracker.start_run("batch", "running")  # this process: alive
+    assert tracker.end_abandoned_runs("batch") == [crashed]
+    assert tracker.client.get_run(crashed).info.status == "KILLED"
+    assert tracker.client.get_run(running).info.status == "RUNNING"
+    assert tracker.end_abandoned_runs("no-such-experiment") == []
+
+
+SERVER_OWNER = """
+import sys, time
+from pathlib import Path
+from flows.local_api import local_prefect_api
+with local_prefect_api(Path(sys.argv[1])) as url:
+    print(url, flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_the_local_prefect_server_dies_with_its_parent(tmp_path):
+    import time
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(root), PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", SERVER_OWNER, str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = owner.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        assert httpx.get(f"{url}/api/health", timeout=5).status_code == 200
+        owner.kill()  # kill -9: no atexit, no finally
+        owner.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/api/health", timeout=1)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the Prefect server outlived its parent")
+    finally:
+        owner.kill()
+
+
+def test_an_unreachable_s3_endpoint_fails_the_preflight_in_seconds(tmp_path, monkeypatch):
+    import time
+
+    from infra.preflight import ServiceUnavailable, check_services
+    from infra.settings import Settings
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SECATEUR_ARTIFACTS", "s3://nightly/models")
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="artifact store s3://nightly/models unusable") as failure:
+        check_services(Settings())
+    assert time.monotonic() - started < 60 and SECRET not in str(failure.value)
