@@ -6,12 +6,14 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 from flows.batch_cli import PairFailures, add_commands
+from infra.durable import read_json
 from infra.redact import install_log_redaction, redact
 from infra.settings import Settings, prepare_environment
 from pruning_core.methods import METHODS, STRUCTURED_METHODS
@@ -47,6 +49,7 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--true-sequential", action="store_true", default=None, help="prune q/k/v -> o -> mlp in order")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the pruned model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.set_defaults(run=_run_prune)
@@ -95,54 +98,76 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def _run_prune(args: argparse.Namespace) -> dict:
+    """The same checkpointed path as a batch: a crashed prune resumes; `--out` gets the finished folder at once."""
     from pruning_core.data import read_rows
-    from pruning_core.job import calibration_set
-    from pruning_core.modeling import load_model
+    from tasks.calibrate import CalibrationSpec, make_calibration
+    from tasks.fetch import snapshot_model
+    from tasks.prune import REPORT, prune_with_checkpoints
+    from tasks.recover import recover_with_checkpoints
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
     _check_device(args.device)
-    rows = read_rows(args.calibration)  # a bad data spec fails before the model is loaded
-    recovery_rows = read_rows(recipe.recovery.data) if recipe.recovery is not None else None
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    calibration = calibration_set(tokenizer, rows, recipe)
-    details = {"model": args.model, "calibration": args.calibration}
-    if recipe.structured:
-        summary = _prune_structured(args, model, tokenizer, calibration, recipe, details, recovery_rows)
-    else:
-        summary = _prune_unstructured(args, model, tokenizer, calibration, recipe, details)
+    _check_out(args.out, args.overwrite)
+    read_rows(args.calibration)  # a bad data spec fails before the model is read
+    if recipe.recovery is not None:
+        read_rows(recipe.recovery.data)
+    settings = Settings(device=args.device, trust_remote_code=args.trust_remote_code)
+    snapshot = snapshot_model(args.model, settings)
+    spec = CalibrationSpec(
+        data=args.calibration, samples=recipe.calibration_samples, seq_len=recipe.seq_len, seed=recipe.seed
+    )
+    calibration = make_calibration(snapshot, spec, settings)
+    pruned = prune_with_checkpoints(snapshot, calibration, recipe.without_recovery(), settings, progress=True)
+    final = Path(pruned.path)
+    if recipe.recovery is not None:
+        final = Path(recover_with_checkpoints(pruned, recipe.recovery, settings, progress=True).path)
+    deliver_folder(final, args.out)
+    report = read_json(args.out / REPORT) or {}
+    summary = _print_structured(report) if recipe.structured else _print_unstructured(report)
     seconds = time.perf_counter() - started
     print(f"pruned {args.model} with {recipe.method} at {recipe.describe()} -> {args.out}; {seconds:.1f} s")
+    print(f"(work and checkpoints under {settings.root}; the same prune again reuses them)")
     return {
         "out": str(args.out),
         "method": recipe.method,
         "target": recipe.describe(),
         "seconds": seconds,
         "recipe_fingerprint": recipe.fingerprint(),
+        "run_fingerprint": pruned.fingerprint,
+        "resumed_from_block": pruned.resumed_from_block,
         **summary,
     }
 
 
-def _prune_unstructured(args, model, tokenizer, calibration, recipe, details) -> dict:
-    from pruning_core.job import allocate_sparsity, prune_to_folder
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} is not empty (give --overwrite to replace it)")
 
-    block_sparsity = allocate_sparsity(model, calibration, recipe, args.device)
-    report = prune_to_folder(
-        model, tokenizer, calibration, recipe, args.out, args.device, details=details, block_sparsity=block_sparsity
-    )
+
+def deliver_folder(source: Path, out: Path) -> None:
+    """Copy the finished folder next to `out`, then rename it into place: `out` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+
+
+def _print_unstructured(report: dict) -> dict:
     print(f"achieved sparsity {report['total']:.4f} over {report['parameters']:,} prunable weights")
     summary = {"sparsity": report["total"]}
-    if block_sparsity is not None:
-        print("block sparsity: " + " ".join(f"{s:.3f}" for s in block_sparsity))
-        summary["block_sparsity"] = block_sparsity
+    if report.get("block_sparsity"):
+        print("block sparsity: " + " ".join(f"{s:.3f}" for s in report["block_sparsity"]))
+        summary["block_sparsity"] = report["block_sparsity"]
     return summary
 
 
-def _prune_structured(args, model, tokenizer, calibration, recipe, details, recovery_rows) -> dict:
-    from pruning_core.job import prune_structured_to_folder, recover_to_folder
-    from pruning_core.modeling import write_report
-
-    report = prune_structured_to_folder(model, tokenizer, calibration, recipe, args.out, args.device, details=details)
+def _print_structured(report: dict) -> dict:
     before, after = report["parameters_before"], report["parameters_after"]
     print(f"parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)")
     print(
@@ -157,12 +182,10 @@ def _prune_structured(args, model, tokenizer, calibration, recipe, details, reco
         "latency_ms_after": report["latency_ms_after"],
         "loads_with_from_pretrained": report["loads_with_from_pretrained"],
     }
-    if recipe.recovery is not None:
-        _, result = recover_to_folder(model, tokenizer, recovery_rows, recipe.recovery, args.out, args.device)
-        report["recovery"] = {"spec": recipe.recovery.model_dump(mode="json"), "losses": result.losses}
-        write_report(args.out, report)
-        print(f"LoRA recovery: {recipe.recovery.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
-        summary["recovery_loss"] = [result.losses[0], result.losses[-1]]
+    if "recovery" in report:
+        losses = report["recovery"]["losses"]
+        print(f"LoRA recovery: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        summary["recovery_loss"] = [losses[0], losses[-1]]
     return summary
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,19 @@ class _Quiet(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
+def _writes_to_terminal(handler: logging.Handler) -> bool:
+    return not isinstance(handler, logging.FileHandler) and getattr(handler, "stream", None) in (
+        sys.stderr,
+        sys.stdout,
+        sys.__stderr__,
+        sys.__stdout__,
+    )
+
+
+class _BatchLog(logging.FileHandler):
+    """The log file of one batch run."""
+
+
 def route_logs(state_dir: Path, verbose: bool) -> Path:
     """Send every INFO record to `<state dir>/logs/<time>-<pid>.log`; quiet the terminal unless verbose.
 
@@ -34,7 +48,7 @@ def route_logs(state_dir: Path, verbose: bool) -> Path:
     folder = state_dir / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file = _BatchLog(path, encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if not verbose:
@@ -49,9 +63,12 @@ def route_logs(state_dir: Path, verbose: bool) -> Path:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for logger in (root, *(logging.getLogger(name) for name in _OWN_HANDLERS)):
-        if not verbose:
-            for handler in logger.handlers:
-                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+        for handler in list(logger.handlers):
+            if isinstance(handler, _BatchLog):  # an earlier batch of this process: one log file at a time
+                logger.removeHandler(handler)
+                handler.close()
+            elif _writes_to_terminal(handler) and not verbose:
+                if not any(isinstance(f, _Quiet) for f in handler.filters):
                     handler.addFilter(_Quiet())
         logger.addHandler(to_file)
     for noisy in ("httpx", "httpcore", "alembic", "botocore", "filelock"):

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         description="activation memory of one batched block forward while pruning, MiB (default: 128 on CPU, "
         "4096 on CUDA)",
     )
+    trust_remote_code: bool = Field(
+        default=False, description="let transformers run a model's own code (off unless turned on)"
+    )
     mirror_checkpoints: bool = Field(default=False, description="copy block checkpoints to the artifact store")
     prefect_port: int = Field(default=4200, ge=1, le=65535, description="port of `secateur stack up`'s Prefect server")
     mlflow_port: int = Field(default=5000, ge=1, le=65535, description="port of `secateur stack up`'s MLflow UI")

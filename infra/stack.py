@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.locks import process_alive
 from infra.settings import Settings
 
 
@@ -53,16 +54,6 @@ def _record(settings: Settings, service: Service) -> Path:
     return settings.path("stack") / f"{service.name}.json"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _healthy(service: Service) -> bool:
     try:
         with urllib.request.urlopen(service.url() + service.health, timeout=2) as response:
@@ -77,7 +68,7 @@ def running(settings: Settings, name: str) -> int | None:
     if not path.is_file():
         return None
     pid = json.loads(path.read_text())["pid"]
-    return pid if _alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
 def up(settings: Settings, timeout: float = 180.0) -> dict[str, str]:

@@ -59,7 +59,8 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
     path = settings.path("calibration") / f"{key}.safetensors"
     with exclusive(settings.path("locks"), f"calibration-{key}"):
         if not _valid(path, key):
-            _write_calibration(snapshot, spec, key, path)
+            tokenizer = load_tokenizer(snapshot.path, trust_remote_code=settings.trust_remote_code)
+            _write_calibration(tokenizer, spec, key, path)
     return CalibrationSet(
         path=str(path),
         fingerprint=key,
@@ -69,9 +70,9 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
     )
 
 
-def _write_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, key: str, path: Path) -> None:
+def _write_calibration(tokenizer, spec: CalibrationSpec, key: str, path: Path) -> None:
     rows = read_rows(spec.data)
-    ids = calibration_windows(tokenize_text(load_tokenizer(snapshot.path), rows), spec.samples, spec.seq_len, spec.seed)
+    ids = calibration_windows(tokenize_text(tokenizer, rows), spec.samples, spec.seq_len, spec.seed)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({"input_ids": ids.contiguous()}, temp, metadata={"fingerprint": key, "data": spec.data})
     fsync_path(temp)

@@ -156,7 +156,7 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
     started = time.perf_counter()
     datasets = spec.datasets()
     rows = {label: read_rows(d.data) for label, d in datasets.items()}  # a bad spec fails before the model loads
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model(model_path, trust_remote_code=settings.trust_remote_code)
     model.to(settings.device)
     perplexities = {
         label: perplexity(

@@ -187,7 +187,7 @@ def _prune_structured(
     """LLM-Pruner; its checkpoint is the gradient statistics (the slow part), so a rerun skips that pass."""
     started = time.perf_counter()
     checkpoint = StageCheckpoint(settings.root / "work" / run / "gradients", run)
-    model, tokenizer = load_model(snapshot.path)
+    model, tokenizer = load_model(snapshot.path, trust_remote_code=settings.trust_remote_code)
     ids = load_calibration(calibration)
     saved = checkpoint.read()
     if saved is None:
@@ -233,7 +233,7 @@ def _prune(
         else None
     )
     checkpoints = BlockCheckpoints(settings.root / "work" / run / "checkpoints", run, mirror, f"checkpoints/{run}")
-    model, tokenizer = load_model(snapshot.path)
+    model, tokenizer = load_model(snapshot.path, trust_remote_code=settings.trust_remote_code)
     ids = load_calibration(calibration)
     block_sparsity = _allocation(model, ids, recipe, settings, run, progress)
     resume = checkpoints.resume_point()

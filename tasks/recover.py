@@ -99,7 +99,7 @@ def _recover(pruned: PrunedModel, spec: RecoverySpec, settings: Settings, run: s
         meta = {"step": state.step, "losses": state.losses, "optimizer_groups": state.optimizer_groups}
         checkpoint.write(_state_tensors(state), meta)
 
-    model, tokenizer = load_model(pruned.path)
+    model, tokenizer = load_model(pruned.path, trust_remote_code=settings.trust_remote_code)
     staging = staging_folder(out)
     _, result = recover_to_folder(
         model, tokenizer, rows, spec, staging, settings.device, progress, start, on_checkpoint, CHECKPOINT_EVERY

@@ -55,6 +55,10 @@ def tiny_model(family: str = "llama", seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
+    return build_tiny_tokenizer()
+
+
+def build_tiny_tokenizer():
     """A byte-level BPE tokenizer with 256 tokens, trained on real WikiText rows."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

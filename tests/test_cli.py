@@ -17,6 +17,13 @@ from tests.conftest import SHARED_DATA, WIKITEXT_TEST, WIKITEXT_VALID
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    """`secateur prune` works under the state dir (checkpoints, the finished model): one per test."""
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()  # drop what fixtures printed
     code = main([str(a) for a in argv])
@@ -315,3 +322,32 @@ def test_console_script_help_and_json_exit_codes(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["sparsity"] == 0.5
     assert "magnitude blocks" in done.stderr, "a progress bar per block"
+
+
+def test_prune_refuses_a_non_empty_out_before_any_work_and_overwrite_replaces_it(
+    capsys, tiny_model_dir, tmp_path, state_dir
+):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["prune", tiny_model_dir, "--method", "magnitude", "--sparsity", 0.5, "--calibration", WIKITEXT_VALID]
+    argv += ["--samples", 2, "--seq-len", 32, "--out", out, "--json"]
+    code, _stdout, stderr = run_cli(capsys, *argv)
+    assert code == 2 and stderr.strip().splitlines() == [
+        f"secateur: error: --out {out} is not empty (give --overwrite to replace it)"
+    ]
+    assert (out / "notes.txt").read_text() == "mine" and not (state_dir / "models").exists()
+
+    code, stdout, stderr = run_cli(capsys, *argv, "--overwrite")
+    assert code == 0, stderr
+    first = last_json(stdout)
+    assert not (out / "notes.txt").exists() and (out / "sparsity.json").is_file()
+    assert not list(out.parent.glob(".taken.tmp-*")), "no staging folder left"
+
+    # The same prune again: the finished model in the state dir is reused, bit for bit.
+    weights = (out / "model.safetensors").read_bytes()
+    code, stdout, stderr = run_cli(capsys, *argv, "--overwrite")
+    assert code == 0, stderr
+    assert last_json(stdout)["run_fingerprint"] == first["run_fingerprint"]
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert "magnitude blocks" not in stderr, "nothing pruned the second time"

@@ -106,13 +106,20 @@ class RowBatch:
     valid: torch.Tensor  # (r, k) False on padding
 
     def system(self, matrix: torch.Tensor) -> torch.Tensor:
-        """matrix[P, P] for every row, with padding turned into identity rows and columns."""
-        gathered = matrix[self.positions.unsqueeze(-1), self.positions.unsqueeze(-2)]
+        """matrix[P, P] for every row, with padding turned into identity rows and columns.
+
+        Padding slot t gathers from an identity block appended to `matrix` (index d + t), so the systems come
+        out of one gather, with no masking pass over them.
+        """
         if self.valid.all():
-            return gathered
-        gathered.masked_fill_(~(self.valid.unsqueeze(-1) & self.valid.unsqueeze(-2)), 0.0)
-        gathered.diagonal(dim1=-2, dim2=-1).masked_fill_(~self.valid, 1.0)
-        return gathered
+            return matrix[self.positions.unsqueeze(-1), self.positions.unsqueeze(-2)]
+        columns, width = matrix.shape[0], self.positions.shape[1]
+        extended = matrix.new_zeros(columns + width, columns + width)
+        extended[:columns, :columns] = matrix
+        extended.diagonal()[columns:] = 1.0
+        slots = torch.arange(columns, columns + width, device=matrix.device)
+        padded = torch.where(self.valid, self.positions, slots)
+        return extended[padded.unsqueeze(-1), padded.unsqueeze(-2)]
 
     def take(self, values: torch.Tensor) -> torch.Tensor:
         """values[row, P] as a (r, k, 1) column, zero on padding."""
