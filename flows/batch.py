@@ -55,6 +55,7 @@ class _Stages:
 
     def run(self, stage: str, task, *args):
         started = time.perf_counter()
+        get_run_logger().info("stage %s started", stage)  # the log file shows where a run was
         state = task(*args, return_state=True)
         value = state.result()
         if state.name == "Cached" and not Path(getattr(value, "path", "/")).exists():
@@ -114,6 +115,7 @@ def compress_model(
         before_recovery=before_recovery,
         stage_seconds=stages.seconds,
     )
+    get_run_logger().info("stage publish started")
     publication = retried(publish, settings)(record, parent_run_id, experiment)
     return PairResult(
         model=model,

@@ -34,12 +34,12 @@ RECIPES = [
     {"name": "sparsegpt50", "method": "sparsegpt", "sparsity": 0.5},
     {"name": "apt24", "method": "apt", "pattern": "2:4"},
 ]
-# A log line of the stage (Prefect logs each task run's creation) after which the kill comes.
+# The log line of the stage (the batch flow logs each stage's start) after which the kill comes.
 MARKERS = {
-    "prune": "prune-",
-    "evaluate": "evaluate-",
-    "publish": "publish-",
-    "checkpoint": "prune-",  # plus a random delay inside the block loop
+    "prune": "stage prune started",
+    "evaluate": "stage evaluate started",
+    "publish": "stage publish started",
+    "checkpoint": "stage prune started",  # plus a random delay inside the block loop
 }
 
 
