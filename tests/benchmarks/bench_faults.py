@@ -158,6 +158,7 @@ BAD_INPUTS = [
 
 
 def bad_input_table(model: Path, folder: Path, home: Path) -> list[dict]:
+    home.parent.mkdir(parents=True, exist_ok=True)
     (folder / "broken.yaml").write_text("name: b\nmodels: [a\n")
     (folder / "binary.txt").write_bytes(b"\xff\xfe\x00" * 100)
     (folder / "taken").mkdir(exist_ok=True)
