@@ -105,21 +105,16 @@ class RowBatch:
     positions: torch.Tensor  # (r, k) selected columns first, ascending; padding points at unselected ones
     valid: torch.Tensor  # (r, k) False on padding
 
-    def system(self, matrix: torch.Tensor) -> torch.Tensor:
-        """matrix[P, P] for every row, with padding turned into identity rows and columns.
+    def system(self, padded: torch.Tensor, columns: int) -> torch.Tensor:
+        """matrix[P, P] for every row, from `padded = with_identity_padding(matrix, ...)`.
 
-        Padding slot t gathers from an identity block appended to `matrix` (index d + t), so the systems come
-        out of one gather, with no masking pass over them.
+        Padding slot t gathers from the identity block after the matrix (index columns + t), so the systems
+        come out of one gather, with no masking pass over them.
         """
-        if self.valid.all():
-            return matrix[self.positions.unsqueeze(-1), self.positions.unsqueeze(-2)]
-        columns, width = matrix.shape[0], self.positions.shape[1]
-        extended = matrix.new_zeros(columns + width, columns + width)
-        extended[:columns, :columns] = matrix
-        extended.diagonal()[columns:] = 1.0
-        slots = torch.arange(columns, columns + width, device=matrix.device)
-        padded = torch.where(self.valid, self.positions, slots)
-        return extended[padded.unsqueeze(-1), padded.unsqueeze(-2)]
+        width = self.positions.shape[1]
+        slots = torch.arange(columns, columns + width, device=padded.device)
+        indices = torch.where(self.valid, self.positions, slots)
+        return padded[indices.unsqueeze(-1), indices.unsqueeze(-2)]
 
     def take(self, values: torch.Tensor) -> torch.Tensor:
         """values[row, P] as a (r, k, 1) column, zero on padding."""
@@ -148,11 +143,21 @@ def row_batches(selected: torch.Tensor, bucket: int = 32) -> Iterator[RowBatch]:
             yield RowBatch(chunk, order, valid)
 
 
+def with_identity_padding(matrix: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """`matrix` with an identity block after it, wide enough for the padding of any row batch (built once)."""
+    columns, width = matrix.shape[0], int(selected.sum(dim=1).max()) if selected.numel() else 0
+    padded = matrix.new_zeros(columns + width, columns + width)
+    padded[:columns, :columns] = matrix
+    padded.diagonal()[columns:] = 1.0
+    return padded
+
+
 def solve_on_selected(matrix: torch.Tensor, values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """Row r: x_S with matrix[S, S] x_S = values[r, S], S the row's selected columns; zero elsewhere."""
     result = torch.zeros_like(values)
+    padded = with_identity_padding(matrix, selected)
     for batch in row_batches(selected):
-        factor = torch.linalg.cholesky(batch.system(matrix))
+        factor = torch.linalg.cholesky(batch.system(padded, matrix.shape[0]))
         solved = cholesky_solve(factor, batch.take(values)).squeeze(-1)
         result[batch.rows] = result[batch.rows].scatter(1, batch.positions, solved * batch.valid)
     return result
@@ -246,8 +251,9 @@ def exact_refit(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor)
     targets = weight.double() @ hessian64  # row r holds (H w_r^T)^T
     result = torch.zeros_like(weight, dtype=torch.float64)
     factors = []
+    padded = with_identity_padding(hessian, ~mask)
     for batch in row_batches(~mask):
-        factor = torch.linalg.cholesky(batch.system(hessian))
+        factor = torch.linalg.cholesky(batch.system(padded, hessian.shape[0]))
         solution = cholesky_solve(factor, batch.take(targets).float()).squeeze(-1).double()
         result[batch.rows] = result[batch.rows].scatter(1, batch.positions, solution)
         factors.append((batch, factor))
