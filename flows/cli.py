@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from flows.batch_cli import PairFailures, add_commands
-from infra.durable import read_json
 from infra.redact import install_log_redaction, redact
 from infra.settings import Settings, prepare_environment
 from pruning_core.methods import METHODS, STRUCTURED_METHODS
+from pruning_core.report import PruneReport
 
 
 def _add_prune(commands: argparse._SubParsersAction) -> None:
@@ -102,7 +102,7 @@ def _run_prune(args: argparse.Namespace) -> dict:
     from pruning_core.data import read_rows
     from tasks.calibrate import CalibrationSpec, make_calibration
     from tasks.fetch import snapshot_model
-    from tasks.prune import REPORT, prune_with_checkpoints
+    from tasks.prune import finished_report, prune_with_checkpoints
     from tasks.recover import recover_with_checkpoints
 
     started = time.perf_counter()
@@ -123,7 +123,9 @@ def _run_prune(args: argparse.Namespace) -> dict:
     if recipe.recovery is not None:
         final = Path(recover_with_checkpoints(pruned, recipe.recovery, settings, progress=True).path)
     deliver_folder(final, args.out)
-    report = read_json(args.out / REPORT) or {}
+    report = finished_report(args.out)
+    if report is None:
+        raise FileNotFoundError(f"{args.out}: the delivered folder does not match its report")
     summary = _print_structured(report) if recipe.structured else _print_unstructured(report)
     seconds = time.perf_counter() - started
     print(f"pruned {args.model} with {recipe.method} at {recipe.describe()} -> {args.out}; {seconds:.1f} s")
@@ -158,32 +160,33 @@ def deliver_folder(source: Path, out: Path) -> None:
     os.replace(staging, out)
 
 
-def _print_unstructured(report: dict) -> dict:
-    print(f"achieved sparsity {report['total']:.4f} over {report['parameters']:,} prunable weights")
-    summary = {"sparsity": report["total"]}
-    if report.get("block_sparsity"):
-        print("block sparsity: " + " ".join(f"{s:.3f}" for s in report["block_sparsity"]))
-        summary["block_sparsity"] = report["block_sparsity"]
+def _print_unstructured(report: PruneReport) -> dict:
+    print(f"achieved sparsity {report.total:.4f} over {report.parameters:,} prunable weights")
+    summary: dict = {"sparsity": report.total}
+    if report.block_sparsity:
+        print("block sparsity: " + " ".join(f"{s:.3f}" for s in report.block_sparsity))
+        summary["block_sparsity"] = report.block_sparsity
     return summary
 
 
-def _print_structured(report: dict) -> dict:
-    before, after = report["parameters_before"], report["parameters_after"]
+def _print_structured(report: PruneReport) -> dict:
+    structure = report.structure
+    before, after = structure.parameters_before, structure.parameters_after
     print(f"parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)")
     print(
-        f"CPU forward latency ({report['latency_tokens']} tokens): "
-        f"{report['latency_ms_before']:.1f} ms -> {report['latency_ms_after']:.1f} ms"
+        f"CPU forward latency ({structure.latency_tokens} tokens): "
+        f"{structure.latency_ms_before:.1f} ms -> {structure.latency_ms_after:.1f} ms"
     )
     summary = {
         "parameters_before": before,
         "parameters_after": after,
-        "removed": report["total"],
-        "latency_ms_before": report["latency_ms_before"],
-        "latency_ms_after": report["latency_ms_after"],
-        "loads_with_from_pretrained": report["loads_with_from_pretrained"],
+        "removed": report.total,
+        "latency_ms_before": structure.latency_ms_before,
+        "latency_ms_after": structure.latency_ms_after,
+        "loads_with_from_pretrained": structure.loads_with_from_pretrained,
     }
-    if "recovery" in report:
-        losses = report["recovery"]["losses"]
+    if report.recovery is not None:
+        losses = report.recovery.losses
         print(f"LoRA recovery: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         summary["recovery_loss"] = [losses[0], losses[-1]]
     return summary

@@ -10,11 +10,12 @@ from torch import nn
 
 from pruning_core.data import calibration_windows, tokenize_text
 from pruning_core.engine import BlockResult, prune_model
-from pruning_core.modeling import prunable_weight_names, save_model, sparsity_report, write_report
+from pruning_core.modeling import prunable_weight_names, save_model, sparsity_report
 from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
 from pruning_core.recovery import RecoveryResult, RecoverySpec, TrainingState, recover
+from pruning_core.report import Provenance, PruneReport, StructureReport
 from pruning_core.structured.llm_pruner import forward_latency_ms, prune_structured
 from pruning_core.structured.storage import save_structured
 
@@ -32,13 +33,13 @@ def prune_to_folder(
     out_dir: str | Path,
     device: str = "cpu",
     progress: bool = True,
-    details: dict | None = None,
+    provenance: Provenance | None = None,
     start_block: int = 0,
     start_inputs: torch.Tensor | None = None,
     on_block: Callable[[BlockResult], None] | None = None,
     block_sparsity: list[float] | None = None,
     forward_budget_mib: int | None = None,
-) -> dict:
+) -> PruneReport:
     """Prune `model` in place, save it in Hugging Face format with `sparsity.json`; return that report.
 
     `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks;
@@ -58,18 +59,18 @@ def prune_to_folder(
         forward_budget_mib=forward_budget_mib,
     )
     save_model(model, tokenizer, out_dir)
-    report = sparsity_report(out_dir, prunable_weight_names(model))
-    report.update(
-        details or {},
+    measured = sparsity_report(out_dir, prunable_weight_names(model))
+    report = PruneReport(
+        **measured,
         recipe=recipe.model_dump(mode="json"),
         recipe_fingerprint=recipe.fingerprint(),
+        provenance=provenance,
         reconstruction_error=summary.errors,
         prune_seconds=summary.seconds,
         phase_seconds=summary.phase_seconds,
+        block_sparsity=block_sparsity,
     )
-    if block_sparsity is not None:
-        report["block_sparsity"] = block_sparsity
-    write_report(out_dir, report)
+    report.write(out_dir)
     return report
 
 
@@ -91,10 +92,10 @@ def prune_structured_to_folder(
     out_dir: str | Path,
     device: str = "cpu",
     progress: bool = True,
-    details: dict | None = None,
+    provenance: Provenance | None = None,
     statistics: dict[str, torch.Tensor] | None = None,
     latency_tokens: int = 128,
-) -> dict:
+) -> PruneReport:
     """LLM-Pruner on `model` in place; save the smaller model with `sparsity.json`; return that report.
 
     The report has parameters before/after, each block's widths and the CPU latency of a forward pass.
@@ -103,24 +104,26 @@ def prune_structured_to_folder(
     result = prune_structured(model, calibration_ids, recipe.structured_settings(), device, progress, statistics)
     latency_after = forward_latency_ms(model, latency_tokens)
     loads_with_from_pretrained = save_structured(model, tokenizer, out_dir)
-    report = {
-        **(details or {}),
-        "total": result.removed,
-        "parameters": result.parameters_after,
-        "parameters_before": result.parameters_before,
-        "parameters_after": result.parameters_after,
-        "block_share": result.block_share,
-        "block_shapes": {str(k): v for k, v in result.layer_shapes().items()},
-        "latency_ms_before": latency_before,
-        "latency_ms_after": latency_after,
-        "latency_tokens": latency_tokens,
-        "loads_with_from_pretrained": loads_with_from_pretrained,
-        "recipe": recipe.model_dump(mode="json"),
-        "recipe_fingerprint": recipe.fingerprint(),
-        "reconstruction_error": {},
-        "prune_seconds": result.seconds,
-    }
-    write_report(out_dir, report)
+    structure = StructureReport(
+        parameters_before=result.parameters_before,
+        parameters_after=result.parameters_after,
+        block_share=result.block_share,
+        block_shapes={str(k): v for k, v in result.layer_shapes().items()},
+        latency_ms_before=latency_before,
+        latency_ms_after=latency_after,
+        latency_tokens=latency_tokens,
+        loads_with_from_pretrained=loads_with_from_pretrained,
+    )
+    report = PruneReport(
+        total=result.removed,
+        parameters=result.parameters_after,
+        recipe=recipe.model_dump(mode="json"),
+        recipe_fingerprint=recipe.fingerprint(),
+        provenance=provenance,
+        prune_seconds=result.seconds,
+        structure=structure,
+    )
+    report.write(out_dir)
     return report
 
 

@@ -138,9 +138,3 @@ def sparsity_report(folder: str | Path, weight_names: list[str]) -> dict:
     if missing:
         raise ModelSpecError(f"{folder}: saved weights lack {len(missing)} prunable tensors, e.g. {sorted(missing)[0]}")
     return {"total": zeros / max(total, 1), "parameters": total, "zeros": zeros, "layers": layers}
-
-
-def write_report(folder: str | Path, report: dict, name: str = "sparsity.json") -> Path:
-    path = Path(folder) / name
-    path.write_text(json.dumps(report, indent=2, sort_keys=True))
-    return path

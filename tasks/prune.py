@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ from pydantic import BaseModel
 
 from infra.artifacts import open_store
 from infra.checkpoints import BlockCheckpoints
-from infra.durable import fsync_path, read_json, write_atomic
+from infra.durable import fsync_path, write_atomic
 from infra.hashing import fingerprint
 from infra.locks import exclusive, process_alive
 from infra.settings import Settings
@@ -26,6 +25,7 @@ from pruning_core.job import allocate_sparsity, prune_structured_to_folder, prun
 from pruning_core.methods import method_version
 from pruning_core.modeling import load_model
 from pruning_core.recipe import Recipe
+from pruning_core.report import REPORT_FILE, Provenance, PruneReport
 from pruning_core.structured.importance import gradient_statistics
 from pruning_core.structured.llm_pruner import statistics_weights
 from tasks.calibrate import CalibrationSet, load_calibration
@@ -35,7 +35,6 @@ from tasks.fetch import ModelSnapshot
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = "2"  # bump when the engine's output changes (it is part of every run fingerprint)
-REPORT = "sparsity.json"  # written last into a pruned model folder: its presence means complete
 
 
 class PrunedModel(BaseModel):
@@ -79,16 +78,19 @@ def _block_means(errors: dict[str, float], blocks: int, prefix_of) -> list[float
     return means
 
 
-def finished_report(folder: Path) -> dict | None:
+def finished_report(folder: Path) -> PruneReport | None:
     """The report of a complete folder: present, readable, and every file it lists there with its size."""
-    report = read_json(folder / REPORT)
-    if report is None:
+    if not (folder / REPORT_FILE).exists():
         return None
-    files = report.get("files")
-    if not isinstance(files, dict) or not all(
-        (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items()
+    report = PruneReport.read(folder)
+    if (
+        report is None
+        or not report.files
+        or not all(
+            (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in report.files.items()
+        )
     ):
-        log.warning("%s: its %s does not match its files; it is made again", folder, REPORT)
+        log.warning("%s: its %s does not match its files; it is made again", folder, REPORT_FILE)
         return None
     return report
 
@@ -108,38 +110,38 @@ def prune_with_checkpoints(
         path=str(out),
         fingerprint=run,
         recipe_fingerprint=recipe.fingerprint(),
-        sparsity=report["total"],
-        parameters=report["parameters"],
-        block_errors=report["block_errors"],
-        prune_seconds=report["prune_seconds"],
-        resumed_from_block=report.get("resumed_from_block", 0),
-        resumed_gradients=report.get("resumed_gradients", False),
-        peak_rss_mib=report.get("peak_rss_mib", 0.0),
-        peak_gpu_mib=report.get("peak_gpu_mib", 0.0),
-        block_sparsity=report.get("block_sparsity", []),
-        structure={key: float(report[key]) for key in STRUCTURE_KEYS if key in report},
+        sparsity=report.total,
+        parameters=report.parameters,
+        block_errors=report.block_errors,
+        prune_seconds=report.prune_seconds,
+        resumed_from_block=report.resumed_from_block,
+        resumed_gradients=report.resumed_gradients,
+        peak_rss_mib=report.peak_rss_mib,
+        peak_gpu_mib=report.peak_gpu_mib,
+        block_sparsity=report.block_sparsity or [],
+        structure=report.structure.metrics() if report.structure else {},
     )
 
 
-STRUCTURE_KEYS = ("parameters_before", "parameters_after", "latency_ms_before", "latency_ms_after", "block_share")
-
-
-def commit_folder(staging: Path, out: Path, report: dict) -> None:
+def commit_folder(staging: Path, out: Path, report: PruneReport) -> PruneReport:
     """Files synced, then the report (listing each file's size) last, then the folder moved into place."""
     files = {p.relative_to(staging).as_posix(): p for p in sorted(staging.rglob("*")) if p.is_file()}
     for path in files.values():
         fsync_path(path)
-    report.update(
-        peak_rss_mib=peak_rss_mib(),
-        peak_gpu_mib=peak_gpu_mib(),
-        files={name: path.stat().st_size for name, path in files.items() if name != REPORT},
+    report = report.model_copy(
+        update={
+            "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": peak_gpu_mib(),
+            "files": {name: path.stat().st_size for name, path in files.items() if name != REPORT_FILE},
+        }
     )
-    write_atomic(staging / REPORT, json.dumps(report, indent=2, sort_keys=True))
+    write_atomic(staging / REPORT_FILE, report.to_json())
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, out)
     fsync_path(out.parent)
+    return report
 
 
 def staging_folder(out: Path) -> Path:
@@ -153,13 +155,13 @@ def staging_folder(out: Path) -> Path:
     return staging
 
 
-def _details(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> dict:
-    return {
-        "model": snapshot.spec,
-        "model_fingerprint": snapshot.fingerprint,
-        "run_fingerprint": run,
-        "calibration_fingerprint": calibration.fingerprint,
-    }
+def _provenance(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> Provenance:
+    return Provenance(
+        model=snapshot.spec,
+        model_fingerprint=snapshot.fingerprint,
+        run_fingerprint=run,
+        calibration_fingerprint=calibration.fingerprint,
+    )
 
 
 def _allocation(model, ids, recipe: Recipe, settings: Settings, run: str, progress: bool) -> list[float] | None:
@@ -183,7 +185,7 @@ def _prune_structured(
     run: str,
     out: Path,
     progress: bool,
-) -> dict:
+) -> PruneReport:
     """LLM-Pruner; its checkpoint is the gradient statistics (the slow part), so a rerun skips that pass."""
     started = time.perf_counter()
     checkpoint = StageCheckpoint(settings.root / "work" / run / "gradients", run)
@@ -205,13 +207,15 @@ def _prune_structured(
         ids,
         recipe,
         staging,
-        settings.device,
-        progress,
-        _details(snapshot, calibration, run),
-        statistics,
+        device=settings.device,
+        progress=progress,
+        provenance=_provenance(snapshot, calibration, run),
+        statistics=statistics,
     )
-    report.update(block_errors=[], resumed_gradients=saved is not None, prune_seconds=time.perf_counter() - started)
-    commit_folder(staging, out, report)
+    report = report.model_copy(
+        update={"resumed_gradients": saved is not None, "prune_seconds": time.perf_counter() - started}
+    )
+    report = commit_folder(staging, out, report)
     checkpoint.clear()
     shutil.rmtree(checkpoint.folder.parent, ignore_errors=True)
     return report
@@ -225,7 +229,7 @@ def _prune(
     run: str,
     out: Path,
     progress: bool,
-) -> dict:
+) -> PruneReport:
     started = time.perf_counter()
     mirror = (
         open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
@@ -257,21 +261,23 @@ def _prune(
         staging,
         settings.device,
         progress=progress,
-        details=_details(snapshot, calibration, run),
+        provenance=_provenance(snapshot, calibration, run),
         start_block=resume.start_block,
         start_inputs=resume.inputs,
         on_block=on_block,
         block_sparsity=block_sparsity,
         forward_budget_mib=settings.forward_budget_mib,
     )
-    errors = {**earlier_errors, **report["reconstruction_error"]}
-    report.update(
-        reconstruction_error=errors,
-        block_errors=_block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
-        resumed_from_block=resume.start_block,
-        prune_seconds=time.perf_counter() - started,
+    errors = {**earlier_errors, **report.reconstruction_error}
+    report = report.model_copy(
+        update={
+            "reconstruction_error": errors,
+            "block_errors": _block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
+            "resumed_from_block": resume.start_block,
+            "prune_seconds": time.perf_counter() - started,
+        }
     )
-    commit_folder(staging, out, report)
+    report = commit_folder(staging, out, report)
     checkpoints.clear()
     shutil.rmtree(checkpoints.folder.parent, ignore_errors=True)  # the allocation checkpoint too
     return report

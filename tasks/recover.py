@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,8 +17,9 @@ from pruning_core.data import read_rows
 from pruning_core.job import recover_to_folder
 from pruning_core.modeling import load_model
 from pruning_core.recovery import RecoverySpec, TrainingState
+from pruning_core.report import PruneReport, RecoveryReport
 from tasks.calibrate import data_identity
-from tasks.prune import REPORT, PrunedModel, commit_folder, finished_report, staging_folder
+from tasks.prune import PrunedModel, commit_folder, finished_report, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +72,26 @@ def recover_with_checkpoints(
     out = Path(pruned.path).with_name(f"{Path(pruned.path).name}-recovered-{run[:16]}")
     with exclusive(settings.path("locks"), f"recover-{run}"):
         report = finished_report(out)
-        if report is None:
-            _recover(pruned, spec, settings, run, out, progress)
-            report = finished_report(out)
-    recovery = report["recovery"]
+        if report is None or report.recovery is None:
+            report = _recover(pruned, spec, settings, run, out, progress)
+    recovery = report.recovery
     return RecoveredModel(
         path=str(out),
         fingerprint=run,
         steps=spec.steps,
-        losses=recovery["losses"],
-        seconds=recovery["seconds"],
-        resumed_from_step=recovery["resumed_from_step"],
+        losses=recovery.losses,
+        seconds=recovery.seconds,
+        resumed_from_step=recovery.resumed_from_step,
     )
 
 
-def _recover(pruned: PrunedModel, spec: RecoverySpec, settings: Settings, run: str, out: Path, progress: bool) -> None:
+def _recover(
+    pruned: PrunedModel, spec: RecoverySpec, settings: Settings, run: str, out: Path, progress: bool
+) -> PruneReport:
     started = time.perf_counter()
+    pruned_report = finished_report(Path(pruned.path))
+    if pruned_report is None:
+        raise FileNotFoundError(f"{pruned.path}: the pruned model to recover is gone or incomplete")
     rows = read_rows(spec.data)  # a bad data spec fails before the model is loaded
     checkpoint = StageCheckpoint(settings.root / "work" / run / "recovery", run)
     saved = checkpoint.read()
@@ -102,18 +106,27 @@ def _recover(pruned: PrunedModel, spec: RecoverySpec, settings: Settings, run: s
     model, tokenizer = load_model(pruned.path, trust_remote_code=settings.trust_remote_code)
     staging = staging_folder(out)
     _, result = recover_to_folder(
-        model, tokenizer, rows, spec, staging, settings.device, progress, start, on_checkpoint, CHECKPOINT_EVERY
+        model,
+        tokenizer,
+        rows,
+        spec,
+        staging,
+        device=settings.device,
+        progress=progress,
+        start=start,
+        on_checkpoint=on_checkpoint,
+        checkpoint_every=CHECKPOINT_EVERY,
     )
-    report = json.loads((Path(pruned.path) / REPORT).read_text())
-    report["recovery"] = {
-        "spec": spec.model_dump(mode="json"),
-        "fingerprint": run,
-        "losses": result.losses,
-        "seconds": time.perf_counter() - started,
-        "resumed_from_step": result.resumed_from_step,
-    }
-    commit_folder(staging, out, report)
+    recovery = RecoveryReport(
+        spec=spec.model_dump(mode="json"),
+        fingerprint=run,
+        losses=result.losses,
+        seconds=time.perf_counter() - started,
+        resumed_from_step=result.resumed_from_step,
+    )
+    report = commit_folder(staging, out, pruned_report.model_copy(update={"recovery": recovery}))
     checkpoint.clear()
+    return report
 
 
 @task(name="recover", cache_key_fn=_cache_key, persist_result=True)

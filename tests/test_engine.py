@@ -217,5 +217,5 @@ def test_bf16_model_in_bf16_model_out(method, device, tmp_path, tiny_tokenizer):
     with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
         dtypes = {handle.get_tensor(name).dtype for name in handle.keys()}
     assert dtypes == {torch.bfloat16}
-    assert report["total"] == 0.5
+    assert report.total == 0.5
     assert torch.isfinite(model(input_ids=calibration(1)).logits).all()

@@ -17,8 +17,9 @@ from infra.durable import read_json, write_atomic
 from infra.hashing import folder_manifest, sha256_file
 from infra.s3 import S3Store
 from infra.safe_paths import UnsafeKey, checked_key, path_inside
+from pruning_core.report import REPORT_FILE, PruneReport
 from tasks.fetch import SLUG_LENGTH, _HashCache, slug_of
-from tasks.prune import REPORT, commit_folder, finished_report, staging_folder
+from tasks.prune import commit_folder, finished_report, staging_folder
 from tests.conftest import batch_mapping
 
 HOSTILE_KEYS = ["../evil", "a/../../evil", "/etc/evil", "a\\..\\evil", "a//b", "./a", "a/", "", "C:/evil", "a/\x00b"]
@@ -159,19 +160,23 @@ def _committed(tmp_path: Path) -> Path:
     staging.mkdir(parents=True)
     (staging / "model.safetensors").write_bytes(b"w" * 4096)
     (staging / "config.json").write_text("{}")
-    commit_folder(staging, out, {"total": 0.5})
+    commit_folder(
+        staging, out, PruneReport(total=0.5, parameters=8, recipe={}, recipe_fingerprint="r", prune_seconds=1.0)
+    )
     return out
 
 
 def test_a_committed_folder_is_trusted_only_while_its_files_match(tmp_path):
     out = _committed(tmp_path)
     report = finished_report(out)
-    assert report["total"] == 0.5 and report["files"] == {"config.json": 2, "model.safetensors": 4096}
+    assert report.total == 0.5 and report.files == {"config.json": 2, "model.safetensors": 4096}
     with open(out / "model.safetensors", "r+b") as handle:
         handle.truncate(100)
     assert finished_report(out) is None, "a truncated weight file is not a finished model"
-    (out / REPORT).write_text('{"total": 0.5')
+    (out / REPORT_FILE).write_text('{"total": 0.5')
     assert finished_report(out) is None, "a torn report is not a finished model"
+    (out / REPORT_FILE).write_text('{"total": 0.5, "surprise": 1}')
+    assert finished_report(out) is None, "a report of another layout is not trusted"
 
 
 def test_staging_folders_of_dead_processes_are_removed(tmp_path):

@@ -42,12 +42,10 @@ def test_owl_prunes_blocks_with_outliers_less_and_hits_the_mean(tmp_path, tiny_t
     assert sparsities[1] == min(sparsities) and max(sparsities) - min(sparsities) == pytest.approx(0.16)
     assert sum(sparsities) / 3 == pytest.approx(0.6, abs=1e-12)
     report = prune_to_folder(model, tiny_tokenizer, IDS, recipe, tmp_path, progress=False, block_sparsity=sparsities)
-    per_block = [
-        sum(v for k, v in report["layers"].items() if k.startswith(f"model.layers.{i}.")) / 7 for i in range(3)
-    ]
+    per_block = [sum(v for k, v in report.layers.items() if k.startswith(f"model.layers.{i}.")) / 7 for i in range(3)]
     for achieved, wanted in zip(per_block, sparsities, strict=True):
         assert achieved == pytest.approx(wanted, abs=0.01)
-    assert report["total"] == pytest.approx(0.6, abs=0.01)
+    assert report.total == pytest.approx(0.6, abs=0.01)
     assert json.loads((tmp_path / "sparsity.json").read_text())["block_sparsity"] == sparsities
 
 

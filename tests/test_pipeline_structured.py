@@ -98,8 +98,8 @@ def test_structured_prune_and_recovery_resume_from_their_checkpoints(
     fresh = prune_with_checkpoints(snapshot, calibration, recipe, fresh_settings)
     assert not fresh.resumed_gradients
     assert (
-        json.loads(Path(resumed.path, "sparsity.json").read_text())["block_shapes"]
-        == json.loads(Path(fresh.path, "sparsity.json").read_text())["block_shapes"]
+        json.loads(Path(resumed.path, "sparsity.json").read_text())["structure"]["block_shapes"]
+        == json.loads(Path(fresh.path, "sparsity.json").read_text())["structure"]["block_shapes"]
     )
 
     # Recovery killed after the checkpoint at step 2 of 5: the rerun continues at step 2, same weights.

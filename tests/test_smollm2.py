@@ -149,12 +149,12 @@ def test_every_method_on_smollm2_perplexity_order_and_saved_model(
         result = evaluate_perplexities(model, tokenizer, wikitext, SEQ_LEN, EVAL_TOKENS, progress=False)
         perplexities[method] = result["wikitext2"].perplexity
         # the dequantized Q4_1 weights hold a few exact zeros of their own
-        assert 0.5 <= report["total"] < 0.5 + 1e-4
+        assert 0.5 <= report.total < 0.5 + 1e-4
         if method == "apt":
             reloaded = AutoModelForCausalLM.from_pretrained(out)
             names = prunable_weight_names(reloaded)
-            assert sparsity_report(out, names)["total"] == report["total"]
-            assert json.loads((out / "sparsity.json").read_text())["total"] == report["total"]
+            assert sparsity_report(out, names)["total"] == report.total
+            assert json.loads((out / "sparsity.json").read_text())["total"] == report.total
             for name in names[:7]:
                 assert torch.equal(reloaded.get_parameter(name), model.get_parameter(name)), name
     print(target, perplexities)
@@ -174,12 +174,12 @@ def test_llm_pruner_on_smollm2_gives_a_smaller_model_that_loads_and_still_predic
     model = copy.deepcopy(dense)
     recipe = Recipe(method="llm_pruner", ratio=0.2, calibration_samples=4, seq_len=128)
     report = prune_structured_to_folder(model, tokenizer, calibration[:4, :128], recipe, tmp_path, progress=False)
-    assert report["parameters_before"] == 134_515_008
-    assert report["total"] == pytest.approx(0.2, abs=0.005)
+    assert report.structure.parameters_before == 134_515_008
+    assert report.total == pytest.approx(0.2, abs=0.005)
     reloaded, _ = load_model(str(tmp_path))
     shapes = [block_shape(b) for b in reloaded.model.layers]
     # 9 q heads over 3 kv heads: one q head per kv group goes in blocks 4..27; the kv heads all stay
     assert [s.heads for s in shapes] == [9] * 4 + [6] * 24 + [9] * 2 and {s.kv_heads for s in shapes} == {3}
-    assert sum(p.numel() for p in reloaded.parameters()) == report["parameters_after"]
+    assert sum(p.numel() for p in reloaded.parameters()) == report.structure.parameters_after
     pruned = evaluate_perplexities(reloaded, tokenizer, wikitext, SEQ_LEN, EVAL_TOKENS, progress=False)["wikitext2"]
     assert dense_perplexity < pruned.perplexity < 20 * dense_perplexity

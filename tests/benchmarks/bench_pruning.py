@@ -58,8 +58,8 @@ def one_run(args: argparse.Namespace) -> dict:
         )
         result = {
             "prune_seconds": time.perf_counter() - started,
-            "sparsity": report["total"],
-            "phase_seconds": report["phase_seconds"],
+            "sparsity": report.total,
+            "phase_seconds": report.phase_seconds,
         }
         if blocks is not None:
             result["block_sparsity"] = blocks

@@ -125,7 +125,7 @@ def main() -> None:
         started = time.perf_counter()
         report = prune_structured_to_folder(model, tokenizer, calibration, recipe, folder, args.device, False)
         row = {"model": f"llm_pruner {importance}", "prune_seconds": time.perf_counter() - started}
-        row |= {"size_mib": _folder_mib(folder), "block_share": report["block_share"]}
+        row |= {"size_mib": _folder_mib(folder), "block_share": report.structure.block_share}
         row |= _measure(model, tokenizer, rows, args)
         results["runs"].append(row)
         out_file.write_text(json.dumps(results, indent=2))

@@ -107,7 +107,7 @@ def main() -> None:
             )
             prune_seconds = time.perf_counter() - started
             scores, _ = accuracies(model, tokenizer, args.tasks, args.limit, work, args.batch_size)
-            rows[name] = {"scores": scores, "sparsity": report["total"], "prune_seconds": prune_seconds}
+            rows[name] = {"scores": scores, "sparsity": report.total, "prune_seconds": prune_seconds}
             save()
             print(name, json.dumps(rows[name]), flush=True)
 

@@ -1,0 +1,96 @@
+"""The report of a pruned model folder (`sparsity.json`): one typed model from the engine to the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+REPORT_FILE = "sparsity.json"  # written last into a pruned model folder: its presence means complete
+
+
+class StructureReport(BaseModel):
+    """What structured pruning changed: sizes, per-block widths, CPU forward latency."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters_before: int
+    parameters_after: int
+    block_share: float  # share of each pruned block's projection parameters removed
+    block_shapes: dict[str, dict[str, int]]
+    latency_ms_before: float
+    latency_ms_after: float
+    latency_tokens: int
+    loads_with_from_pretrained: bool
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric fields tracked per run."""
+        return {
+            "parameters_before": float(self.parameters_before),
+            "parameters_after": float(self.parameters_after),
+            "latency_ms_before": self.latency_ms_before,
+            "latency_ms_after": self.latency_ms_after,
+            "block_share": self.block_share,
+        }
+
+
+class RecoveryReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict
+    fingerprint: str
+    losses: list[float]
+    seconds: float
+    resumed_from_step: int = 0
+
+
+class Provenance(BaseModel):
+    """Where a pruned folder came from; absent for an in-memory prune outside the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    model_fingerprint: str
+    run_fingerprint: str
+    calibration_fingerprint: str
+
+
+class PruneReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    total: float  # zero fraction over the prunable weights (structured: share of parameters removed)
+    parameters: int
+    zeros: int = 0
+    layers: dict[str, float] = {}  # zero fraction per prunable weight
+    recipe: dict
+    recipe_fingerprint: str
+    provenance: Provenance | None = None
+    reconstruction_error: dict[str, float] = {}  # relative output error per linear
+    block_errors: list[float] = []  # mean of the above per block
+    block_sparsity: list[float] | None = None  # per block, when the recipe allocates it (OWL)
+    prune_seconds: float
+    phase_seconds: dict[str, float] = {}  # statistics, solve, forward
+    resumed_from_block: int = 0
+    resumed_gradients: bool = False  # structured: gradient statistics came from a checkpoint
+    structure: StructureReport | None = None
+    recovery: RecoveryReport | None = None
+    peak_rss_mib: float = 0.0
+    peak_gpu_mib: float = 0.0
+    files: dict[str, int] = {}  # every other file of the folder with its size in bytes
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / REPORT_FILE
+        path.write_text(self.to_json())
+        return path
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> PruneReport | None:
+        """The folder's report, or None where it is missing, torn or of another layout."""
+        try:
+            return cls.model_validate_json((Path(folder) / REPORT_FILE).read_bytes())
+        except (OSError, ValidationError):
+            return None
