@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.locks import process_alive
+from infra.locks import exclusive, process_alive
 from infra.redact import redact
 from infra.settings import Settings
 
@@ -40,17 +40,29 @@ class Tracker:
         self.settings = settings
         self.uri = settings.tracking_uri
         if self.uri.startswith("sqlite:///"):
-            settings.path()  # the SQLite file's folder must exist
-        self.client = MlflowClient(tracking_uri=self.uri)
+            # Two processes opening a new SQLite store at once both run its schema migration and one fails.
+            with exclusive(settings.path("locks"), "mlflow-store"):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.client.search_experiments(max_results=1)
+        else:
+            self.client = MlflowClient(tracking_uri=self.uri)
 
     def experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         # The embedded default keeps MLflow artifacts under the state dir; a server decides for itself.
         local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
         location = self.settings.mlflow_artifact_root if local else None
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another process created it since the lookup
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
     def start_run(
         self, experiment: str, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None

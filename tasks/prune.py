@@ -104,8 +104,11 @@ def prune_with_checkpoints(
     with exclusive(settings.path("locks"), f"prune-{run}"):  # another process may be pruning it: wait, reuse
         report = finished_report(out)
         if report is None:
+            log.info("pruning %s with %s (run %s)", snapshot.spec, recipe.describe(), run[:16])
             prune_stage = _prune_structured if recipe.structured else _prune
             report = prune_stage(snapshot, calibration, recipe, settings, run, out, progress)
+        else:
+            log.info("reusing the finished prune of %s with %s (run %s)", snapshot.spec, recipe.describe(), run[:16])
     return PrunedModel(
         path=str(out),
         fingerprint=run,

@@ -495,3 +495,42 @@ def test_an_unreachable_s3_endpoint_fails_the_preflight_in_seconds(tmp_path, mon
     with pytest.raises(ServiceUnavailable, match="artifact store s3://nightly/models unusable") as failure:
         check_services(Settings())
     assert time.monotonic() - started < 60 and SECRET not in str(failure.value)
+
+
+@pytest.mark.slow
+def test_two_batch_runs_on_one_state_dir_prune_and_publish_each_pair_once(tmp_path, tiny_model_dir):
+    """Two real `secateur run` processes on one state dir at once: both succeed, every unit of work runs once."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = [
+        {"name": "mag50", "method": "magnitude", "sparsity": 0.5},
+        {"name": "wanda50", "method": "wanda", "sparsity": 0.5},
+    ]
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(yaml.safe_dump(batch_mapping([str(tiny_model_dir)], recipes)))
+    home = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(root), "SECATEUR_HOME": str(home), "SECATEUR_ARTIFACTS": str(tmp_path / "s")}
+    for name in [k for k in env if k.startswith(("PREFECT_", "MLFLOW_"))]:
+        env.pop(name)
+    command = [sys.executable, "-m", "flows.cli", "run", str(batch), "--json"]
+    runs = [
+        subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"
+    ]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    for run, (out, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err.decode()[-3000:]
+    summaries = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
+    for summary in summaries:
+        assert sorted((r["recipe_name"], r["status"]) for r in summary["results"]) == [
+            ("mag50", "completed"),
+            ("wanda50", "completed"),
+        ]
+    uris = [sorted(r["model_uri"] for r in s["results"]) for s in summaries]
+    assert uris[0] == uris[1], "both runs point at the same published models"
+    logs = "".join(p.read_text() for p in (home / "logs").glob("*.log"))
+    assert logs.count("pruning ") == 2, "each pair pruned by one process only"
+    models = [p for p in (home / "models").rglob("*") if p.is_dir() and p.name.startswith(".")]
+    assert not models, f"staging folders left behind: {models}"
+    published = [m.parent for m in (tmp_path / "s").rglob("MANIFEST.json") if m.parent.name != "report"]
+    assert len(published) == 2, published
