@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from pathlib import Path
 
 from flows.batch_cli import PairFailures, add_commands
@@ -246,8 +247,15 @@ def _check_device(device: str) -> None:
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr (exit 2), pointing at --help instead of printing the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"secateur: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secateur", description="Batch compression pipeline for LLMs.")
+    parser = _OneLineParser(prog="secateur", description="Batch compression pipeline for LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--home", type=Path, help="state dir (default $SECATEUR_HOME or ./.secateur)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     if not args.verbose:  # MLflow's own handler prints INFO lines (database creation) on stderr
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would precede an error line
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # where it already is
     try:

@@ -20,7 +20,7 @@ from infra.safe_paths import UnsafeKey, checked_key, path_inside
 from pruning_core.report import REPORT_FILE, PruneReport
 from tasks.fetch import SLUG_LENGTH, _HashCache, slug_of
 from tasks.prune import commit_folder, finished_report, staging_folder
-from tests.conftest import batch_mapping
+from tests.conftest import WIKITEXT_VALID, batch_mapping
 
 HOSTILE_KEYS = ["../evil", "a/../../evil", "/etc/evil", "a\\..\\evil", "a//b", "./a", "a/", "", "C:/evil", "a/\x00b"]
 
@@ -392,7 +392,18 @@ def test_evaluate_ranges_are_checked_before_loading(option, tiny_model_dir, caps
     with pytest.raises(SystemExit) as exit_code:
         main(["evaluate", str(tiny_model_dir), option, "0"])
     assert exit_code.value.code == 2
-    assert "0 is not 1 or more" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err
+        == f"secateur: error: argument {option}: 0 is not 1 or more (see secateur evaluate --help)\n"
+    )
+
+
+def test_a_window_beyond_the_positions_is_one_line(tiny_model_dir, capsys):
+    from flows.cli import main
+
+    assert main(["evaluate", str(tiny_model_dir), "--perplexity", str(WIKITEXT_VALID), "--seq-len", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("secateur: error: ") and "maximum of" in err, err
 
 
 def test_a_broken_config_is_named(tmp_path, tiny_model_dir):
@@ -518,7 +529,7 @@ def test_two_batch_runs_on_one_state_dir_prune_and_publish_each_pair_once(tmp_pa
         subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"
     ]
     outputs = [run.communicate(timeout=300) for run in runs]
-    for run, (out, err) in zip(runs, outputs, strict=True):
+    for run, (_out, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err.decode()[-3000:]
     summaries = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
     for summary in summaries:
