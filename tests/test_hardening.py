@@ -510,7 +510,10 @@ def test_an_unreachable_s3_endpoint_fails_the_preflight_in_seconds(tmp_path, mon
 
 @pytest.mark.slow
 def test_two_batch_runs_on_one_state_dir_prune_and_publish_each_pair_once(tmp_path, tiny_model_dir):
-    """Two real `secateur run` processes on one state dir at once: both succeed, every unit of work runs once."""
+    """Two real `secateur run` processes on one state dir at once, on a machine whose cores are all busy.
+
+    Both succeed (each waits for its own Prefect server to answer), and every unit of work runs once.
+    """
     import yaml
 
     root = Path(__file__).resolve().parents[1]
@@ -525,10 +528,17 @@ def test_two_batch_runs_on_one_state_dir_prune_and_publish_each_pair_once(tmp_pa
     for name in [k for k in env if k.startswith(("PREFECT_", "MLFLOW_"))]:
         env.pop(name)
     command = [sys.executable, "-m", "flows.cli", "run", str(batch), "--json"]
-    runs = [
-        subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"
-    ]
-    outputs = [run.communicate(timeout=300) for run in runs]
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        runs = [
+            subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in "ab"
+        ]
+        outputs = [run.communicate(timeout=400) for run in runs]
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
     for run, (_out, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err.decode()[-3000:]
     summaries = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
