@@ -151,6 +151,8 @@ class S3Store(ArtifactStore):
         return dest
 
     def delete_prefix(self, key: str) -> None:
-        for relative in self.list_keys(key):
+        """The object `key` itself (a file) and every object under `key/` (a folder)."""
+        keys = [self._key(key), *(self._key(f"{key}/{relative}") for relative in self.list_keys(key))]
+        for name in keys:
             with self._errors("delete", key):
-                self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{key}/{relative}"))
+                self.client.delete_object(Bucket=self.bucket, Key=name)

@@ -145,3 +145,21 @@ def test_fetch_model_reports_a_missing_s3_prefix(s3_bucket, tmp_path, monkeypatc
     monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "home"))
     with pytest.raises(ArtifactStoreError, match="no objects under this prefix"):
         snapshot_model(f"s3://{s3_bucket}/models/absent/", Settings())
+
+
+@pytest.mark.parametrize("scheme", ["s3", "folder"])
+def test_delete_prefix_removes_one_file_or_a_whole_folder(scheme, s3_bucket, tmp_path):
+    """A block's mirrored inputs are one file inside its folder; the whole mirror is a folder."""
+    source = tmp_path / "block-000"
+    source.mkdir()
+    (source / "inputs.safetensors").write_bytes(b"i" * 64)
+    (source / "weights.safetensors").write_bytes(b"w" * 64)
+    store = open_store(f"s3://{s3_bucket}/ckpt" if scheme == "s3" else str(tmp_path / "store"))
+    store.put_folder(source, "run/block-000")
+    store.delete_prefix("run/block-000/inputs.safetensors")
+    assert store._read_text("run/block-000/inputs.safetensors") is None
+    assert store._read_text("run/block-000/weights.safetensors") == "w" * 64
+    store.delete_prefix("run")
+    assert store._read_text("run/block-000/weights.safetensors") is None
+    if scheme == "s3":
+        assert store.list_keys("run") == []
