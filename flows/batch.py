@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import socket
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import BaseModel
 
 from flows.batch_config import BatchConfig
-from infra.durable import write_atomic
+from flows.pairs import PairRequest, PairResult, progress_line, summary_table
+from flows.pool import pool_run, pool_store, result_key, run_on_pool
+from flows.run_records import RunRecord, save_record
 from infra.preflight import check_services
 from infra.redact import install_log_redaction, redact
 from infra.settings import Settings
@@ -24,22 +25,6 @@ from tasks.prune import prune
 from tasks.publish import PairRecord, generations_text, publish
 from tasks.recover import recover
 from tasks.track import finish_batch_run, record_failed_pair, start_batch_run
-
-
-class PairResult(BaseModel):
-    model: str
-    recipe_name: str
-    status: str  # completed | failed
-    error: str | None = None
-    sparsity: float | None = None
-    perplexity: dict[str, float] = {}
-    dense_perplexity: dict[str, float] = {}
-    generations: str | None = None  # dense and pruned continuations of the sanity prompts
-    prune_seconds: float | None = None
-    model_uri: str | None = None
-    mlflow_run_id: str | None = None
-    task_states: dict[str, str] = {}  # task -> Prefect state name (Completed, Cached, ...)
-    stage_seconds: dict[str, float] = {}  # task -> seconds it took when it was computed
 
 
 class PairsFailed(RuntimeError):
@@ -68,6 +53,13 @@ class _Stages:
         self.seconds[stage] = computed or time.perf_counter() - started
         return value
 
+    def prepare(self, settings: Settings, model: str, calibration: CalibrationSpec, evaluation: EvaluationSpec):
+        """What every recipe of a model shares: its snapshot, calibration set and dense evaluation."""
+        snapshot = self.run("fetch", retried(fetch_model, settings), model)
+        calibration_set = self.run("calibrate", stored(build_calibration, settings), snapshot, calibration)
+        dense = self.run("evaluate_dense", stored(evaluate, settings), snapshot.path, snapshot.fingerprint, evaluation)
+        return snapshot, calibration_set, dense
+
 
 @flow(name="compress-model", flow_run_name="{recipe_name}")
 def compress_model(
@@ -82,13 +74,37 @@ def compress_model(
     """fetch -> calibrate -> dense baseline -> prune (checkpointed) [-> recover] -> evaluate -> publish.
 
     With a recovery (structured recipes), the pruned model's perplexity is measured before it too.
+    Run from its pool deployment, it beats a heartbeat into the store and leaves its result there.
     """
     settings = Settings()
+    with pool_run(settings):
+        result = _compress_pair(model, recipe, calibration, evaluation, recipe_name, parent_run_id, experiment)
+    if flow_run.get_deployment_id() is not None:  # on a pool: the batch reads the result from the store
+        pool_store(settings).write_text(result_key(flow_run.get_id()), result.model_dump_json())
+    return result
+
+
+@flow(name="prepare-model", flow_run_name="prepare")
+def prepare_model(model: str, calibration: CalibrationSpec, evaluation: EvaluationSpec) -> None:
+    """On a pool, before a model's pairs: fetch, calibration and dense evaluation once, shared via the store."""
+    settings = Settings()
+    with pool_run(settings):
+        _Stages().prepare(settings, model, calibration, evaluation)
+
+
+def _compress_pair(
+    model: str,
+    recipe: Recipe,
+    calibration: CalibrationSpec,
+    evaluation: EvaluationSpec,
+    recipe_name: str,
+    parent_run_id: str | None,
+    experiment: str,
+) -> PairResult:
+    settings = Settings()
     stages = _Stages()
-    snapshot = stages.run("fetch", retried(fetch_model, settings), model)
-    calibration_set = stages.run("calibrate", stored(build_calibration, settings), snapshot, calibration)
+    snapshot, calibration_set, dense = stages.prepare(settings, model, calibration, evaluation)
     evaluate_task = stored(evaluate, settings)
-    dense = stages.run("evaluate_dense", evaluate_task, snapshot.path, snapshot.fingerprint, evaluation)
     # Recipes that differ only in their recovery share one prune.
     pruned = stages.run("prune", stored(prune, settings), snapshot, calibration_set, recipe.without_recovery())
     recovered = before_recovery = None
@@ -130,38 +146,8 @@ def compress_model(
         mlflow_run_id=publication.mlflow_run_id,
         task_states=stages.states,
         stage_seconds=stages.seconds,
+        worker=f"{socket.gethostname()}:{settings.root}",
     )
-
-
-def summary_table(results: list[PairResult]) -> str:
-    labels = sorted({label for r in results for label in r.perplexity})
-    width = max([len(Path(r.model).name) for r in results] + [5])
-    header = (
-        f"{'model':<{width}} {'recipe':<14} {'status':<9} {'sparsity':>8} "
-        + " ".join(f"{'ppl ' + label:>18} {'dense':>8}" for label in labels)
-        + f" {'prune':>8}  error"
-    )
-    lines = [header]
-    for r in results:
-        cells = " ".join(
-            f"{r.perplexity.get(label, float('nan')):>18.2f} {r.dense_perplexity.get(label, float('nan')):>8.2f}"
-            for label in labels
-        )
-        sparsity = f"{r.sparsity:>8.3f}" if r.sparsity is not None else f"{'-':>8}"
-        prune_cell = r.task_states.get("prune", "-")
-        lines.append(
-            f"{Path(r.model).name:<{width}} {r.recipe_name:<14} {r.status:<9} {sparsity} {cells} "
-            f"{prune_cell:>8}  {(r.error or '')[:120]}"
-        )
-    return "\n".join(lines)
-
-
-def progress_line(result: PairResult) -> str:
-    name = f"{Path(result.model).name} x {result.recipe_name}"
-    if result.status == "failed":
-        return f"{name}: failed ({result.error})"
-    ppl = ", ".join(f"ppl {label} {value:.2f}" for label, value in result.perplexity.items())
-    return f"{name}: {result.status}, sparsity {result.sparsity or 0:.3f}" + (f", {ppl}" if ppl else "")
 
 
 def _error_line(state) -> str:
@@ -170,15 +156,19 @@ def _error_line(state) -> str:
     return redact(" ".join(text.split()))
 
 
-def run_record_path(settings: Settings, run_id: str) -> Path:
-    return settings.path("runs") / f"{run_id}.json"
+def _run_here(request: PairRequest) -> PairResult:
+    state = compress_model(**dict(request), return_state=True)
+    if state.is_completed():
+        return state.result()
+    return PairResult.failed(request, _error_line(state))
 
 
 @flow(name="compress-batch", flow_run_name="{config[name]}")
-def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[PairResult]:
+def compress_batch(config: dict, only: list[list[str]] | None = None, pool: str | None = None) -> list[PairResult]:
     """Every model x recipe of a batch; one failing pair does not stop the others.
 
-    `only` restricts the run to [model, recipe name] pairs (what `secateur retry` passes).
+    `only` restricts the run to [model, recipe name] pairs (what `secateur retry` passes). With a `pool`,
+    each pair is a flow run of the `compress-model` deployment on that work pool; without, they run here.
     """
     install_log_redaction()  # in whatever process runs the flow (a worker's too)
     batch = BatchConfig.model_validate(config)
@@ -195,43 +185,54 @@ def compress_batch(config: dict, only: list[list[str]] | None = None) -> list[Pa
             "recipes": ",".join(r.name for r in batch.recipes),
             "calibration": batch.calibration.model_dump(mode="json"),
             "evaluation": batch.evaluation.model_dump(mode="json"),
+            "pool": pool or "",
         },
         tags={"prefect_flow_run_id": run_id, "prefect_flow_run_name": run_name, "batch": batch.name},
     )
     wanted = {tuple(pair) for pair in only} if only else None
-    pairs = [(m, e) for m, e in batch.pairs() if wanted is None or (m, e.name) in wanted]
-    results: list[PairResult] = []
-    for number, (model, entry) in enumerate(pairs, 1):
-        state = compress_model(
-            model,
-            entry.recipe(batch.calibration),
-            batch.calibration,
-            batch.evaluation,
-            entry.name,
-            parent,
-            batch.name,
-            return_state=True,
+    requests = [
+        PairRequest(
+            model=model,
+            recipe=entry.recipe(batch.calibration),
+            calibration=batch.calibration,
+            evaluation=batch.evaluation,
+            recipe_name=entry.name,
+            parent_run_id=parent,
+            experiment=batch.name,
         )
-        if state.is_completed():
-            results.append(state.result())
-        else:
-            error = _error_line(state)
-            logger.error("%s x %s failed: %s", model, entry.name, error)
-            record_failed_pair(batch.name, parent, model, entry.name, error)
-            results.append(PairResult(model=model, recipe_name=entry.name, status="failed", error=error))
-        print(f"[{number}/{len(pairs)}] {progress_line(results[-1])}", flush=True)
+        for model, entry in batch.pairs()
+        if wanted is None or (model, entry.name) in wanted
+    ]
+    record = RunRecord(
+        flow_run_id=run_id,
+        flow_run_name=run_name,
+        batch=batch.name,
+        config=config,
+        mlflow_run_id=parent,
+        pool=pool,
+        pairs=[(r.model, r.recipe_name) for r in requests],
+    )
+    save_record(settings, record)  # a crashed batch can be retried from any machine
+
+    def on_result(result: PairResult) -> None:
+        if result.status == "failed":
+            logger.error("%s x %s failed: %s", result.model, result.recipe_name, result.error)
+            record_failed_pair(batch.name, parent, result.model, result.recipe_name, result.error or "")
+        record.results.append(result)
+        save_record(settings, record)
+        print(f"[{len(record.results)}/{len(requests)}] {progress_line(result)}", flush=True)
+
+    if pool:
+        results = run_on_pool(pool, requests, settings, on_result)
+    else:
+        results = []
+        for request in requests:
+            results.append(_run_here(request))
+            on_result(results[-1])
     table = summary_table(results)
     logger.info("batch %s summary:\n%s", batch.name, table)
     failed = [r for r in results if r.status == "failed"]
-    record = {
-        "flow_run_id": run_id,
-        "flow_run_name": run_name,
-        "batch": batch.name,
-        "config": config,
-        "mlflow_run_id": parent,
-        "results": [r.model_dump() for r in results],
-    }
-    write_atomic(run_record_path(settings, run_id), json.dumps(record, indent=2))
+    save_record(settings, record.model_copy(update={"results": results, "finished": True}))
     generations = {f"{Path(r.model).name} x {r.recipe_name}": r.generations for r in results if r.generations}
     finish_batch_run(parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed), generations)
     if failed:

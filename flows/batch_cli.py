@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
 
 from infra.settings import Settings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+POOL_HELP = "run each pair as a flow run on this Prefect work pool (workers: `secateur worker --pool NAME`)"
 
 
 class PairFailures(RuntimeError):
@@ -21,13 +25,22 @@ class PairFailures(RuntimeError):
 def add_commands(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="run a batch file now (models x recipes) and print its summary")
     run.add_argument("batch", type=Path, help="batch YAML file")
+    run.add_argument("--pool", help=POOL_HELP)
     run.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     run.set_defaults(run=run_batch)
 
     retry = commands.add_parser("retry", help="rerun only the failed pairs of an earlier batch run")
     retry.add_argument("run_id", metavar="RUN_ID_OR_NAME", help="Prefect flow run id or name of the batch run")
+    retry.add_argument("--pool", help=POOL_HELP)
     retry.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     retry.set_defaults(run=retry_batch)
+
+    worker = commands.add_parser("worker", help="Prefect workers on a pool: one per GPU (or --slots), a pair each")
+    worker.add_argument("--pool", required=True, help="work pool to take pairs from (created if missing)")
+    worker.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3: one worker each, pinned by CUDA_VISIBLE_DEVICES")
+    worker.add_argument("--slots", type=int, default=1, help="without --gpus: workers on this machine's CPUs")
+    worker.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    worker.set_defaults(run=worker_command)
 
     serve = commands.add_parser("serve", help="run a batch on a cron schedule (long-running, Prefect serve)")
     serve.add_argument("batch", type=Path)
@@ -39,7 +52,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("batch", type=Path)
     deploy.add_argument("--pool", required=True, help="work pool name (workers on GPU machines poll it)")
     deploy.add_argument("--cron", help='cron expression, e.g. "0 2 * * *"')
-    deploy.add_argument("--image", help="container image for Docker/Kubernetes pools (default: run from source)")
+    deploy.add_argument("--batch-pool", help="work pool of the batch run itself (default: --pool)")
+    deploy.add_argument("--image", help="container image for Docker/Kubernetes pools (default: installed package)")
     deploy.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     deploy.set_defaults(run=deploy_batch)
 
@@ -69,39 +83,50 @@ def load_batch(path: Path) -> tuple[dict, object]:
     return yaml.safe_load(path.read_text()), config
 
 
-def _run_and_report(config: dict, only: list[list[str]] | None = None, verbose: bool = False) -> dict:
+def _run_and_report(
+    config: dict, only: list[list[str]] | None = None, verbose: bool = False, pool: str | None = None
+) -> dict:
+    """The batch flow in this process: its pairs here (own temporary Prefect API) or on a pool (shared API)."""
     from flows.batch import compress_batch
     from flows.console import route_logs
     from flows.local_api import local_prefect_api
 
     settings = Settings()
+    if pool:
+        from flows.pool import deploy_model_flow
+
+        _use_stack_api(settings)
+        deploy_model_flow(pool)
+        api = contextlib.nullcontext()
+    else:
+        api = local_prefect_api(settings.root)
     print(f"log: {route_logs(settings.root, verbose)}", flush=True)
-    with local_prefect_api(settings.root):
-        state = compress_batch(config, only, return_state=True)
+    with api:
+        state = compress_batch(config, only, pool, return_state=True)
         return _report_run(settings, state)
 
 
 def _report_run(settings: Settings, state) -> dict:
-    from flows.batch import PairResult, run_record_path, summary_table
+    from flows.pairs import summary_table
+    from flows.run_records import find_record, local_path
 
     run_id = str(state.state_details.flow_run_id)
-    record_path = run_record_path(settings, run_id)
-    if not record_path.is_file():  # failed before the summary: a bad batch or an unreachable service
+    if not local_path(settings, run_id).is_file():  # failed before any pair: a bad batch or a service down
         state.result()
-    record = json.loads(record_path.read_text())
-    results = [PairResult.model_validate(r) for r in record["results"]]
+    record = find_record(settings, run_id)
+    results = record.results
     print(summary_table(results))
-    print(f"batch run {record['flow_run_name']} ({run_id}); MLflow run {record['mlflow_run_id']}")
+    print(f"batch run {record.flow_run_name} ({run_id}); MLflow run {record.mlflow_run_id}")
     summary = {
         "flow_run_id": run_id,
-        "flow_run_name": record["flow_run_name"],
+        "flow_run_name": record.flow_run_name,
         "results": [
             r.model_dump(include={"model", "recipe_name", "status", "sparsity", "perplexity", "model_uri", "error"})
             for r in results
         ],
     }
     failed = [r for r in results if r.status == "failed"]
-    if failed:
+    if failed or not record.finished:
         print(json.dumps(summary, sort_keys=True))
         raise PairFailures(f"{len(failed)} of {len(results)} pairs failed; rerun them with: secateur retry {run_id}")
     return summary
@@ -112,33 +137,23 @@ def run_batch(args: argparse.Namespace) -> dict:
 
     config, _ = load_batch(args.batch)  # a bad batch fails here, before Prefect starts
     check_services(Settings())  # so does an unreachable store or MLflow
-    return _run_and_report(config, verbose=args.verbose)
-
-
-def find_run(settings: Settings, run: str) -> dict:
-    """A batch run record by Prefect flow run id or name."""
-    folder = settings.path("runs")
-    direct = folder / f"{run}.json"
-    if direct.is_file():
-        return json.loads(direct.read_text())
-    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        record = json.loads(path.read_text())
-        if record.get("flow_run_name") == run:
-            return record
-    raise LookupError(f"no batch run {run!r} under {folder}")
+    return _run_and_report(config, verbose=args.verbose, pool=args.pool)
 
 
 def retry_batch(args: argparse.Namespace) -> dict:
-    record = find_run(Settings(), args.run_id)
-    failed = [[r["model"], r["recipe_name"]] for r in record["results"] if r["status"] == "failed"]
-    if not failed:
-        print(f"batch run {record['flow_run_name']} had no failed pairs; nothing to retry")
-        return {"flow_run_id": record["flow_run_id"], "retried": []}
+    from flows.run_records import find_record
+
+    record = find_record(Settings(), args.run_id)
+    unfinished = record.unfinished_pairs()
+    if not unfinished:
+        print(f"batch run {record.flow_run_name} had no failed pairs; nothing to retry")
+        return {"flow_run_id": record.flow_run_id, "retried": []}
     print(
-        f"retrying {len(failed)} failed pairs of {record['flow_run_name']}: "
-        + ", ".join(f"{Path(m).name} x {r}" for m, r in failed)
+        f"retrying {len(unfinished)} failed or unfinished pairs of {record.flow_run_name}: "
+        + ", ".join(f"{Path(m).name} x {r}" for m, r in unfinished)
     )
-    return _run_and_report(record["config"], failed, verbose=args.verbose) | {"retried": failed}
+    pool = args.pool or record.pool
+    return _run_and_report(record.config, unfinished, verbose=args.verbose, pool=pool) | {"retried": unfinished}
 
 
 def report_batch(args: argparse.Namespace) -> dict:
@@ -174,29 +189,50 @@ def serve_batch(args: argparse.Namespace) -> dict:
 
 
 def deploy_batch(args: argparse.Namespace) -> dict:
+    """The batch flow on `--batch-pool` (default `--pool`) and the pair flow on `--pool`, by module path.
+
+    Workers import both from the installed package (or the image), never from this machine's checkout.
+    """
     config, batch = load_batch(args.batch)
     _use_stack_api(Settings())
-    from flows.batch import compress_batch
+    from prefect.deployments.runner import EntrypointType, deploy
 
-    if args.image:
-        flow, options = compress_batch, {"image": args.image, "build": False, "push": False}
-    else:
-        flow = compress_batch.from_source(source=str(PROJECT_ROOT), entrypoint="flows/batch.py:compress_batch")
-        options = {}
-    deployment_id = flow.deploy(
+    from flows.batch import compress_batch
+    from flows.pool import deploy_model_flow, ensure_pool, model_deployment
+
+    batch_pool = args.batch_pool or args.pool
+    ensure_pool(batch_pool)
+    deploy_model_flow(args.pool, args.image)
+    deployment = compress_batch.to_deployment(
         name=batch.name,
-        work_pool_name=args.pool,
+        work_pool_name=batch_pool,
         cron=args.cron,
-        parameters={"config": config},
-        print_next_steps=False,
-        **options,
+        parameters={"config": config, "pool": args.pool},
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    [deployment_id] = deploy(
+        deployment,
+        work_pool_name=batch_pool,
+        image=args.image,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,
     )
     print(
-        f"deployment compress-batch/{batch.name} ({deployment_id}) on work pool {args.pool!r}"
+        f"deployment compress-batch/{batch.name} ({deployment_id}) on work pool {batch_pool!r}"
         + (f", cron {args.cron!r}" if args.cron else "")
+        + f"; its pairs run as {model_deployment(args.pool)} on {args.pool!r}"
     )
-    print(f"start a worker on each GPU machine: prefect worker start --pool {args.pool}")
-    return {"deployment_id": str(deployment_id), "name": f"compress-batch/{batch.name}", "pool": args.pool}
+    print(f"start workers on each GPU machine: secateur worker --pool {args.pool} --gpus 0,1,...")
+    if batch_pool == args.pool:
+        print("(the batch run itself holds one worker slot while it waits; --batch-pool puts it elsewhere)")
+    return {
+        "deployment_id": str(deployment_id),
+        "name": f"compress-batch/{batch.name}",
+        "pool": args.pool,
+        "batch_pool": batch_pool,
+    }
 
 
 def stack_command(args: argparse.Namespace) -> dict:
@@ -217,3 +253,48 @@ def stack_command(args: argparse.Namespace) -> dict:
         state = "running" if entry["healthy"] else ("starting" if entry["running"] else "stopped")
         print(f"{name:<8} {state:<9} {entry['url']}" + (f"  pid {entry['pid']}" if entry["pid"] else ""))
     return report
+
+
+def worker_slots(gpus: str | None, slots: int) -> list[tuple[str, dict[str, str]]]:
+    """(worker name suffix, environment) per worker: a GPU each, or an equal share of the CPU threads."""
+    if gpus:
+        indices = [index.strip() for index in gpus.split(",") if index.strip()]
+        if not all(index.isdigit() for index in indices):
+            raise ValueError(f"--gpus {gpus!r}: give GPU indices such as 0,1,2,3")
+        return [(f"gpu{index}", {"CUDA_VISIBLE_DEVICES": index, "SECATEUR_DEVICE": "cuda"}) for index in indices]
+    if slots < 1:
+        raise ValueError(f"--slots {slots}: give 1 or more")
+    threads = str(max(1, (os.cpu_count() or 1) // slots))
+    return [(f"cpu{slot}", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) for slot in range(slots)]
+
+
+def worker_command(args: argparse.Namespace) -> dict:
+    """One `prefect worker` per slot, each running at most one pair at a time; Ctrl-C or SIGTERM stops all."""
+    import socket
+
+    from flows.pool import ensure_pool
+
+    slots = worker_slots(args.gpus, args.slots)
+    _use_stack_api(Settings())
+    ensure_pool(args.pool)
+    host = socket.gethostname()
+    workers = []
+    for name, env in slots:
+        command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
+        command += ["--limit", "1", "--name", f"{host}-{name}"]
+        workers.append(subprocess.Popen(command, env={**os.environ, **env}))
+    print(f"{len(workers)} worker(s) on pool {args.pool!r}: " + ", ".join(f"{host}-{n}" for n, _ in slots), flush=True)
+    try:
+        while all(worker.poll() is None for worker in workers):
+            time.sleep(1)
+        stopped = next(w for w in workers if w.poll() is not None)
+        raise RuntimeError(f"a worker stopped (exit {stopped.returncode}); the others were stopped too")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()

@@ -84,6 +84,23 @@ class ArtifactStore(ABC):
                 raise ArtifactStoreError(f"{self.url(key)}/{relative}: checksum mismatch after download")
         return dest
 
+    def read_text(self, key: str) -> str | None:
+        """A small text object (a record, a heartbeat); None where there is none."""
+        return self._read_text(checked_key(key))
+
+    def write_text(self, key: str, text: str) -> None:
+        """Replace a small text object whole (readers see the old or the new text)."""
+        self._write_text(checked_key(key), text)
+
+    def put_file(self, local: str | Path, key: str) -> None:
+        """One file under `key` (skipped when an identical one is there)."""
+        local = Path(local)
+        self._put_file(local, checked_key(key), sha256_file(local), local.stat().st_size)
+
+    def get_file(self, key: str, local: str | Path) -> None:
+        """One file from `key` into `local`, replacing it whole; the caller checks what it holds."""
+        self._get_file(checked_key(key), Path(local))
+
     @abstractmethod
     def _put_file(self, local: Path, key: str, sha256: str, size: int) -> bool:
         """Store one file unless an identical one is there; True when bytes were sent."""

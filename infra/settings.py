@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         default=False, description="let transformers run a model's own code (off unless turned on)"
     )
     mirror_checkpoints: bool = Field(default=False, description="copy block checkpoints to the artifact store")
+    share_results: bool = Field(
+        default=False,
+        description="keep calibration sets, evaluations and pruned models in the artifact store for other machines",
+    )
     prefect_port: int = Field(default=4200, ge=1, le=65535, description="port of `secateur stack up`'s Prefect server")
     mlflow_port: int = Field(default=5000, ge=1, le=65535, description="port of `secateur stack up`'s MLflow UI")
     task_retries: int = Field(default=2, ge=0, le=10, description="Prefect retries of fetch and publish")
@@ -46,6 +50,14 @@ class Settings(BaseSettings):
         default=10, ge=1, le=600, description="connect timeout of S3 and MLflow requests, read timeout of MLflow's"
     )
     service_retries: int = Field(default=2, ge=0, le=10, description="MLflow HTTP retries per request")
+    heartbeat_seconds: float = Field(
+        default=10.0, gt=0, description="on a pool: how often a running pair writes its heartbeat to the store"
+    )
+    stale_after_seconds: float = Field(
+        default=90.0, gt=0, description="on a pool: a running pair silent this long is crashed and run again"
+    )
+    pair_attempts: int = Field(default=3, ge=1, le=10, description="on a pool: runs of a pair whose worker was lost")
+    poll_seconds: float = Field(default=2.0, gt=0, description="on a pool: how often the batch looks at its pairs")
 
     @cached_property
     def root(self) -> Path:

@@ -73,6 +73,9 @@ class PruneReport(BaseModel):
     phase_seconds: dict[str, float] = {}  # statistics, solve, forward
     resumed_from_block: int = 0
     resumed_gradients: bool = False  # structured: gradient statistics came from a checkpoint
+    environment: dict[str, str] = {}  # device, torch version, threads: results differ across them
+    resumed_environment: dict[str, str] | None = None  # the earlier blocks' environment, where it differed
+    dtype: str = ""  # of the saved weights
     structure: StructureReport | None = None
     recovery: RecoveryReport | None = None
     peak_rss_mib: float = 0.0

@@ -18,6 +18,7 @@ from infra.settings import Settings
 from pruning_core.data import calibration_windows, local_path, read_rows, tokenize_text
 from pruning_core.modeling import load_tokenizer
 from tasks.fetch import ModelSnapshot
+from tasks.shared import pull_file, push_file
 
 
 class CalibrationSpec(BaseModel):
@@ -57,10 +58,12 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
     started = time.perf_counter()
     key = calibration_fingerprint(snapshot, spec)
     path = settings.path("calibration") / f"{key}.safetensors"
+    shared_key = f"calibration/{key}.safetensors"
     with exclusive(settings.path("locks"), f"calibration-{key}"):
-        if not _valid(path, key):
+        if not _valid(path, key) and not (pull_file(settings, shared_key, path) and _valid(path, key)):
             tokenizer = load_tokenizer(snapshot.path, trust_remote_code=settings.trust_remote_code)
             _write_calibration(tokenizer, spec, key, path)
+            push_file(settings, shared_key, path)
     return CalibrationSet(
         path=str(path),
         fingerprint=key,

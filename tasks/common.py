@@ -46,3 +46,11 @@ def peak_gpu_mib() -> float:
     import torch
 
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def numeric_environment(device: str) -> dict[str, str]:
+    """What the numbers of a prune depend on besides its inputs: the same run differs across these."""
+    import torch
+
+    where = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    return {"device": where, "torch": torch.__version__, "threads": str(torch.get_num_threads())}

@@ -3,6 +3,7 @@ cached by (model content, evaluation spec) so the dense baseline of a model is c
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -21,6 +22,7 @@ from pruning_core.generation import greedy_continuations
 from pruning_core.modeling import load_model
 from pruning_core.perplexity import perplexity
 from pruning_core.zero_shot import HUB, evaluate_zero_shot
+from tasks.shared import pull_text, push_text
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +144,20 @@ def evaluate_once(model_path: str, model_fingerprint: str, spec: EvaluationSpec,
     path = settings.path("evaluations") / f"{key}.json"
     with exclusive(settings.path("locks"), key):
         saved = read_json(path)
+        if saved is None:
+            shared = pull_text(settings, f"evaluations/{key}.json")
+            saved = json.loads(shared) if shared else None
         if saved is not None:
             try:
-                return Evaluation.model_validate(saved)
+                evaluation = Evaluation.model_validate(saved)
+                write_atomic(path, evaluation.model_dump_json(indent=1))
+                return evaluation
             except ValidationError:
-                log.warning("ignoring %s: not an evaluation of this version", path)
+                log.warning("ignoring the saved %s: not an evaluation of this version", key)
         evaluation = evaluate_folder(model_path, spec, settings)
-        write_atomic(path, evaluation.model_dump_json(indent=1))
+        text = evaluation.model_dump_json(indent=1)
+        write_atomic(path, text)
+        push_text(settings, f"evaluations/{key}.json", text)
         return evaluation
 
 

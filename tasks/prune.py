@@ -29,8 +29,9 @@ from pruning_core.report import REPORT_FILE, Provenance, PruneReport
 from pruning_core.structured.importance import gradient_statistics
 from pruning_core.structured.llm_pruner import statistics_weights
 from tasks.calibrate import CalibrationSet, load_calibration
-from tasks.common import peak_gpu_mib, peak_rss_mib
+from tasks.common import numeric_environment, peak_gpu_mib, peak_rss_mib
 from tasks.fetch import ModelSnapshot
+from tasks.shared import pull_folder, push_folder
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class PrunedModel(BaseModel):
     peak_rss_mib: float = 0.0
     peak_gpu_mib: float = 0.0
     block_sparsity: list[float] = []  # per block, when the recipe allocates it (OWL)
+    environment: dict[str, str] = {}  # device, torch version, threads of the prune
+    resumed_environment: dict[str, str] | None = None  # of the checkpointed blocks, where it differed
     # Structured pruning: parameters_before/after, latency_ms_before/after (CPU forward pass), block_share.
     structure: dict[str, float] = {}
 
@@ -102,11 +105,12 @@ def prune_with_checkpoints(
     run = run_fingerprint(snapshot, calibration, recipe)
     out = settings.root / "models" / snapshot.slug / recipe.fingerprint()[:16] / run
     with exclusive(settings.path("locks"), f"prune-{run}"):  # another process may be pruning it: wait, reuse
-        report = finished_report(out)
+        report = finished_report(out) or pull_finished(settings, f"pruned/{run}", out)
         if report is None:
             log.info("pruning %s with %s (run %s)", snapshot.spec, recipe.describe(), run[:16])
             prune_stage = _prune_structured if recipe.structured else _prune
             report = prune_stage(snapshot, calibration, recipe, settings, run, out, progress)
+            push_folder(settings, f"pruned/{run}", out)
         else:
             log.info("reusing the finished prune of %s with %s (run %s)", snapshot.spec, recipe.describe(), run[:16])
     return PrunedModel(
@@ -122,8 +126,24 @@ def prune_with_checkpoints(
         peak_rss_mib=report.peak_rss_mib,
         peak_gpu_mib=report.peak_gpu_mib,
         block_sparsity=report.block_sparsity or [],
+        environment=report.environment,
+        resumed_environment=report.resumed_environment,
         structure=report.structure.metrics() if report.structure else {},
     )
+
+
+def pull_finished(settings: Settings, key: str, out: Path) -> PruneReport | None:
+    """A finished folder another machine stored under `key`, moved into `out` once it checks out."""
+    staging = staging_folder(out)
+    report = finished_report(staging) if pull_folder(settings, key, staging) else None
+    if report is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, out)
+    fsync_path(out.parent)
+    return report
 
 
 def commit_folder(staging: Path, out: Path, report: PruneReport) -> PruneReport:
@@ -216,7 +236,12 @@ def _prune_structured(
         statistics=statistics,
     )
     report = report.model_copy(
-        update={"resumed_gradients": saved is not None, "prune_seconds": time.perf_counter() - started}
+        update={
+            "resumed_gradients": saved is not None,
+            "prune_seconds": time.perf_counter() - started,
+            "environment": numeric_environment(settings.device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        }
     )
     report = commit_folder(staging, out, report)
     checkpoint.clear()
@@ -248,10 +273,20 @@ def _prune(
         restore_blocks(model, [checkpoints.load_weights(path) for path in resume.block_weights])
         log.info("resuming %s at block %d of a checkpointed prune", snapshot.spec, resume.start_block)
 
-    def on_block(result: BlockResult) -> None:
-        checkpoints.write(
-            result.index, result.state_dict, result.next_inputs, {"errors": result.errors, "seconds": result.seconds}
+    environment = numeric_environment(settings.device)
+    earlier = resume.meta[-1].get("environment") if resume.meta else None
+    if earlier is not None and earlier != environment:
+        log.warning(
+            "resuming %s: blocks before %d were pruned with %s, the rest with %s",
+            snapshot.spec,
+            resume.start_block,
+            earlier,
+            environment,
         )
+
+    def on_block(result: BlockResult) -> None:
+        meta = {"errors": result.errors, "seconds": result.seconds, "environment": environment}
+        checkpoints.write(result.index, result.state_dict, result.next_inputs, meta)
 
     staging = staging_folder(out)
     earlier_errors = {k: v for meta in resume.meta for k, v in meta["errors"].items()}
@@ -278,6 +313,9 @@ def _prune(
             "block_errors": _block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
             "resumed_from_block": resume.start_block,
             "prune_seconds": time.perf_counter() - started,
+            "environment": environment,
+            "resumed_environment": earlier if earlier != environment else None,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
     )
     report = commit_folder(staging, out, report)

@@ -122,6 +122,8 @@ def params_of(record: PairRecord) -> dict:
         },
         "code_version": f"engine-{ENGINE_VERSION}/{record.recipe.method}-{method_version(record.recipe.method)}",
         "run_fingerprint": record.fingerprint,
+        "environment": record.pruned.environment,
+        "resumed_environment": record.pruned.resumed_environment or "-",
     }
 
 

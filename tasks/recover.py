@@ -19,7 +19,8 @@ from pruning_core.modeling import load_model
 from pruning_core.recovery import RecoverySpec, TrainingState
 from pruning_core.report import PruneReport, RecoveryReport
 from tasks.calibrate import data_identity
-from tasks.prune import PrunedModel, commit_folder, finished_report, staging_folder
+from tasks.prune import PrunedModel, commit_folder, finished_report, pull_finished, staging_folder
+from tasks.shared import push_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,10 @@ def recover_with_checkpoints(
     run = recovery_fingerprint(pruned, spec)
     out = Path(pruned.path).with_name(f"{Path(pruned.path).name}-recovered-{run[:16]}")
     with exclusive(settings.path("locks"), f"recover-{run}"):
-        report = finished_report(out)
+        report = finished_report(out) or pull_finished(settings, f"recovered/{run}", out)
         if report is None or report.recovery is None:
             report = _recover(pruned, spec, settings, run, out, progress)
+            push_folder(settings, f"recovered/{run}", out)
     recovery = report.recovery
     return RecoveredModel(
         path=str(out),

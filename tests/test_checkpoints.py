@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from infra.checkpoints import BlockCheckpoints
@@ -208,3 +210,21 @@ def test_stage_checkpoint_keeps_the_previous_state_until_the_new_one_is_in(tmp_p
     assert meta == {"step": 1} and torch.equal(tensors["x"], torch.ones(3))
     assert StageCheckpoint(tmp_path / "run" / "recovery", "run-b").read() is None  # another run's: refused
     assert "is not this run's" in caplog.text
+
+
+def test_a_resume_under_other_threads_is_allowed_logged_and_recorded(tmp_path, deep_model, monkeypatch, caplog):
+    """Weights depend on the thread count; a resume with another one goes on, but says so in its report."""
+    home = tmp_path / "home"
+    threads = torch.get_num_threads()
+    _crash_after(3, deep_model, home, monkeypatch)
+    torch.set_num_threads(threads + 1)
+    try:
+        resumed = _prune(deep_model, home, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.resumed_from_block == 3
+    assert resumed.environment["threads"] == str(threads + 1)
+    assert resumed.resumed_environment["threads"] == str(threads)
+    assert "were pruned with" in caplog.text
+    report = json.loads((Path(resumed.path) / "sparsity.json").read_text())
+    assert report["resumed_environment"]["threads"] == str(threads) and report["dtype"] == "float32"

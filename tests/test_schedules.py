@@ -42,9 +42,16 @@ def test_deploy_creates_a_cron_deployment_on_a_work_pool(
 
     deployment = asyncio.run(read())
     assert deployment.name == "nightly" and deployment.work_pool_name == "gpu-pool"
-    assert deployment.entrypoint == "flows/batch.py:compress_batch"
+    assert deployment.entrypoint == "flows.batch.compress_batch", "the installed package, not this checkout"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
-    assert deployment.parameters["config"]["models"] == [model]
+    assert deployment.parameters["config"]["models"] == [model] and deployment.parameters["pool"] == "gpu-pool"
+
+    async def read_pair_flow():
+        async with get_client() as client:
+            return await client.read_deployment_by_name("compress-model/gpu-pool")
+
+    pair_flow = asyncio.run(read_pair_flow())
+    assert pair_flow.entrypoint == "flows.batch.compress_model" and pair_flow.work_pool_name == "gpu-pool"
 
 
 def test_serve_and_deploy_need_a_prefect_server(pipeline_home, tmp_path, tiny_tokenizer, monkeypatch, capsys):

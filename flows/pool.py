@@ -1,0 +1,252 @@
+"""A batch's pairs as flow runs of the `compress-model` deployment on a Prefect work pool.
+
+The batch flow submits every pair at once (each a subflow run linked to it), then watches them: a pair
+that completed has written its result to the artifact store, a failed one is a failed pair, and one
+whose worker is gone -- crashed or cancelled, or running but silent (no heartbeat in the store for
+`stale_after_seconds`) -- is marked crashed and submitted again, up to `pair_attempts` runs. The
+rerun resumes from the mirrored block checkpoints, on whichever worker takes it. The artifact store
+is the one service every worker and the batch share, so heartbeats and results live there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from uuid import UUID
+
+from flows.pairs import PairRequest, PairResult
+from infra.artifacts import ArtifactStore, ArtifactStoreError, open_store
+from infra.redact import redact
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_FLOW = "compress-model"
+PREPARE_FLOW = "prepare-model"
+
+
+def model_deployment(pool: str) -> str:
+    """The deployment of the pair flow on `pool` (one per pool, named after it)."""
+    return f"{MODEL_FLOW}/{pool}"
+
+
+def heartbeat_key(flow_run_id: UUID | str) -> str:
+    return f"pool/heartbeats/{flow_run_id}"
+
+
+def result_key(flow_run_id: UUID | str) -> str:
+    return f"pool/results/{flow_run_id}.json"
+
+
+def pool_store(settings: Settings) -> ArtifactStore:
+    return open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
+
+
+def ensure_pool(pool: str) -> None:
+    """Create the work pool (process type) unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another process made it meanwhile
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+
+def deploy_model_flow(pool: str, image: str | None = None) -> UUID:
+    """The pair and prepare flows as deployments on `pool`, entered by module path (workers run the package)."""
+    from prefect.deployments.runner import EntrypointType, deploy
+
+    from flows.batch import compress_model, prepare_model
+
+    ensure_pool(pool)
+    deployments = [
+        flow.to_deployment(name=pool, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH)
+        for flow in (compress_model, prepare_model)
+    ]
+    pair_flow, _ = deploy(
+        *deployments,
+        work_pool_name=pool,
+        image=image,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,
+    )
+    return pair_flow
+
+
+@contextlib.contextmanager
+def pool_run(settings: Settings) -> Iterator[None]:
+    """Inside a flow run started from a pool deployment: a heartbeat in the store while the block runs, and
+    results shared and checkpoints mirrored through the store (unless the worker's environment says no).
+
+    The process is the flow run's own (a process worker starts one per run), so its environment is too.
+    """
+    from prefect.runtime import flow_run
+
+    if flow_run.get_deployment_id() is None:
+        yield
+        return
+    os.environ.setdefault("SECATEUR_SHARE_RESULTS", "true")
+    os.environ.setdefault("SECATEUR_MIRROR_CHECKPOINTS", "true")
+    with heartbeat(pool_store(settings), flow_run.get_id(), settings.heartbeat_seconds):
+        yield
+
+
+@contextlib.contextmanager
+def heartbeat(store: ArtifactStore, flow_run_id: UUID | str, every: float) -> Iterator[None]:
+    """Write the time to the store every `every` seconds while the block runs (a thread; stops with it)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                store.write_text(heartbeat_key(flow_run_id), f"{time.time():.3f}")
+            except ArtifactStoreError as error:  # the watcher sees silence; the work itself goes on
+                log.warning("heartbeat not written: %s", error)
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, name="secateur-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every + 5)
+
+
+@dataclass
+class _Job:
+    """One flow run to have on the pool: which deployment, its parameters, and what it is for."""
+
+    key: tuple[str, int]  # ("prepare", model index) or ("pair", request index)
+    deployment: str
+    parameters: dict
+    name: str
+
+
+@dataclass
+class _Child:
+    job: _Job
+    flow_run_id: UUID
+    attempt: int
+
+
+class _Watch:
+    """The batch's view of the flow runs it submitted."""
+
+    def __init__(self, settings: Settings, client, store: ArtifactStore) -> None:
+        self.settings, self.client, self.store = settings, client, store
+
+    def submit(self, job: _Job, attempt: int = 1) -> _Child:
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(
+            job.deployment,
+            parameters=job.parameters,
+            timeout=0,
+            as_subflow=True,
+            flow_run_name=job.name + (f" (attempt {attempt})" if attempt > 1 else ""),
+            tags=[f"attempt-{attempt}"],
+        )
+        return _Child(job, run.id, attempt)
+
+    def status(self, child: _Child) -> tuple[str, str]:
+        """("running" | "completed" | "failed" | "lost", why)."""
+        state = self.client.read_flow_run(child.flow_run_id).state
+        if state.is_completed():
+            return "completed", ""
+        if state.is_failed():
+            return "failed", redact(" ".join((state.message or "failed").split()))
+        if state.is_crashed() or state.is_cancelled():
+            return "lost", f"its run {state.name.lower()}: {redact(state.message or '')}".rstrip(": ")
+        if not (state.is_running() or state.is_pending()):
+            return "running", ""  # scheduled: waiting for a free worker
+        beat = self.store.read_text(heartbeat_key(child.flow_run_id))
+        silent = time.time() - (float(beat) if beat else state.timestamp.timestamp())
+        if silent <= self.settings.stale_after_seconds:
+            return "running", ""
+        from prefect.states import Crashed
+
+        reason = f"no heartbeat from its worker for {silent:.0f} s"
+        self.client.set_flow_run_state(child.flow_run_id, Crashed(message=reason), force=True)
+        return "lost", reason
+
+    def result(self, child: _Child, request: PairRequest) -> PairResult:
+        text = self.store.read_text(result_key(child.flow_run_id))
+        if text is None:
+            return PairResult.failed(request, "its run completed without a result in the store", child.attempt)
+        return PairResult.model_validate_json(text).model_copy(update={"attempts": child.attempt})
+
+
+def _jobs(pool: str, requests: list[PairRequest]) -> tuple[list[_Job], dict[int, list[_Job]]]:
+    """A prepare run per model (fetch, calibration, dense evaluation), and the pair runs that wait for it."""
+    models = list(dict.fromkeys(r.model for r in requests))
+    prepares, pairs = [], {m: [] for m in range(len(models))}
+    for number, model in enumerate(models):
+        first = next(r for r in requests if r.model == model)
+        parameters = {
+            "model": model,
+            "calibration": first.calibration.model_dump(mode="json"),
+            "evaluation": first.evaluation.model_dump(mode="json"),
+        }
+        prepares.append(_Job(("prepare", number), f"{PREPARE_FLOW}/{pool}", parameters, "prepare"))
+    for index, request in enumerate(requests):
+        job = _Job(("pair", index), model_deployment(pool), request.model_dump(mode="json"), request.recipe_name)
+        pairs[models.index(request.model)].append(job)
+    return prepares, pairs
+
+
+def run_on_pool(
+    pool: str, requests: list[PairRequest], settings: Settings, on_result: Callable[[PairResult], None]
+) -> list[PairResult]:
+    """Prepare each model once on the pool, then its pairs; lost runs go again; results in `requests` order."""
+    from prefect.client.orchestration import get_client
+
+    results: dict[int, PairResult] = {}
+
+    def finish(index: int, result: PairResult) -> None:
+        results[index] = result
+        on_result(result)
+
+    prepares, pairs_of = _jobs(pool, requests)
+    with get_client(sync_client=True) as client:
+        watch = _Watch(settings, client, pool_store(settings))
+        children = [watch.submit(job) for job in prepares]
+        while children:
+            time.sleep(settings.poll_seconds)
+            waiting = []
+            for child in children:
+                status, why = watch.status(child)
+                kind, index = child.job.key
+                if status == "running":
+                    waiting.append(child)
+                    continue
+                if status == "lost" and child.attempt < settings.pair_attempts:
+                    log.warning("%s (%s): %s; running it again", child.job.name, child.job.parameters["model"], why)
+                    waiting.append(watch.submit(child.job, child.attempt + 1))
+                    continue
+                if status == "lost":
+                    why = f"{why} (gave up after {child.attempt} runs)"
+                if kind == "prepare" and status == "completed":
+                    waiting.extend(watch.submit(job) for job in pairs_of[index])
+                elif kind == "prepare":
+                    for job in pairs_of[index]:
+                        request = requests[job.key[1]]
+                        finish(job.key[1], PairResult.failed(request, f"preparing {request.model} failed: {why}"))
+                elif status == "completed":
+                    finish(index, watch.result(child, requests[index]))
+                else:
+                    finish(index, PairResult.failed(requests[index], why, child.attempt))
+            children = waiting
+    return [results[index] for index in range(len(requests))]

@@ -1,0 +1,92 @@
+"""Results any machine of a pool may reuse, kept in the artifact store under `cache/` (`SECATEUR_SHARE_RESULTS`).
+
+Calibration sets, evaluations and pruned (or recovered) model folders are looked up there before they are
+computed and stored after, so another worker -- or a rerun elsewhere -- downloads instead of recomputing.
+Pruned folders travel with their manifest (every file's sha256 checked on the way in); calibration sets
+carry their fingerprint in their metadata; evaluations are validated JSON. A store that cannot be reached
+only costs the reuse: the work is done locally and a warning logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from infra.artifacts import ArtifactStore, ArtifactStoreError, open_store
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def shared_store(settings: Settings) -> ArtifactStore | None:
+    if not settings.share_results:
+        return None
+    return open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
+
+
+def pull_file(settings: Settings, key: str, local: Path) -> bool:
+    """`cache/<key>` into `local`; False where sharing is off or nobody stored it."""
+    store = shared_store(settings)
+    if store is None:
+        return False
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(f"cache/{key}", local)
+    except ArtifactStoreError:
+        return False
+    log.info("reusing %s from %s", key, store.uri)
+    return True
+
+
+def push_file(settings: Settings, key: str, local: Path) -> None:
+    store = shared_store(settings)
+    if store is not None:
+        try:
+            store.put_file(local, f"cache/{key}")
+        except ArtifactStoreError as error:
+            log.warning("%s not shared: %s", key, error)
+
+
+def pull_text(settings: Settings, key: str) -> str | None:
+    store = shared_store(settings)
+    if store is None:
+        return None
+    try:
+        return store.read_text(f"cache/{key}")
+    except ArtifactStoreError as error:
+        log.warning("%s not read from the store: %s", key, error)
+        return None
+
+
+def push_text(settings: Settings, key: str, text: str) -> None:
+    store = shared_store(settings)
+    if store is not None:
+        try:
+            store.write_text(f"cache/{key}", text)
+        except ArtifactStoreError as error:
+            log.warning("%s not shared: %s", key, error)
+
+
+def pull_folder(settings: Settings, key: str, local: Path) -> bool:
+    """The folder stored under `cache/<key>` (manifest-verified) into `local`; False where there is none."""
+    store = shared_store(settings)
+    if store is None:
+        return False
+    try:
+        if store.read_manifest(f"cache/{key}") is None:
+            return False
+        store.get_folder(f"cache/{key}", local)
+    except ArtifactStoreError as error:
+        log.warning("%s not fetched from the store: %s", key, error)
+        return False
+    log.info("reusing %s from %s", key, store.uri)
+    return True
+
+
+def push_folder(settings: Settings, key: str, local: Path) -> None:
+    store = shared_store(settings)
+    if store is not None:
+        try:
+            store.put_folder(local, f"cache/{key}")
+        except ArtifactStoreError as error:
+            log.warning("%s not shared: %s", key, error)
