@@ -195,29 +195,18 @@ def deploy_batch(args: argparse.Namespace) -> dict:
     """
     config, batch = load_batch(args.batch)
     _use_stack_api(Settings())
-    from prefect.deployments.runner import EntrypointType, deploy
-
     from flows.batch import compress_batch
-    from flows.pool import deploy_model_flow, ensure_pool, model_deployment
+    from flows.pool import deploy_by_module_path, deploy_model_flow, model_deployment
 
     batch_pool = args.batch_pool or args.pool
-    ensure_pool(batch_pool)
     deploy_model_flow(args.pool, args.image)
-    deployment = compress_batch.to_deployment(
+    [deployment_id] = deploy_by_module_path(
+        [compress_batch],
+        batch_pool,
+        args.image,
         name=batch.name,
-        work_pool_name=batch_pool,
         cron=args.cron,
         parameters={"config": config, "pool": args.pool},
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
-    [deployment_id] = deploy(
-        deployment,
-        work_pool_name=batch_pool,
-        image=args.image,
-        build=False,
-        push=False,
-        print_next_steps_message=False,
-        ignore_warnings=True,
     )
     print(
         f"deployment compress-batch/{batch.name} ({deployment_id}) on work pool {batch_pool!r}"

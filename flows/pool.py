@@ -1,11 +1,13 @@
 """A batch's pairs as flow runs of the `compress-model` deployment on a Prefect work pool.
 
-The batch flow submits every pair at once (each a subflow run linked to it), then watches them: a pair
-that completed has written its result to the artifact store, a failed one is a failed pair, and one
-whose worker is gone -- crashed or cancelled, or running but silent (no heartbeat in the store for
-`stale_after_seconds`) -- is marked crashed and submitted again, up to `pair_attempts` runs. The
-rerun resumes from the mirrored block checkpoints, on whichever worker takes it. The artifact store
-is the one service every worker and the batch share, so heartbeats and results live there.
+The batch flow first submits one `prepare-model` run per model (fetch, calibration set, dense
+evaluation, left in the artifact store for every worker), then, as each model is prepared, its pairs
+(subflow runs linked to the batch run), and watches them all: a pair that completed has written its
+result to the store, a failed one is a failed pair, and a run whose worker is gone -- crashed or
+cancelled, or running but silent (no heartbeat in the store for `stale_after_seconds`) -- is marked
+crashed and submitted again, up to `pair_attempts` runs. The rerun resumes from the mirrored block
+checkpoints on whichever worker takes it. The artifact store is the one service every worker and the
+batch share, so heartbeats and results live there (and are removed once read).
 """
 
 from __future__ import annotations
@@ -61,18 +63,15 @@ def ensure_pool(pool: str) -> None:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
 
 
-def deploy_model_flow(pool: str, image: str | None = None) -> UUID:
-    """The pair and prepare flows as deployments on `pool`, entered by module path (workers run the package)."""
+def deploy_by_module_path(flows: list, pool: str, image: str | None = None, **options) -> list[UUID]:
+    """Deployments of `flows` on `pool`, entered by module path: workers run the installed package (or image)."""
     from prefect.deployments.runner import EntrypointType, deploy
-
-    from flows.batch import compress_model, prepare_model
 
     ensure_pool(pool)
     deployments = [
-        flow.to_deployment(name=pool, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH)
-        for flow in (compress_model, prepare_model)
+        flow.to_deployment(work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH, **options) for flow in flows
     ]
-    pair_flow, _ = deploy(
+    return deploy(
         *deployments,
         work_pool_name=pool,
         image=image,
@@ -81,7 +80,13 @@ def deploy_model_flow(pool: str, image: str | None = None) -> UUID:
         print_next_steps_message=False,
         ignore_warnings=True,
     )
-    return pair_flow
+
+
+def deploy_model_flow(pool: str, image: str | None = None) -> UUID:
+    """The pair and prepare flows on `pool`, each deployment named after the pool."""
+    from flows.batch import compress_model, prepare_model
+
+    return deploy_by_module_path([compress_model, prepare_model], pool, image, name=pool)[0]
 
 
 @contextlib.contextmanager
@@ -188,6 +193,12 @@ class _Watch:
             return PairResult.failed(request, "its run completed without a result in the store", child.attempt)
         return PairResult.model_validate_json(text).model_copy(update={"attempts": child.attempt})
 
+    def forget(self, child: _Child) -> None:
+        """The run is over: its heartbeat and result objects go."""
+        for key in (heartbeat_key(child.flow_run_id), result_key(child.flow_run_id)):
+            with contextlib.suppress(ArtifactStoreError):
+                self.store.delete_prefix(key)
+
 
 def _jobs(pool: str, requests: list[PairRequest]) -> tuple[list[_Job], dict[int, list[_Job]]]:
     """A prepare run per model (fetch, calibration, dense evaluation), and the pair runs that wait for it."""
@@ -232,6 +243,8 @@ def run_on_pool(
                 if status == "running":
                     waiting.append(child)
                     continue
+                outcome = watch.result(child, requests[index]) if kind == "pair" and status == "completed" else None
+                watch.forget(child)
                 if status == "lost" and child.attempt < settings.pair_attempts:
                     log.warning("%s (%s): %s; running it again", child.job.name, child.job.parameters["model"], why)
                     waiting.append(watch.submit(child.job, child.attempt + 1))
@@ -244,8 +257,8 @@ def run_on_pool(
                     for job in pairs_of[index]:
                         request = requests[job.key[1]]
                         finish(job.key[1], PairResult.failed(request, f"preparing {request.model} failed: {why}"))
-                elif status == "completed":
-                    finish(index, watch.result(child, requests[index]))
+                elif outcome is not None:
+                    finish(index, outcome)
                 else:
                     finish(index, PairResult.failed(requests[index], why, child.attempt))
             children = waiting

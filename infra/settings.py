@@ -73,7 +73,11 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_artifact_root(self) -> str:
-        return (self.root / "mlflow-artifacts").as_uri()
+        """MLflow's artifacts in the artifact store (`mlflow/` under it), never on one worker's disk."""
+        location = self.artifact_location
+        if location.startswith("s3://"):
+            return location.rstrip("/") + "/mlflow"
+        return (Path(location).expanduser().resolve() / "mlflow").as_uri()
 
     def path(self, *parts: str) -> Path:
         """A folder under the state dir, created on first use."""

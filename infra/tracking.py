@@ -53,9 +53,10 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        # The embedded default keeps MLflow artifacts under the state dir; a server decides for itself.
+        # MLflow's artifacts go to the artifact store every worker shares; with no store configured, a
+        # tracking server decides for itself and the embedded default keeps them under the state dir.
         local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
-        location = self.settings.mlflow_artifact_root if local else None
+        location = self.settings.mlflow_artifact_root if local or self.settings.artifacts else None
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException:  # another process created it since the lookup

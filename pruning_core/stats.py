@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -26,7 +27,7 @@ class InputStatistics:
         x = inputs.detach().reshape(-1, self.columns).to(torch.float32)
         self.tokens += x.shape[0]
         if self.sum_outer is not None:
-            self.sum_outer.addmm_(x.T, x)  # its diagonal holds the squared column norms
+            add_upper_outer(self.sum_outer, x)  # its diagonal holds the squared column norms
         else:
             self.sum_sq += (x * x).sum(dim=0)
 
@@ -37,7 +38,9 @@ class InputStatistics:
     def hessian(self) -> torch.Tensor:
         if self.sum_outer is None:
             raise RuntimeError("statistics were collected without the Hessian")
-        return self.sum_outer * (2.0 / max(self.tokens, 1))
+        upper = torch.triu(self.sum_outer)
+        return (upper + torch.triu(upper, 1).T) * (2.0 / max(self.tokens, 1))
+
 
     def dead_columns(self) -> torch.Tensor:
         """Inputs that were zero for every token (diag H == 0), from the sums, without building H."""
@@ -77,3 +80,16 @@ def damped_inverse(hessian: torch.Tensor, damping: float, layer: str = "") -> tu
             log.warning("%s: Cholesky failed at damping %g, retrying with %g", layer, damping, damping * 10)
             damping *= 10
     raise RuntimeError(f"{layer}: Hessian is not positive definite even at damping {damping}")
+
+
+def add_upper_outer(total: torch.Tensor, x: torch.Tensor, bands: int = 4) -> None:
+    """total += X^T X on and above the diagonal only, in `bands` row bands (X^T X is symmetric).
+
+    Each band is one GEMM against the columns from its own start onwards: 5/8 of the full product's
+    work for 4 bands. Below the diagonal `total` holds partial sums to be ignored (`hessian` mirrors).
+    """
+    columns = x.shape[1]
+    edges = [round(i * columns / bands) for i in range(bands + 1)]
+    for start, end in itertools.pairwise(edges):
+        if end > start:
+            total[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])

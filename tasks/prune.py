@@ -35,7 +35,7 @@ from tasks.shared import pull_folder, push_folder
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "2"  # bump when the engine's output changes (it is part of every run fingerprint)
+ENGINE_VERSION = "3"  # bump when the engine's output changes (it is part of every run fingerprint)
 
 
 class PrunedModel(BaseModel):

@@ -9,7 +9,9 @@ only costs the reuse: the work is done locally and a warning logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore, ArtifactStoreError, open_store
@@ -24,69 +26,63 @@ def shared_store(settings: Settings) -> ArtifactStore | None:
     return open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
 
 
+@contextlib.contextmanager
+def _tolerated(what: str, failed: list[bool]) -> Iterator[None]:
+    """A store error only costs the reuse: logged, and `failed` set for the caller."""
+    try:
+        yield
+    except ArtifactStoreError as error:
+        log.warning("%s: the artifact store did not serve it: %s", what, error)
+        failed.append(True)
+
+
 def pull_file(settings: Settings, key: str, local: Path) -> bool:
     """`cache/<key>` into `local`; False where sharing is off or nobody stored it."""
-    store = shared_store(settings)
+    store, failed = shared_store(settings), []
     if store is None:
         return False
-    try:
-        local.parent.mkdir(parents=True, exist_ok=True)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with _tolerated(key, failed):
         store.get_file(f"cache/{key}", local)
-    except ArtifactStoreError:
-        return False
-    log.info("reusing %s from %s", key, store.uri)
-    return True
+    return not failed
 
 
 def push_file(settings: Settings, key: str, local: Path) -> None:
     store = shared_store(settings)
     if store is not None:
-        try:
+        with _tolerated(key, []):
             store.put_file(local, f"cache/{key}")
-        except ArtifactStoreError as error:
-            log.warning("%s not shared: %s", key, error)
 
 
 def pull_text(settings: Settings, key: str) -> str | None:
-    store = shared_store(settings)
-    if store is None:
-        return None
-    try:
-        return store.read_text(f"cache/{key}")
-    except ArtifactStoreError as error:
-        log.warning("%s not read from the store: %s", key, error)
-        return None
+    store, text = shared_store(settings), None
+    if store is not None:
+        with _tolerated(key, []):
+            text = store.read_text(f"cache/{key}")
+    return text
 
 
 def push_text(settings: Settings, key: str, text: str) -> None:
     store = shared_store(settings)
     if store is not None:
-        try:
+        with _tolerated(key, []):
             store.write_text(f"cache/{key}", text)
-        except ArtifactStoreError as error:
-            log.warning("%s not shared: %s", key, error)
 
 
 def pull_folder(settings: Settings, key: str, local: Path) -> bool:
     """The folder stored under `cache/<key>` (manifest-verified) into `local`; False where there is none."""
-    store = shared_store(settings)
+    store, failed = shared_store(settings), []
     if store is None:
         return False
-    try:
+    with _tolerated(key, failed):
         if store.read_manifest(f"cache/{key}") is None:
             return False
         store.get_folder(f"cache/{key}", local)
-    except ArtifactStoreError as error:
-        log.warning("%s not fetched from the store: %s", key, error)
-        return False
-    log.info("reusing %s from %s", key, store.uri)
-    return True
+    return not failed
 
 
 def push_folder(settings: Settings, key: str, local: Path) -> None:
     store = shared_store(settings)
     if store is not None:
-        try:
+        with _tolerated(key, []):
             store.put_folder(local, f"cache/{key}")
-        except ArtifactStoreError as error:
-            log.warning("%s not shared: %s", key, error)

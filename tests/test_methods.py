@@ -200,3 +200,19 @@ def test_hessian_is_streamed_mean_of_outer_products():
     stats = statistics(inputs)
     assert torch.allclose(stats.hessian(), 2 * inputs.T @ inputs / 700, rtol=1e-4, atol=1e-4)
     assert torch.allclose(stats.column_norms(), inputs.norm(dim=0), rtol=1e-4)
+
+
+def test_the_upper_band_accumulation_gives_the_full_hessian():
+    from pruning_core.stats import InputStatistics
+
+    generator = torch.Generator().manual_seed(3)
+    stats = InputStatistics(37, "cpu", with_hessian=True)
+    batches = [torch.randn(50, 37, generator=generator, dtype=torch.float64).float() for _ in range(3)]
+    for batch in batches:
+        stats.add_batch(batch)
+    x = torch.cat(batches).double()
+    expected = 2 * x.T @ x / len(x)
+    hessian = stats.hessian()
+    assert torch.equal(hessian, hessian.T)
+    assert torch.allclose(hessian.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(stats.column_norms().double() ** 2, (x**2).sum(0), rtol=1e-5)
