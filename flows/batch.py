@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 
 from flows.batch_config import BatchConfig
 from flows.pairs import PairRequest, PairResult, progress_line, summary_table
-from flows.pool import pool_run, pool_store, result_key, run_on_pool
+from flows.pool import deployed_run_id, pool_run, pool_store, result_key, run_on_pool
 from flows.run_records import RunRecord, save_record
 from infra.preflight import check_services
 from infra.redact import install_log_redaction, redact
@@ -79,8 +79,9 @@ def compress_model(
     settings = Settings()
     with pool_run(settings):
         result = _compress_pair(model, recipe, calibration, evaluation, recipe_name, parent_run_id, experiment)
-    if flow_run.get_deployment_id() is not None:  # on a pool: the batch reads the result from the store
-        pool_store(settings).write_text(result_key(flow_run.get_id()), result.model_dump_json())
+    run_id = deployed_run_id()
+    if run_id is not None:  # on a pool: the batch reads the result from the store
+        pool_store(settings).write_text(result_key(run_id), result.model_dump_json())
     return result
 
 

@@ -270,9 +270,10 @@ def worker_command(args: argparse.Namespace) -> dict:
     workers = []
     for name, env in slots:
         command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
-        command += ["--limit", "1", "--name", f"{host}-{name}"]
+        command += ["--limit", "1", "--name", f"{host}-{os.getpid()}-{name}"]
         workers.append(subprocess.Popen(command, env={**os.environ, **env}))
-    print(f"{len(workers)} worker(s) on pool {args.pool!r}: " + ", ".join(f"{host}-{n}" for n, _ in slots), flush=True)
+    names = ", ".join(f"{host}-{os.getpid()}-{n}" for n, _ in slots)
+    print(f"{len(workers)} worker(s) on pool {args.pool!r}: {names}", flush=True)
     try:
         while all(worker.poll() is None for worker in workers):
             time.sleep(1)

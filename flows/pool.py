@@ -96,15 +96,23 @@ def pool_run(settings: Settings) -> Iterator[None]:
 
     The process is the flow run's own (a process worker starts one per run), so its environment is too.
     """
-    from prefect.runtime import flow_run
-
-    if flow_run.get_deployment_id() is None:
+    run_id = deployed_run_id()
+    if run_id is None:
         yield
         return
     os.environ.setdefault("SECATEUR_SHARE_RESULTS", "true")
     os.environ.setdefault("SECATEUR_MIRROR_CHECKPOINTS", "true")
-    with heartbeat(pool_store(settings), flow_run.get_id(), settings.heartbeat_seconds):
+    with heartbeat(pool_store(settings), run_id, settings.heartbeat_seconds):
         yield
+
+
+def deployed_run_id() -> UUID | None:
+    """This flow run's id when it was started from a deployment (by a worker), else None (in-process subflow)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    return run.id if run is not None and run.deployment_id is not None else None
 
 
 @contextlib.contextmanager

@@ -97,6 +97,10 @@ class ArtifactStore(ABC):
         local = Path(local)
         self._put_file(local, checked_key(key), sha256_file(local), local.stat().st_size)
 
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether one object (a file, not a folder) is stored under `key`."""
+
     def get_file(self, key: str, local: str | Path) -> None:
         """One file from `key` into `local`, replacing it whole; the caller checks what it holds."""
         self._get_file(checked_key(key), Path(local))
@@ -148,6 +152,9 @@ class FilesystemStore(ArtifactStore):
             atomic_copy(self._path(key), local)
         except FileNotFoundError as error:
             raise ArtifactStoreError(f"{self.url(key)}: not in the store") from error
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
 
     def _read_text(self, key: str) -> str | None:
         path = self._path(key)

@@ -76,6 +76,10 @@ class S3Store(ArtifactStore):
                 return None
             raise
 
+    def exists(self, key: str) -> bool:
+        with self._errors("head", key):
+            return self._head(checked_key(key)) is not None
+
     @staticmethod
     def _matches(head: dict | None, sha256: str, size: int) -> bool:
         return head is not None and head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256

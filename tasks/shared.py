@@ -43,6 +43,8 @@ def pull_file(settings: Settings, key: str, local: Path) -> bool:
         return False
     local.parent.mkdir(parents=True, exist_ok=True)
     with _tolerated(key, failed):
+        if not store.exists(f"cache/{key}"):
+            return False
         store.get_file(f"cache/{key}", local)
     return not failed
 
