@@ -41,7 +41,6 @@ class InputStatistics:
         upper = torch.triu(self.sum_outer)
         return (upper + torch.triu(upper, 1).T) * (2.0 / max(self.tokens, 1))
 
-
     def dead_columns(self) -> torch.Tensor:
         """Inputs that were zero for every token (diag H == 0), from the sums, without building H."""
         return torch.diagonal(self.sum_outer) == 0
