@@ -253,7 +253,7 @@ def worker_slots(gpus: str | None, slots: int) -> list[tuple[str, dict[str, str]
         return [(f"gpu{index}", {"CUDA_VISIBLE_DEVICES": index, "SECATEUR_DEVICE": "cuda"}) for index in indices]
     if slots < 1:
         raise ValueError(f"--slots {slots}: give 1 or more")
-    threads = str(max(1, (os.cpu_count() or 1) // slots))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // slots))
     return [(f"cpu{slot}", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) for slot in range(slots)]
 
 

@@ -201,6 +201,15 @@ class _Watch:
             return PairResult.failed(request, "its run completed without a result in the store", child.attempt)
         return PairResult.model_validate_json(text).model_copy(update={"attempts": child.attempt})
 
+    def end_tracking(self, child: _Child) -> None:
+        """A lost pair run may have died while publishing: its MLflow run ends as FAILED, not RUNNING."""
+        from infra.tracking import FLOW_RUN_TAG, Tracker
+
+        experiment = child.job.parameters.get("experiment")
+        if experiment:
+            with contextlib.suppress(Exception):  # tracking trouble must not stop the batch
+                Tracker(self.settings).fail_runs_tagged(experiment, FLOW_RUN_TAG, str(child.flow_run_id))
+
     def forget(self, child: _Child) -> None:
         """The run is over: its heartbeat and result objects go."""
         for key in (heartbeat_key(child.flow_run_id), result_key(child.flow_run_id)):
@@ -253,6 +262,8 @@ def run_on_pool(
                     continue
                 outcome = watch.result(child, requests[index]) if kind == "pair" and status == "completed" else None
                 watch.forget(child)
+                if status == "lost":
+                    watch.end_tracking(child)
                 if status == "lost" and child.attempt < settings.pair_attempts:
                     log.warning("%s (%s): %s; running it again", child.job.name, child.job.parameters["model"], why)
                     waiting.append(watch.submit(child.job, child.attempt + 1))

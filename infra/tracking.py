@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 PARAM_LIMIT = 6000  # MLflow's maximum param value length
 HOST_TAG, PID_TAG = "secateur.host", "secateur.pid"
+FLOW_RUN_TAG = "secateur.flow_run"  # the Prefect flow run that made an MLflow run
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -161,6 +162,19 @@ class Tracker:
         if ended:
             log.warning("ended %d MLflow runs of processes that died as KILLED", len(ended))
         return ended
+
+    def fail_runs_tagged(self, experiment: str, tag: str, value: str) -> list[str]:
+        """RUNNING runs with `tag` = `value` (a lost flow run's) end as FAILED."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        quoted = value.replace("'", "")
+        runs = self.client.search_runs(
+            [found.experiment_id], f"attributes.status = 'RUNNING' and tags.`{tag}` = '{quoted}'", max_results=100
+        )
+        for run in runs:
+            self.client.set_terminated(run.info.run_id, "FAILED")
+        return [run.info.run_id for run in runs]
 
     def finish(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import yaml
 from prefect import task
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from infra.artifacts import open_store
 from infra.plots import line_plot
 from infra.settings import Settings
-from infra.tracking import Tracker
+from infra.tracking import FLOW_RUN_TAG, Tracker
 from pruning_core.recipe import Recipe
 from tasks.calibrate import CalibrationSpec
 from tasks.common import retry_if_transient
@@ -178,7 +179,11 @@ def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | No
         experiment,
         f"{record.snapshot.slug}/{record.recipe_name}",
         parent_run_id,
-        tags={"model_uri": publication.model_uri, "recipe": record.recipe_name},
+        tags={
+            "model_uri": publication.model_uri,
+            "recipe": record.recipe_name,
+            FLOW_RUN_TAG: str(flow_run.get_id() or "-"),  # a lost pair's run is ended by the batch
+        },
     )
     series = {"block_error": record.pruned.block_errors, "block_sparsity": record.pruned.block_sparsity}
     if record.recovered is not None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 from prefect import task
 
+from infra.redact import redact
 from infra.settings import Settings
 from infra.tracking import Tracker
 from tasks.review import batch_report, write_review
+
+log = logging.getLogger(__name__)
 
 
 @task(name="start_batch_run", retries=2, retry_delay_seconds=5)
@@ -43,5 +47,8 @@ def finish_batch_run(
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "summary.txt").write_text(summary)
         write_review(report, Path(folder), generations)
-        tracker.log_artifacts(parent_run_id, folder)
+        try:
+            tracker.log_artifacts(parent_run_id, folder)
+        except Exception as error:  # noqa: BLE001 - the store may be down; the record and metrics still count
+            log.warning("the batch review was not stored with its MLflow run: %s", redact(str(error)))
     tracker.finish(parent_run_id, failed=failed)

@@ -14,7 +14,7 @@ from tests.conftest import WIKITEXT_VALID
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 100
+LIMIT = 50
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25}
 
 
@@ -24,7 +24,7 @@ def test_dense_is_above_chance_and_magnitude_60_lowers_accuracy(smollm2_gguf, tm
     dense = evaluate_zero_shot(model, tokenizer, list(CHANCE), data, tmp_path, limit=LIMIT, batch_size=16)
     for task, chance in CHANCE.items():
         assert dense.scores[task].items == LIMIT
-        # 100 items: the standard error is about 0.05; SmolLM2 scored piqa 0.64, arc_easy 0.50 on 200 (demo).
+        # 50 items (fixed, so the scores are too): SmolLM2 scored piqa 0.64, arc_easy 0.50 on 200 (demo).
         assert dense.scores[task].metrics["acc"] > chance + 0.08, (task, dense.scores[task].metrics)
 
     recipe = Recipe(method="magnitude", sparsity=0.6, calibration_samples=2, seq_len=64)
