@@ -244,6 +244,11 @@ def stack_command(args: argparse.Namespace) -> dict:
     return report
 
 
+# A pair's own log lines (resumes, mirrored checkpoints, reuse from the store) reach the worker's log and the
+# Prefect UI: Prefect attaches its handlers to these loggers too. The user's environment wins.
+WORKER_DEFAULTS = {"PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,infra,flows,pruning_core"}
+
+
 def worker_slots(gpus: str | None, slots: int) -> list[tuple[str, dict[str, str]]]:
     """(worker name suffix, environment) per worker: a GPU each, or an equal share of the CPU threads."""
     if gpus:
@@ -271,7 +276,7 @@ def worker_command(args: argparse.Namespace) -> dict:
     for name, env in slots:
         command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type", "process"]
         command += ["--limit", "1", "--name", f"{host}-{os.getpid()}-{name}"]
-        workers.append(subprocess.Popen(command, env={**os.environ, **env}))
+        workers.append(subprocess.Popen(command, env={**WORKER_DEFAULTS, **os.environ, **env}))
     names = ", ".join(f"{host}-{os.getpid()}-{n}" for n, _ in slots)
     print(f"{len(workers)} worker(s) on pool {args.pool!r}: {names}", flush=True)
     try:

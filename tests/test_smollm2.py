@@ -29,7 +29,7 @@ from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
 pytestmark = pytest.mark.slow
 
 SAMPLES, SEQ_LEN, EVAL_TOKENS = 16, 512, 4096  # 8k calibration tokens for the real-layer tests
-WHOLE_MODEL_SAMPLES = 8  # 4k tokens: the whole-model ordering holds, in half the time (`make test` budget)
+WHOLE_MODEL_SAMPLES, WHOLE_MODEL_BLOCKS = 8, 10  # the whole-model test: 4k tokens, the first 10 blocks
 TARGETS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 
 
@@ -134,14 +134,26 @@ def test_cg_refit_matches_the_exact_refit_on_a_real_layer(smollm2, block3_inputs
     assert loss(exact) < loss(updated), "the refit improves on the removal updates it starts from"
 
 
-# 2:4 only: the 50% ordering is checked on real layers above and in the pruning benchmark (APT on the
-# whole model takes ~8 minutes on 2 CPU cores; both targets would push `make test` past 20 minutes).
+def _first_blocks(model: torch.nn.Module, blocks: int) -> torch.nn.Module:
+    """A copy of the real model keeping its first `blocks` decoder blocks (embeddings, norm and head as they are)."""
+    copied = copy.deepcopy(model)
+    copied.model.layers = torch.nn.ModuleList(list(copied.model.layers)[:blocks])
+    copied.config.num_hidden_layers = blocks
+    return copied
+
+
+# 2:4 on the first 10 of 30 real blocks: the whole-model path (block-sequential engine, save, reload) of every
+# method on real weights within the `make test` budget; the 50% ordering is checked on real layers above, and
+# all 30 blocks at 50%, 2:4 and 70% in the pruning benchmark.
 @pytest.mark.parametrize("target", ["2:4"])
-def test_every_method_on_smollm2_perplexity_order_and_saved_model(
-    smollm2, calibration, wikitext, dense_perplexity, target, tmp_path
-):
-    dense, tokenizer = smollm2
-    perplexities = {"dense": dense_perplexity}
+def test_every_method_on_smollm2_perplexity_order_and_saved_model(smollm2, calibration, wikitext, target, tmp_path):
+    full, tokenizer = smollm2
+    dense = _first_blocks(full, WHOLE_MODEL_BLOCKS)
+    perplexities = {
+        "dense": evaluate_perplexities(dense, tokenizer, wikitext, SEQ_LEN, EVAL_TOKENS, progress=False)[
+            "wikitext2"
+        ].perplexity
+    }
     for method in METHODS:
         model = copy.deepcopy(dense)
         recipe = Recipe(method=method, calibration_samples=WHOLE_MODEL_SAMPLES, seq_len=SEQ_LEN, **TARGETS[target])
@@ -155,12 +167,14 @@ def test_every_method_on_smollm2_perplexity_order_and_saved_model(
         if method == "apt":
             reloaded = AutoModelForCausalLM.from_pretrained(out)
             names = prunable_weight_names(reloaded)
+            assert len(reloaded.model.layers) == WHOLE_MODEL_BLOCKS
             assert sparsity_report(out, names)["total"] == report.total
             assert json.loads((out / "sparsity.json").read_text())["total"] == report.total
             for name in names[:7]:
                 assert torch.equal(reloaded.get_parameter(name), model.get_parameter(name)), name
     print(target, perplexities)
-    assert 20 < perplexities["dense"] < 60, "dense SmolLM2-135M-Instruct Q4_1: about 37 at seq 512 on 8k tokens"
+    # The head reads block 10's states, so these perplexities are huge; their order is what is tested.
+    assert perplexities["dense"] < perplexities["apt"]
     assert perplexities["apt"] <= perplexities["sparsegpt"] < perplexities["wanda"] < perplexities["magnitude"], (
         perplexities
     )
