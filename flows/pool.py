@@ -187,7 +187,9 @@ class _Watch:
             return "running", ""  # scheduled: waiting for a free worker
         beat = self.store.read_text(heartbeat_key(child.flow_run_id))
         silent = time.time() - (float(beat) if beat else state.timestamp.timestamp())
-        if silent <= self.settings.stale_after_seconds:
+        # A pending run's process is still starting (imports, model download): it gets three times as long.
+        allowed = self.settings.stale_after_seconds * (1 if state.is_running() else 3)
+        if silent <= allowed:
             return "running", ""
         from prefect.states import Crashed
 

@@ -24,6 +24,7 @@ POOL = "test-pool"
 RECIPES = [
     {"name": "sgpt50", "method": "sparsegpt", "sparsity": 0.5},
     {"name": "sgpt24", "method": "sparsegpt", "pattern": "2:4"},
+    {"name": "sgpt60", "method": "sparsegpt", "sparsity": 0.6},
 ]
 
 
@@ -52,9 +53,7 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL
 
-    models = [
-        str(save_tiny(tmp_path / f"deep-{seed}", tiny_tokenizer, seed=seed, num_hidden_layers=8)) for seed in (0, 1)
-    ]
+    models = [str(save_tiny(tmp_path / "deep-0", tiny_tokenizer, num_hidden_layers=8))]
     mapping = batch_mapping(models, RECIPES, name="pool-batch")
     mapping["calibration"].update(samples=32, seq_len=128)
     mapping["evaluation"]["generation_tokens"] = 0
@@ -100,7 +99,7 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
     assert batch_run.returncode == 0, stderr.decode()[-3000:]
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     results = summary["results"]
-    assert len(results) == 4 and all(r["status"] == "completed" for r in results), results
+    assert len(results) == 3 and all(r["status"] == "completed" for r in results), results
 
     # Pairs ran on both workers; the one lost with its worker ran again and resumed from mirrored checkpoints.
     record = json.loads(next((tmp_path / "batch-home" / "runs").glob("*.json")).read_text())
