@@ -116,10 +116,18 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_batch(cluster: Cluster, batch: Path, home: Path, pool: bool) -> tuple[float, dict]:
+def own_services(cluster: Cluster, mode: str) -> dict[str, str]:
+    """A mode's own store and MLflow: results shared through the store would let a later mode compute nothing."""
+    return {
+        "SECATEUR_ARTIFACTS": str(cluster.folder / f"store-{mode}"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cluster.folder / f'mlflow-{mode}.db'}",
+    }
+
+
+def run_batch(cluster: Cluster, batch: Path, home: Path, pool: bool, env: dict) -> tuple[float, dict]:
     started = time.perf_counter()
     argv = ["run", str(batch), "--json"] + (["--pool", POOL] if pool else [])
-    done = cluster.secateur(*argv, home=home)
+    done = cluster.secateur(*argv, home=home, env=env)
     seconds = time.perf_counter() - started
     record = json.loads(next((home / "runs").glob("*.json")).read_text())
     assert json.loads(done.stdout.strip().splitlines()[-1])["results"], "the batch gave no results"
@@ -141,6 +149,7 @@ def compute_seconds(record: dict) -> float:
 def kill_and_recover(cluster: Cluster, batch: Path, stale_after: float) -> dict:
     """Two workers; kill the one pruning; seconds until the lost pair runs again elsewhere."""
     env = {"SECATEUR_STALE_AFTER_SECONDS": str(stale_after), "SECATEUR_HEARTBEAT_SECONDS": "2"}
+    env |= own_services(cluster, "kill")
     homes = cluster.start_workers(2, "kill", env)
     home = cluster.folder / "kill-batch"
     run = subprocess.Popen(
@@ -150,7 +159,7 @@ def kill_and_recover(cluster: Cluster, batch: Path, stale_after: float) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    killed_at = None
+    killed_at = survivor = None
     while killed_at is None and run.poll() is None:
         for index, worker_home in enumerate(homes):
             if any(worker_home.glob("work/*/checkpoints/block-0002")):
@@ -159,8 +168,8 @@ def kill_and_recover(cluster: Cluster, batch: Path, stale_after: float) -> dict:
                 break
         time.sleep(0.01)
     rerun_at = None
-    log = cluster.folder / f"{survivor.name}.log"
-    while run.poll() is None and rerun_at is None:
+    log = cluster.folder / f"{survivor.name}.log" if survivor is not None else None
+    while log is not None and run.poll() is None and rerun_at is None:
         if "(attempt 2)' - Beginning" in log.read_text(errors="replace"):
             rerun_at = time.monotonic()
         time.sleep(0.05)
@@ -191,12 +200,13 @@ def main() -> None:
         pairs = args.models * args.recipes
         cluster = Cluster(folder)
         try:
-            seconds, record = run_batch(cluster, batch, folder / "in-process", pool=False)
+            seconds, record = run_batch(cluster, batch, folder / "in-process", False, own_services(cluster, "here"))
             rows.append({"mode": "in-process", "seconds": seconds, "pairs": pairs})
             print(f"in-process: {seconds:.1f} s", flush=True)
             for workers in (1, 2):
-                cluster.start_workers(workers, f"pool{workers}")
-                seconds, record = run_batch(cluster, batch, folder / f"pool{workers}-batch", pool=True)
+                services = own_services(cluster, f"pool{workers}")
+                cluster.start_workers(workers, f"pool{workers}", services)
+                seconds, record = run_batch(cluster, batch, folder / f"pool{workers}-batch", True, services)
                 cluster.stop_workers()
                 row = {"mode": f"{workers} worker(s)", "seconds": seconds, "pairs": pairs}
                 if workers == 1:
