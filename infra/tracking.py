@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 PARAM_LIMIT = 6000  # MLflow's maximum param value length
 HOST_TAG, PID_TAG = "secateur.host", "secateur.pid"
+_OPENED_SQLITE: set[str] = set()  # SQLite tracking stores this process has opened (schema migrated)
 FLOW_RUN_TAG = "secateur.flow_run"  # the Prefect flow run that made an MLflow run
 
 
@@ -40,11 +41,13 @@ class Tracker:
 
         self.settings = settings
         self.uri = settings.tracking_uri
-        if self.uri.startswith("sqlite:///"):
-            # Two processes opening a new SQLite store at once both run its schema migration and one fails.
+        if self.uri.startswith("sqlite:///") and self.uri not in _OPENED_SQLITE:
+            # Two processes opening a new SQLite store at once both run its schema migration and one fails;
+            # once this process has opened it, later clients find the schema in place.
             with exclusive(settings.path("locks"), "mlflow-store"):
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.client.search_experiments(max_results=1)
+            _OPENED_SQLITE.add(self.uri)
         else:
             self.client = MlflowClient(tracking_uri=self.uri)
 

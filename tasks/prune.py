@@ -178,6 +178,10 @@ def staging_folder(out: Path) -> Path:
     return staging
 
 
+def _weights_dtype(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def _provenance(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> Provenance:
     return Provenance(
         model=snapshot.spec,
@@ -240,7 +244,7 @@ def _prune_structured(
             "resumed_gradients": saved is not None,
             "prune_seconds": time.perf_counter() - started,
             "environment": numeric_environment(settings.device),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": _weights_dtype(model),
         }
     )
     report = commit_folder(staging, out, report)
@@ -315,7 +319,7 @@ def _prune(
             "prune_seconds": time.perf_counter() - started,
             "environment": environment,
             "resumed_environment": earlier if earlier != environment else None,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": _weights_dtype(model),
         }
     )
     report = commit_folder(staging, out, report)
