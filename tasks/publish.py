@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from infra.artifacts import open_store
+from infra.locks import exclusive
 from infra.plots import line_plot
 from infra.settings import Settings
 from infra.tracking import FLOW_RUN_TAG, Tracker
@@ -166,6 +167,12 @@ def _report_folder(record: PairRecord, folder: Path) -> Path:
 
 
 def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
+    """One process at a time per fingerprint: the report folder under the state dir is shared."""
+    with exclusive(settings.path("locks"), f"publish-{record.fingerprint}"):
+        return _publish(record, settings, parent_run_id, experiment)
+
+
+def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
     store = open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
     key = artifact_key(record)
     report_dir = _report_folder(record, settings.root / "work" / record.fingerprint / "report")
