@@ -67,6 +67,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     stack = commands.add_parser("stack", help="local Prefect server and MLflow UI over the state dir")
     stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="up: also N worker slots on --pool (try a pool here)"
+    )
+    stack.add_argument("--pool", default="local", help="up --workers: the work pool they serve (default: local)")
     stack.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     stack.set_defaults(run=stack_command)
 
@@ -229,9 +233,13 @@ def stack_command(args: argparse.Namespace) -> dict:
 
     settings = Settings()
     if args.action == "up":
-        urls = stack.up(settings)
+        if args.workers < 0:
+            raise ValueError(f"--workers {args.workers}: give 0 or more")
+        urls = stack.up(settings, workers=args.workers, pool=args.pool)
         print(f"Prefect UI: {urls['prefect']}   (export PREFECT_API_URL={urls['prefect']}/api to use it)")
         print(f"MLflow UI:  {urls['mlflow']}")
+        if stack.WORKERS in urls:
+            print(f"Workers:    {urls[stack.WORKERS]}   (secateur run BATCH --pool {args.pool})")
         return urls
     if args.action == "down":
         stopped = stack.down(settings)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BeforeValidator, Field, PlainSerializer
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -84,6 +85,29 @@ class Settings(BaseSettings):
         folder = self.root.joinpath(*parts)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+HOME_MARK = "$SECATEUR_HOME"
+
+
+def _portable(path: str) -> str:
+    """A path under this process's state dir as `$SECATEUR_HOME/...`; any other path as it is."""
+    root, local = Settings().root, Path(path)
+    if local.is_absolute() and local.is_relative_to(root):
+        return f"{HOME_MARK}/{local.relative_to(root).as_posix()}".rstrip("/")
+    return path
+
+
+def _local(value: object) -> object:
+    """`$SECATEUR_HOME/...` under the state dir of the process reading it."""
+    if isinstance(value, str) and (value == HOME_MARK or value.startswith(HOME_MARK + "/")):
+        return str(Settings().root / value[len(HOME_MARK) + 1 :])
+    return value
+
+
+# A path into the state dir that travels: in JSON (Prefect results, reports) it is relative to whichever
+# machine's `$SECATEUR_HOME` reads it, so a record written by one worker is valid on another.
+StatePath = Annotated[str, BeforeValidator(_local), PlainSerializer(_portable, when_used="json")]
 
 
 def prepare_environment(settings: Settings) -> None:

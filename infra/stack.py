@@ -50,8 +50,8 @@ def _command(service: Service, settings: Settings) -> list[str]:
     ]
 
 
-def _record(settings: Settings, service: Service) -> Path:
-    return settings.path("stack") / f"{service.name}.json"
+def _record_path(settings: Settings, name: str) -> Path:
+    return settings.path("stack") / f"{name}.json"
 
 
 def _healthy(service: Service) -> bool:
@@ -64,20 +64,31 @@ def _healthy(service: Service) -> bool:
 
 def running(settings: Settings, name: str) -> int | None:
     """The pid of a stack service started by us that is still alive."""
-    path = _record(settings, services(settings)[name])
+    path = _record_path(settings, name)
     if not path.is_file():
         return None
     pid = json.loads(path.read_text())["pid"]
     return pid if process_alive(pid) else None
 
 
-def up(settings: Settings, timeout: float = 180.0) -> dict[str, str]:
-    """Start whatever is not running; wait until each answers its health check."""
+WORKERS = "workers"  # `stack up --workers N`: a `secateur worker` process group on the stack's API
+
+
+def _spawn(settings: Settings, name: str, command: list[str], env: dict[str, str], url: str) -> None:
+    """A service in its own session (so `down` stops its whole group), recorded with its pid."""
+    log = open(settings.path("stack") / f"{name}.log", "ab")
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=settings.root
+    )
+    (settings.path("stack") / f"{name}.json").write_text(json.dumps({"pid": process.pid, "url": url}))
+
+
+def up(settings: Settings, timeout: float = 180.0, workers: int = 0, pool: str = "local") -> dict[str, str]:
+    """Start whatever is not running; wait until each answers its health check; then `workers` pool slots."""
     started: dict[str, Service] = {}
     for service in services(settings).values():
         if running(settings, service.name):
             continue
-        log = open(settings.path("stack") / f"{service.name}.log", "ab")
         env = {
             **os.environ,
             "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect")),
@@ -85,15 +96,7 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, str]:
             "MLFLOW_BACKEND_STORE_URI": settings.tracking_uri,
             "MLFLOW_DEFAULT_ARTIFACT_ROOT": settings.mlflow_artifact_root,
         }
-        process = subprocess.Popen(
-            _command(service, settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            cwd=settings.root,
-        )
-        _record(settings, service).write_text(json.dumps({"pid": process.pid, "url": service.url()}))
+        _spawn(settings, service.name, _command(service, settings), env, service.url())
         started[service.name] = service
     deadline = time.monotonic() + timeout
     for service in started.values():
@@ -103,19 +106,25 @@ def up(settings: Settings, timeout: float = 180.0) -> dict[str, str]:
                 log_path = settings.path("stack") / f"{service.name}.log"
                 raise RuntimeError(f"{service.name} did not start on {service.url()}; see {log_path}")
             time.sleep(1)
-    return {name: service.url() for name, service in services(settings).items()}
+    urls = {name: service.url() for name, service in services(settings).items()}
+    if workers and not running(settings, WORKERS):
+        command = [sys.executable, "-m", "flows.cli", "worker", "--pool", pool, "--slots", str(workers)]
+        env = {**os.environ, "PREFECT_API_URL": urls["prefect"] + "/api"}
+        _spawn(settings, WORKERS, command, env, f"pool {pool}, {workers} slot(s)")
+    if running(settings, WORKERS):
+        urls[WORKERS] = json.loads(_record_path(settings, WORKERS).read_text())["url"]
+    return urls
 
 
 def down(settings: Settings, grace: float = 20.0) -> list[str]:
-    """Stop every service we started, with its whole process group; returns the names stopped."""
+    """Stop every service we started (workers first), with its whole process group; returns the names stopped."""
     stopped = []
-    for service in services(settings).values():
-        path = _record(settings, service)
-        pid = running(settings, service.name)
+    for name in [WORKERS, *services(settings)]:
+        pid = running(settings, name)
         if pid is not None:
             _stop_group(pid, grace)
-            stopped.append(service.name)
-        path.unlink(missing_ok=True)
+            stopped.append(name)
+        _record_path(settings, name).unlink(missing_ok=True)
     return stopped
 
 
@@ -158,4 +167,8 @@ def status(settings: Settings) -> dict[str, dict]:
             "running": pid is not None,
             "healthy": pid is not None and _healthy(service),
         }
+    pid = running(settings, WORKERS)
+    if pid is not None:  # workers have no health URL: alive is healthy
+        url = json.loads(_record_path(settings, WORKERS).read_text())["url"]
+        report[WORKERS] = {"url": url, "pid": pid, "running": True, "healthy": True}
     return report

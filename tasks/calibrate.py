@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from infra.durable import fsync_path
 from infra.hashing import fingerprint, sha256_file
 from infra.locks import exclusive
-from infra.settings import Settings
+from infra.settings import Settings, StatePath
 from pruning_core.data import calibration_windows, local_path, read_rows, tokenize_text
 from pruning_core.modeling import load_tokenizer
 from tasks.fetch import ModelSnapshot
@@ -33,7 +33,7 @@ class CalibrationSpec(BaseModel):
 
 
 class CalibrationSet(BaseModel):
-    path: str
+    path: StatePath
     fingerprint: str
     samples: int
     seq_len: int

@@ -26,7 +26,12 @@ def retry_if_transient(task: Task, task_run: Any, state: Any) -> bool:
 
 
 def stored(task: Task, settings: Settings) -> Task:
-    """The task with its results persisted (JSON, never pickle) under the state dir."""
+    """The task with its results persisted (JSON, never pickle): under the state dir, or where results are
+    shared (a pool), in the artifact store, where every worker's cache lookup finds them."""
+    if settings.share_results:
+        from tasks.result_storage import saved_result_storage
+
+        return task.with_options(result_storage=saved_result_storage(settings), result_serializer="json")
     return task.with_options(result_storage=settings.path("prefect-results"), result_serializer="json")
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from infra.durable import read_json, write_atomic
 from infra.hashing import fingerprint, sha256_file
-from infra.settings import Settings
+from infra.settings import Settings, StatePath
 from pruning_core.modeling import ModelSource, ModelSpecError
 from tasks.common import retry_if_transient
 
@@ -23,7 +23,7 @@ MODEL_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.json", "*.model", "*.txt",
 
 class ModelSnapshot(BaseModel):
     spec: str
-    path: str  # what load_model takes: a folder or a .gguf file
+    path: StatePath  # what load_model takes: a folder or a .gguf file
     revision: str | None = None  # resolved commit of a hub model
     files: dict[str, str]  # file name -> sha256
     fingerprint: str

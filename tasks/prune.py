@@ -17,7 +17,7 @@ from infra.checkpoints import BlockCheckpoints
 from infra.durable import fsync_path, write_atomic
 from infra.hashing import fingerprint
 from infra.locks import exclusive, process_alive
-from infra.settings import Settings
+from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.adapters import adapter_for
 from pruning_core.engine import BlockResult, restore_blocks
@@ -39,7 +39,7 @@ ENGINE_VERSION = "3"  # bump when the engine's output changes (it is part of eve
 
 
 class PrunedModel(BaseModel):
-    path: str
+    path: StatePath
     fingerprint: str  # of (model, calibration, recipe, code version)
     recipe_fingerprint: str
     sparsity: float

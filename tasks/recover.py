@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from infra.hashing import fingerprint
 from infra.locks import exclusive
-from infra.settings import Settings
+from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.data import read_rows
 from pruning_core.job import recover_to_folder
@@ -29,7 +29,7 @@ CHECKPOINT_EVERY = 25  # steps between training-state checkpoints
 
 
 class RecoveredModel(BaseModel):
-    path: str
+    path: StatePath
     fingerprint: str  # of (pruned model, recovery spec, data, code version)
     steps: int
     losses: list[float]

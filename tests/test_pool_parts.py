@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+from prefect import flow
 
 from flows.batch_cli import worker_slots
 from flows.pairs import PairResult
@@ -14,7 +16,7 @@ from infra.artifacts import open_store
 from infra.settings import Settings
 from tasks.calibrate import CalibrationSpec, make_calibration
 from tasks.fetch import snapshot_model
-from tests.conftest import WIKITEXT_VALID
+from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
 
 
 def _record(**changes) -> RunRecord:
@@ -78,3 +80,40 @@ def test_a_calibration_set_made_on_one_machine_is_reused_on_another(tmp_path, ti
     reused = make_calibration(snapshot_model(str(tiny_model_dir), second), spec, second)
     assert reused.fingerprint == made.fingerprint and reused.path.startswith(str(tmp_path / "b"))
     assert open(reused.path, "rb").read() == open(made.path, "rb").read()
+
+
+@flow
+def _prepare_here(model: str, calibration: CalibrationSpec, evaluation) -> dict[str, str]:
+    from flows.batch import _Stages
+
+    stages = _Stages()
+    stages.prepare(Settings(), model, calibration, evaluation)
+    return stages.states
+
+
+def test_prefect_results_of_a_pool_are_in_the_store_and_hold_no_local_path(
+    prefect_api, tmp_path, tiny_model_dir, monkeypatch
+):
+    from tasks.evaluate import EvaluationSpec
+
+    monkeypatch.setenv("SECATEUR_ARTIFACTS", str(tmp_path / "store"))
+    monkeypatch.setenv("SECATEUR_SHARE_RESULTS", "true")
+    spec = CalibrationSpec(data=str(WIKITEXT_VALID), samples=4, seq_len=32)
+    evaluation = EvaluationSpec(perplexity=[str(WIKITEXT_TEST)], seq_len=32, max_tokens=256, generation_tokens=0)
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "machine-a"))
+    first = _prepare_here(str(tiny_model_dir), spec, evaluation)
+    assert first == {"fetch": "Completed", "calibrate": "Completed", "evaluate_dense": "Completed"}
+    records = list((tmp_path / "store" / "prefect-results").iterdir())
+    assert len(records) == 2 and not (tmp_path / "machine-a" / "prefect-results").exists()
+    for record in records:
+        text = record.read_text()
+        assert str(tmp_path / "machine-a") not in text and json.loads(text)["metadata"]["storage_key"] == record.name
+    assert any("$SECATEUR_HOME/calibration/" in record.read_text() for record in records)
+
+    # Another machine: Prefect's cache finds both records; the calibration set comes from the store, not computed.
+    monkeypatch.setenv("SECATEUR_HOME", str(tmp_path / "machine-b"))
+    monkeypatch.setattr("tasks.calibrate._write_calibration", lambda *a: pytest.fail("computed again"))
+    monkeypatch.setattr("tasks.evaluate.evaluate_folder", lambda *a, **k: pytest.fail("evaluated again"))
+    second = _prepare_here(str(tiny_model_dir), spec, evaluation)
+    assert second["evaluate_dense"] == "Cached"
+    assert list((tmp_path / "machine-b" / "calibration").glob("*")), "the set was fetched into this state dir"

@@ -69,22 +69,43 @@ def test_stack_up_status_down_leaves_no_process(pipeline_home, monkeypatch, caps
     monkeypatch.setenv("SECATEUR_MLFLOW_PORT", str(_free_port()))
     monkeypatch.setenv("PREFECT_HOME", str(pipeline_home / "prefect"))
     try:
-        assert main(["stack", "up", "--json"]) == 0
+        assert main(["stack", "up", "--workers", "2", "--pool", "trial", "--json"]) == 0
         urls = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert main(["stack", "status", "--json"]) == 0
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert report["prefect"]["healthy"] and report["mlflow"]["healthy"]
-        assert report["mlflow"]["url"] == urls["mlflow"]
-        pids = [report[name]["pid"] for name in ("prefect", "mlflow")]
+        assert report["prefect"]["healthy"] and report["mlflow"]["healthy"] and report["workers"]["running"]
+        assert report["mlflow"]["url"] == urls["mlflow"] and urls["workers"] == "pool trial, 2 slot(s)"
+        # Both worker slots come up and register with the stack's Prefect server under the pool.
+        assert sorted(_pool_workers(urls["prefect"] + "/api", "trial", expected=2)) == ["cpu0", "cpu1"]
+        pids = [report[name]["pid"] for name in ("prefect", "mlflow", "workers")]
         group = [p for p in psutil.process_iter(["pid"]) if _group(p) in pids]
-        assert len(group) >= 2
+        assert len(group) >= 5  # two servers, the worker CLI and its two Prefect workers
     finally:
         assert main(["stack", "down"]) == 0
-    assert "stopped prefect, mlflow" in capsys.readouterr().out
+    assert "stopped workers, prefect, mlflow" in capsys.readouterr().out
     assert not [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert main(["stack", "status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not report["prefect"]["running"] and not report["mlflow"]["running"]
+
+
+def _pool_workers(api: str, pool: str, expected: int, timeout: float = 90) -> list[str]:
+    """The slot names of the workers that have sent a heartbeat for `pool` (waits for `expected` of them)."""
+    import time
+    import urllib.request
+
+    deadline, names = time.monotonic() + timeout, []
+    while len(names) < expected and time.monotonic() < deadline:
+        time.sleep(1)
+        request = urllib.request.Request(
+            f"{api}/work_pools/{pool}/workers/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                names = [worker["name"].rsplit("-", 1)[-1] for worker in json.loads(response.read())]
+        except OSError:  # the pool is created by the worker CLI a moment after it starts
+            names = []
+    return names
 
 
 def _group(process: psutil.Process) -> int | None:
