@@ -24,6 +24,7 @@ from tasks.fetch import fetch_model
 from tasks.prune import prune
 from tasks.publish import PairRecord, generations_text, publish
 from tasks.recover import recover
+from tasks.reuse import fetch_stored
 from tasks.track import finish_batch_run, record_failed_pair, start_batch_run
 
 
@@ -43,8 +44,9 @@ class _Stages:
         get_run_logger().info("stage %s started", stage)  # the log file shows where a run was
         state = task(*args, return_state=True)
         value = state.result()
-        if state.name == "Cached" and not Path(getattr(value, "path", "/")).exists():
-            # The cache points at files someone deleted: compute again and refresh the cache entry.
+        missing = state.name == "Cached" and not Path(getattr(value, "path", "/")).exists()
+        if missing and not fetch_stored(value, Settings()):
+            # The cache points at files someone deleted (and no store holds them): compute again, refresh the entry.
             state = task.with_options(refresh_cache=True)(*args, return_state=True)
             value = state.result()
         self.states[stage] = state.name

@@ -58,12 +58,13 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
     started = time.perf_counter()
     key = calibration_fingerprint(snapshot, spec)
     path = settings.path("calibration") / f"{key}.safetensors"
-    shared_key = f"calibration/{key}.safetensors"
     with exclusive(settings.path("locks"), f"calibration-{key}"):
-        if not _valid(path, key) and not (pull_file(settings, shared_key, path) and _valid(path, key)):
+        if not valid_calibration(path, key) and not (
+            pull_file(settings, shared_key(key), path) and valid_calibration(path, key)
+        ):
             tokenizer = load_tokenizer(snapshot.path, trust_remote_code=settings.trust_remote_code)
             _write_calibration(tokenizer, spec, key, path)
-            push_file(settings, shared_key, path)
+            push_file(settings, shared_key(key), path)
     return CalibrationSet(
         path=str(path),
         fingerprint=key,
@@ -82,7 +83,12 @@ def _write_calibration(tokenizer, spec: CalibrationSpec, key: str, path: Path) -
     os.replace(temp, path)
 
 
-def _valid(path: Path, key: str) -> bool:
+def shared_key(fingerprint: str) -> str:
+    """Where the set is kept in the artifact store's shared results."""
+    return f"calibration/{fingerprint}.safetensors"
+
+
+def valid_calibration(path: Path, key: str) -> bool:
     if not path.is_file():
         return False
     from safetensors import safe_open

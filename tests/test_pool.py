@@ -49,12 +49,43 @@ def _busy_with_second_pair(home: Path) -> bool:
     return finished is not None and any(home.glob("work/*/checkpoints/block-0002"))
 
 
+def _secateur(argv: list[str], env: dict, home: Path, cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "flows.cli", *argv, "--json"]
+    env = {**env, "SECATEUR_HOME": str(home)}
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _summary(process: subprocess.Popen, timeout: float = 600) -> tuple[int, dict, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    lines = stdout.decode().strip().splitlines()
+    return process.returncode, json.loads(lines[-1]) if lines else {}, stderr.decode()[-3000:]
+
+
+def _prepare_runs() -> dict[str, int]:
+    """How many prepare-model flow runs each model had on the Prefect API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    counts: dict[str, int] = {}
+    for run in runs:
+        if run.name.startswith("prepare"):
+            counts[run.parameters["model"]] = counts.get(run.parameters["model"], 0) + 1
+    return counts
+
+
 def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, tmp_path, tiny_tokenizer):
+    """2 models x 3 recipes on two workers: one worker is killed mid-prune and its pair resumes on the other;
+    the second model's weights are cut short (its pairs fail), mended, and `retry` from a third state dir
+    finishes them on the pool; a rerun of the whole batch from there computes nothing."""
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL
 
-    models = [str(save_tiny(tmp_path / "deep-0", tiny_tokenizer, num_hidden_layers=8))]
-    mapping = batch_mapping(models, RECIPES, name="pool-batch")
+    good, broken = (str(save_tiny(tmp_path / f"deep-{i}", tiny_tokenizer, num_hidden_layers=8, seed=i)) for i in (0, 1))
+    weights = Path(broken) / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])  # as an interrupted upload leaves it
+    mapping = batch_mapping([good, broken], RECIPES, name="pool-batch")
     mapping["calibration"].update(samples=32, seq_len=128)
     mapping["evaluation"]["generation_tokens"] = 0
     batch = tmp_path / "batch.yaml"
@@ -73,13 +104,7 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SECATEUR_", "MLFLOW_"))} | shared
     homes = [tmp_path / "worker-a", tmp_path / "worker-b"]
     workers = [_start_worker(home, env) for home in homes]
-    batch_run = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(batch), "--pool", POOL, "--json"],
-        env={**env, "SECATEUR_HOME": str(tmp_path / "batch-home")},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    batch_run = _secateur(["run", str(batch), "--pool", POOL], env, tmp_path / "batch-home", tmp_path)
     killed = None
     try:
         deadline = time.monotonic() + 600
@@ -90,29 +115,46 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
                     killed = index
                     break
             time.sleep(0.01)
-        stdout, stderr = batch_run.communicate(timeout=600)
+        code, summary, stderr = _summary(batch_run)
+        assert killed is not None, f"no worker was caught in its second prune: {stderr}"
+        assert code == 1 and "3 of 6 pairs failed" in stderr, stderr
+        results = {(Path(r["model"]).name, r["status"]) for r in summary["results"]}
+        assert results == {("deep-0", "completed"), ("deep-1", "failed")}, summary["results"]
+        assert _prepare_runs() == {good: 1, broken: 1}, "each model is prepared once, whatever its recipes"
+
+        # Pairs ran on both workers; the one lost with its worker ran again and resumed from mirrored checkpoints.
+        record = json.loads(next((tmp_path / "batch-home" / "runs").glob("*.json")).read_text())
+        pairs = [p for p in record["results"] if p["status"] == "completed"]
+        assert {p["worker"].split(":", 1)[1] for p in pairs} == {str(h.resolve()) for h in homes}
+        rerun = [p for p in pairs if p["attempts"] == 2]
+        assert len(rerun) == 1 and str(homes[1 - killed].resolve()) in rerun[0]["worker"], pairs
+        client = MlflowClient(tracking_uri=shared["MLFLOW_TRACKING_URI"])
+        assert client.get_run(rerun[0]["mlflow_run_id"]).data.metrics["resumed_from_block"] > 0
+        assert not list((tmp_path / "store").glob("checkpoints/*/*")), "mirrored checkpoints are removed when done"
+
+        # The mended model's pairs, retried from a machine that never saw the batch, run on the pool.
+        weights.write_bytes(intact)
+        workers[killed] = _start_worker(homes[killed], env)  # the lost machine is back
+        third = tmp_path / "third-home"
+        code, retried, stderr = _summary(_secateur(["retry", "pool-batch", "--pool", POOL], env, third, tmp_path))
+        assert code == 0, stderr
+        assert {tuple(pair) for pair in retried["retried"]} == {(broken, r["name"]) for r in RECIPES}
+        assert all(r["status"] == "completed" and Path(r["model"]).name == "deep-1" for r in retried["results"])
+        assert not (third / "models").exists(), "the pairs ran on the pool's workers, not here"
+
+        # The finished batch again, from the third machine: every stage of every pair is a cache hit.
+        code, _, stderr = _summary(_secateur(["run", str(batch), "--pool", POOL], env, third, tmp_path))
+        assert code == 0, stderr
+        states = {(Path(r["model"]).name, r["recipe_name"]): r["task_states"] for r in _full_run(third)["results"]}
+        cached = {"fetch": "Completed", "calibrate": "Cached", "evaluate_dense": "Cached", "prune": "Cached"}
+        assert len(states) == 6 and all(s == cached | {"evaluate": "Cached"} for s in states.values()), states
     finally:
         for worker in workers:
             if worker.poll() is None:
                 _kill_tree(worker)
-    assert killed is not None, f"no worker was caught in its second prune: {stderr.decode()[-2000:]}"
-    assert batch_run.returncode == 0, stderr.decode()[-3000:]
-    summary = json.loads(stdout.decode().strip().splitlines()[-1])
-    results = summary["results"]
-    assert len(results) == 3 and all(r["status"] == "completed" for r in results), results
-
-    # Pairs ran on both workers; the one lost with its worker ran again and resumed from mirrored checkpoints.
-    record = json.loads(next((tmp_path / "batch-home" / "runs").glob("*.json")).read_text())
-    pairs = record["results"]
-    assert {p["worker"].split(":", 1)[1] for p in pairs} == {str(h.resolve()) for h in homes}
-    rerun = [p for p in pairs if p["attempts"] == 2]
-    assert len(rerun) == 1 and str(homes[1 - killed].resolve()) in rerun[0]["worker"], pairs
-    client = MlflowClient(tracking_uri=shared["MLFLOW_TRACKING_URI"])
-    assert client.get_run(rerun[0]["mlflow_run_id"]).data.metrics["resumed_from_block"] > 0
     experiment = client.get_experiment_by_name("pool-batch")
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
-    assert statuses == {"FINISHED"}, statuses
-    assert not list((tmp_path / "store").glob("checkpoints/*/*")), "mirrored checkpoints are removed when done"
+    assert "RUNNING" not in statuses, statuses
 
     # The resumed prune's weights equal those of an uninterrupted prune of the same pair.
     resumed_folder = next(
@@ -124,6 +166,12 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
     resumed, reference = load_file(resumed_folder / "model.safetensors"), load_file(clean / "model.safetensors")
     assert resumed.keys() == reference.keys()
     assert all(resumed[name].equal(reference[name]) for name in resumed)
+
+
+def _full_run(home: Path) -> dict:
+    """The run record of the whole batch (not the retry) in a state dir."""
+    records = [json.loads(p.read_text()) for p in (home / "runs").glob("*.json")]
+    return next(r for r in records if len(r["pairs"]) == 6)
 
 
 def _clean_prune(pair: dict, mapping: dict, home: Path) -> Path:

@@ -115,5 +115,5 @@ def test_prefect_results_of_a_pool_are_in_the_store_and_hold_no_local_path(
     monkeypatch.setattr("tasks.calibrate._write_calibration", lambda *a: pytest.fail("computed again"))
     monkeypatch.setattr("tasks.evaluate.evaluate_folder", lambda *a, **k: pytest.fail("evaluated again"))
     second = _prepare_here(str(tiny_model_dir), spec, evaluation)
-    assert second["evaluate_dense"] == "Cached"
+    assert second == {"fetch": "Completed", "calibrate": "Cached", "evaluate_dense": "Cached"}
     assert list((tmp_path / "machine-b" / "calibration").glob("*")), "the set was fetched into this state dir"
