@@ -254,7 +254,11 @@ def stack_command(args: argparse.Namespace) -> dict:
 
 # A pair's own log lines (resumes, mirrored checkpoints, reuse from the store) reach the worker's log and the
 # Prefect UI: Prefect attaches its handlers to these loggers too. The user's environment wins.
-WORKER_DEFAULTS = {"PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,infra,flows,pruning_core"}
+# Workers look for scheduled pair runs every 2 s, not Prefect's 10 (a pair waits for a free worker, not a poll).
+WORKER_DEFAULTS = {
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,infra,flows,pruning_core",
+    "PREFECT_WORKER_QUERY_SECONDS": "2",
+}
 
 
 def worker_slots(gpus: str | None, slots: int) -> list[tuple[str, dict[str, str]]]:

@@ -88,6 +88,14 @@ def smollm2_gguf() -> Path:
     return assets.smollm2_gguf()
 
 
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_gguf):
+    """The real SmolLM2 and its tokenizer, dequantized once per session (25 s here): tests that change it copy it."""
+    from pruning_core.modeling import load_model
+
+    return load_model(str(smollm2_gguf))
+
+
 def correlated_layer(rows: int = 96, cols: int = 128, tokens: int = 1024, seed: int = 0):
     """A weight and inputs with correlated, unevenly scaled columns, like real activations."""
     generator = torch.Generator().manual_seed(seed)

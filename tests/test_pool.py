@@ -81,12 +81,12 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL
 
-    good, broken = (str(save_tiny(tmp_path / f"deep-{i}", tiny_tokenizer, num_hidden_layers=8, seed=i)) for i in (0, 1))
+    good, broken = (str(save_tiny(tmp_path / f"deep-{i}", tiny_tokenizer, num_hidden_layers=6, seed=i)) for i in (0, 1))
     weights = Path(broken) / "model.safetensors"
     intact = weights.read_bytes()
     weights.write_bytes(intact[: len(intact) // 2])  # as an interrupted upload leaves it
     mapping = batch_mapping([good, broken], RECIPES, name="pool-batch")
-    mapping["calibration"].update(samples=32, seq_len=128)
+    mapping["calibration"].update(samples=16, seq_len=128)
     mapping["evaluation"]["generation_tokens"] = 0
     batch = tmp_path / "batch.yaml"
     batch.write_text(yaml.safe_dump(mapping))
@@ -97,7 +97,7 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "SECATEUR_MIRROR_CHECKPOINTS": "true",
         "SECATEUR_HEARTBEAT_SECONDS": "1",
-        "SECATEUR_STALE_AFTER_SECONDS": "8",
+        "SECATEUR_STALE_AFTER_SECONDS": "5",
         "SECATEUR_POLL_SECONDS": "0.5",
         "PYTHONPATH": str(ROOT),
     }

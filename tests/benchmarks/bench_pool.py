@@ -68,7 +68,6 @@ class Cluster:
             "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
             "SECATEUR_PREFECT_PORT": str(_free_port()),
             "SECATEUR_MLFLOW_PORT": str(_free_port()),
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
         }
         self.stack_home = folder / "stack"
         self.secateur("stack", "up", home=self.stack_home)
@@ -159,27 +158,37 @@ def kill_and_recover(cluster: Cluster, batch: Path, stale_after: float) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    killed_at = survivor = None
+    killed_at = None
     while killed_at is None and run.poll() is None:
         for index, worker_home in enumerate(homes):
             if any(worker_home.glob("work/*/checkpoints/block-0002")):
                 kill_tree(cluster.workers[index].pid)
-                killed_at, survivor = time.monotonic(), homes[1 - index]
+                killed_at = time.time()
                 break
         time.sleep(0.01)
-    rerun_at = None
-    log = cluster.folder / f"{survivor.name}.log" if survivor is not None else None
-    while log is not None and run.poll() is None and rerun_at is None:
-        if "(attempt 2)' - Beginning" in log.read_text(errors="replace"):
-            rerun_at = time.monotonic()
-        time.sleep(0.05)
     run.wait(timeout=1800)
     cluster.stop_workers()
+    rerun = _second_attempt(cluster.env["PREFECT_API_URL"])
     return {
         "stale_after_seconds": stale_after,
-        "kill_to_rerun_seconds": None if rerun_at is None else rerun_at - killed_at,
+        # Prefect's own timestamps: when the batch submitted the run again, and when a worker began it.
+        "kill_to_resubmit_seconds": None if rerun is None else rerun[0] - killed_at,
+        "kill_to_rerun_seconds": None if rerun is None or rerun[1] is None else rerun[1] - killed_at,
         "batch_exit": run.returncode,
     }
+
+
+def _second_attempt(api: str) -> tuple[float, float | None] | None:
+    """(created, started) epoch seconds of the flow run that ran a lost pair again."""
+    os.environ["PREFECT_API_URL"] = api
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.name.endswith("(attempt 2)")]
+    if not runs:
+        return None
+    run = min(runs, key=lambda r: r.created)
+    return run.created.timestamp(), run.start_time.timestamp() if run.start_time else None
 
 
 def main() -> None:
