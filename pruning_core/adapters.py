@@ -1,4 +1,4 @@
-"""Architecture adapters: where a causal LM keeps its blocks and which linears share an input."""
+"""Architecture adapters: where a causal LM keeps its blocks, and the few families that need more."""
 
 from __future__ import annotations
 
@@ -10,22 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class InputTap:
-    """Where a group's input is observed: a module's input, or a column slice of its output."""
-
-    module: str
-    side: str = "input"
-    columns: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class LinearGroup:
-    """Linears of one block that read the same input (one Hessian serves them all)."""
-
-    linears: tuple[str, ...]
-    tap: InputTap
+from pruning_core.blocks import InputTap, LinearGroup, block_linears, discover_groups
 
 
 class UnsupportedArchitecture(ValueError):
@@ -34,7 +19,7 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass(frozen=True)
 class ArchitectureAdapter:
-    """How to walk one family of causal LMs block by block."""
+    """Where a causal LM keeps its blocks; the linears of each block are discovered from its forward."""
 
     family: str
     blocks_path: str
@@ -45,12 +30,13 @@ class ArchitectureAdapter:
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}"
 
-    def groups(self, model: nn.Module) -> list[LinearGroup]:
-        """Groups in true-sequential order."""
-        raise NotImplementedError
+    def groups(self, block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> list[LinearGroup]:
+        """The block's groups in true-sequential order."""
+        return discover_groups(block, hidden, block_kwargs)
 
-    def linear_names(self, model: nn.Module) -> list[str]:
-        return [name for group in self.groups(model) for name in group.linears]
+    def linear_names(self, block: nn.Module) -> list[str]:
+        """Every prunable linear of the block (relative names), whether or not the forward calls it as a module."""
+        return list(block_linears(block))
 
     @contextlib.contextmanager
     def statistics_mode(self, block: nn.Module) -> Iterator[None]:
@@ -58,37 +44,16 @@ class ArchitectureAdapter:
         yield
 
 
-class LlamaAdapter(ArchitectureAdapter):
-    def groups(self, model: nn.Module) -> list[LinearGroup]:
-        return [
-            LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), InputTap("self_attn.q_proj")),
-            LinearGroup(("self_attn.o_proj",), InputTap("self_attn.o_proj")),
-            LinearGroup(("mlp.gate_proj", "mlp.up_proj"), InputTap("mlp.gate_proj")),
-            LinearGroup(("mlp.down_proj",), InputTap("mlp.down_proj")),
-        ]
-
-
-class OptAdapter(ArchitectureAdapter):
-    def groups(self, model: nn.Module) -> list[LinearGroup]:
-        return [
-            LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), InputTap("self_attn.q_proj")),
-            LinearGroup(("self_attn.out_proj",), InputTap("self_attn.out_proj")),
-            LinearGroup(("fc1",), InputTap("fc1")),
-            LinearGroup(("fc2",), InputTap("fc2")),
-        ]
-
-
 class MambaAdapter(ArchitectureAdapter):
-    def groups(self, model: nn.Module) -> list[LinearGroup]:
-        rank = self.blocks(model)[0].mixer.time_step_rank
-        return [
-            LinearGroup(("mixer.in_proj",), InputTap("mixer.in_proj")),
-            LinearGroup(("mixer.x_proj",), InputTap("mixer.x_proj")),
-            # The mixer multiplies by dt_proj.weight directly (and fuses it on CUDA), so a hook on
-            # dt_proj never fires: its input is the first time_step_rank columns of x_proj's output.
-            LinearGroup(("mixer.dt_proj",), InputTap("mixer.x_proj", side="output", columns=(0, rank))),
-            LinearGroup(("mixer.out_proj",), InputTap("mixer.out_proj")),
-        ]
+    def groups(self, block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> list[LinearGroup]:
+        with self.statistics_mode(block):
+            found = discover_groups(block, hidden, block_kwargs)
+        # The mixer multiplies by dt_proj.weight directly (and fuses it on CUDA), so dt_proj is never called
+        # as a module: its input is the first time_step_rank columns of x_proj's output.
+        rank = block.mixer.time_step_rank
+        dt = LinearGroup(("mixer.dt_proj",), InputTap("mixer.x_proj", side="output", columns=(0, rank)))
+        after = next(i for i, g in enumerate(found) if "mixer.x_proj" in g.linears) + 1
+        return [*found[:after], dt, *found[after:]]
 
     @contextlib.contextmanager
     def statistics_mode(self, block: nn.Module) -> Iterator[None]:
@@ -101,76 +66,50 @@ class MambaAdapter(ArchitectureAdapter):
             block.train(was_training)
 
 
-ADAPTERS: dict[str, ArchitectureAdapter] = {
-    "llama": LlamaAdapter("llama", "model.layers"),
-    "mistral": LlamaAdapter("mistral", "model.layers"),
-    "qwen2": LlamaAdapter("qwen2", "model.layers"),
-    "opt": OptAdapter("opt", "model.decoder.layers"),
-    "mamba": MambaAdapter("mamba", "backbone.layers"),
-}
+# Only families that need something the generic path cannot see.
+SPECIAL_ADAPTERS: dict[str, type[ArchitectureAdapter]] = {"mamba": MambaAdapter}
+
+
+def find_blocks_path(model: nn.Module) -> str | None:
+    """The ModuleList of decoder blocks: of the model's `_no_split_modules` class, else the longest list of
+    same-class modules holding linears."""
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
+    ]
+    for name, module in lists:
+        if type(module[0]).__name__ in no_split:
+            return name
+    with_linears = [(n, m) for n, m in lists if any(isinstance(x, nn.Linear) for x in m[0].modules())]
+    return max(with_linears, key=lambda item: len(item[1]))[0] if with_linears else None
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    if model_type not in ADAPTERS:
+    family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    path = find_blocks_path(model)
+    if path is None:
+        raise UnsupportedArchitecture(f"unsupported architecture {family!r}: no list of decoder blocks found in it")
+    if not block_linears(model.get_submodule(path)[0]):
         raise UnsupportedArchitecture(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
+            f"unsupported architecture {family!r}: its blocks ({path}) hold no torch.nn.Linear layers to prune"
         )
-    return ADAPTERS[model_type]
+    return SPECIAL_ADAPTERS.get(family, ArchitectureAdapter)(family, path)
 
 
-# Keyword arguments a block gets from its model that must not be replayed (caches are per call).
-_DROPPED_KWARGS = {"past_key_value", "past_key_values", "cache", "cache_params", "use_cache", "output_attentions"}
-
-
-class _StopForward(Exception):
-    pass
-
-
-def to_device(value: Any, device: torch.device | str) -> Any:
+def to_device(value: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """`value` with its tensors on `device`; a tensor met twice (a mask shared by blocks) is moved once."""
+    memo = {} if memo is None else memo
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if id(value) not in memo:
+            memo[id(value)] = value.to(device)
+        return memo[id(value)]
     if isinstance(value, tuple | list):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, memo) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, memo) for k, v in value.items()}
     return value
-
-
-@torch.no_grad()
-def capture_first_block_inputs(
-    model: nn.Module, adapter: ArchitectureAdapter, tokens: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the model's embeddings on each row of `tokens` and stop at block 0.
-
-    Returns the hidden states entering block 0 (n x seq x hidden, on the model's device) and the
-    keyword arguments the model passes to its blocks (masks, positions, rotary embeddings), which
-    are the same for every sample since all rows have the same length and no padding.
-    """
-    first = adapter.blocks(model)[0]
-    captured: list[torch.Tensor] = []
-    block_kwargs: dict[str, Any] = {}
-
-    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden.detach())
-        block_kwargs.clear()
-        block_kwargs.update({k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS and k != "hidden_states"})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for row in tokens:
-            with contextlib.suppress(_StopForward):
-                model(input_ids=row.unsqueeze(0), use_cache=False)
-    finally:
-        handle.remove()
-    return torch.cat(captured), block_kwargs
-
-
-def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
-    output = block(hidden, **block_kwargs)
-    return output[0] if isinstance(output, tuple) else output
 
 
 def check_sequence_length(model: nn.Module, seq_len: int, what: str) -> None:

@@ -23,16 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning_core.adapters import (
-    ArchitectureAdapter,
-    InputTap,
-    LinearGroup,
-    adapter_for,
-    capture_first_block_inputs,
-    check_sequence_length,
-    run_block,
-    to_device,
-)
+from pruning_core.adapters import ArchitectureAdapter, adapter_for, check_sequence_length, to_device
+from pruning_core.blocks import InputTap, LinearGroup, capture_block_inputs, run_block
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import METHODS, LayerProblem
 from pruning_core.recipe import Recipe
@@ -260,7 +252,6 @@ class BlockPruner:
         self.recipe = recipe
         self.block_sparsity = block_sparsity
         self.method = METHODS[recipe.method]
-        self.groups = adapter.groups(model)
         self.adapter = adapter
         self.device = device
 
@@ -276,7 +267,8 @@ class BlockPruner:
         """Prune the block's linears; `batch` samples go through the block per statistics forward."""
         errors: dict[str, float] = {}
         prefix = self.adapter.block_prefix(index)
-        stages = [[g] for g in self.groups] if self.recipe.true_sequential else [self.groups]
+        groups = self.adapter.groups(block, inputs, block_kwargs)
+        stages = [[g] for g in groups] if self.recipe.true_sequential else [groups]
         # Without statistics to collect, one sample feeds the reconstruction-error probe.
         observed = inputs if self.method.needs != "nothing" else inputs[:1]
         for stage in stages:
@@ -370,10 +362,10 @@ def prune_model(
     if start_block and start_inputs is None:
         raise ValueError("resuming at a later block needs the saved inputs of that block")
     check_sequence_length(model, calibration.shape[-1], "calibration seq_len")
-    # Block keyword arguments (masks, rotary embeddings) depend only on the sequence length.
-    first_inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration[: 1 if start_block else None])
-    inputs = (start_inputs if start_block else first_inputs).to(device)
-    block_kwargs = to_device(block_kwargs, device)
+    # Each block's keyword arguments (its layer type's mask and rotary embeddings) depend only on the length.
+    captured = capture_block_inputs(model, blocks, calibration[: 1 if start_block else None])
+    inputs = (start_inputs if start_block else captured.hidden).to(device)
+    memo: dict[int, Any] = {}  # a mask shared by blocks is moved to the device once
     clock = PhaseClock(device)
     forward_budget_mib = forward_budget(device, forward_budget_mib)
     pruner = BlockPruner(recipe, adapter, model, device, block_sparsity, clock)
@@ -385,6 +377,7 @@ def prune_model(
             block_started = time.perf_counter()
             block = blocks[index].to(device)
             batch = samples_per_forward(block, inputs, forward_budget_mib)
+            block_kwargs = to_device(captured.kwargs[index], device, memo)
             errors = pruner.prune(index, block, inputs, block_kwargs, progress, batch)
             with clock.phase("forward"):
                 inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress, batch)

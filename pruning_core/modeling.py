@@ -114,8 +114,8 @@ def prunable_weight_names(model: nn.Module) -> list[str]:
     adapter = adapter_for(model)
     return [
         f"{adapter.block_prefix(i)}.{linear}.weight"
-        for i in range(len(adapter.blocks(model)))
-        for linear in adapter.linear_names(model)
+        for i, block in enumerate(adapter.blocks(model))
+        for linear in adapter.linear_names(block)
     ]
 
 

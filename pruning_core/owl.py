@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning_core.adapters import adapter_for, capture_first_block_inputs, to_device
+from pruning_core.adapters import adapter_for, to_device
+from pruning_core.blocks import capture_block_inputs
 from pruning_core.engine import forward_budget, observe_groups, samples_per_forward
 
 
@@ -36,13 +37,15 @@ def outlier_fractions(
     Computed on the dense model, block by block, each block fed the dense outputs of the one before.
     """
     adapter = adapter_for(model)
-    blocks, groups = adapter.blocks(model), adapter.groups(model)
-    inputs, block_kwargs = capture_first_block_inputs(model, adapter, calibration)
-    inputs, block_kwargs = inputs.to(device), to_device(block_kwargs, device)
+    blocks = adapter.blocks(model)
+    captured = capture_block_inputs(model, blocks, calibration)
+    inputs, memo = captured.hidden.to(device), {}
     home = next(blocks[0].parameters()).device
     fractions = []
     for index in tqdm(range(len(blocks)), desc="OWL outliers", disable=not progress):
         block = blocks[index].to(device)
+        block_kwargs = to_device(captured.kwargs[index], device, memo)
+        groups = adapter.groups(block, inputs, block_kwargs)
         label = f"block {index} statistics"
         # The dense block is not changed here: statistics and outputs come from one pass.
         outputs = torch.empty_like(inputs)

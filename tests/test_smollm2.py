@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning_core.adapters import adapter_for, capture_first_block_inputs, run_block
+from pruning_core.adapters import adapter_for
+from pruning_core.blocks import capture_block_inputs, run_block
 from pruning_core.data import calibration_windows, read_rows, tokenize_text
 from pruning_core.job import evaluate_perplexities, prune_to_folder
 from pruning_core.masks import SparsityTarget
@@ -62,12 +63,13 @@ def block3_inputs(smollm2, calibration) -> dict[str, torch.Tensor]:
     """Real inputs of block 3's linears (q_proj, o_proj, down_proj) of the dense model, from one pass."""
     model, _ = smollm2
     adapter = adapter_for(model)
-    hidden, kwargs = capture_first_block_inputs(model, adapter, calibration)
     blocks = adapter.blocks(model)
+    captured = capture_block_inputs(model, blocks, calibration)
+    hidden = captured.hidden
     seen: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for index in range(3):
-            hidden = torch.cat([run_block(blocks[index], h[None], kwargs) for h in hidden])
+            hidden = torch.cat([run_block(blocks[index], h[None], captured.kwargs[index]) for h in hidden])
         handles = [
             blocks[3]
             .get_submodule(module)
@@ -76,7 +78,7 @@ def block3_inputs(smollm2, calibration) -> dict[str, torch.Tensor]:
             )
             for module in REAL_LAYERS
         ]
-        run_block(blocks[3], hidden, kwargs)
+        run_block(blocks[3], hidden, captured.kwargs[3])
         for handle in handles:
             handle.remove()
     return seen

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from pruning_core.adapters import adapter_for, capture_first_block_inputs
+from pruning_core.adapters import adapter_for
+from pruning_core.blocks import capture_block_inputs
 from pruning_core.engine import block_outputs, forward_budget, observe_groups, samples_per_forward
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import LayerProblem
@@ -106,13 +107,15 @@ def main() -> None:
     )
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
-    inputs, kwargs = capture_first_block_inputs(model, adapter, ids)
+    captured = capture_block_inputs(model, blocks, ids)
+    inputs = captured.hidden
     rows = []
     for index in range(max(args.blocks) + 1):
         block = blocks[index]
         batch = samples_per_forward(block, inputs, forward_budget("cpu", None))
+        kwargs = captured.kwargs[index]
         if index in args.blocks:
-            groups = adapter.groups(model)
+            groups = adapter.groups(block, inputs, kwargs)
             observers = observe_groups(adapter, block, groups, inputs, kwargs, device="cpu", batch=batch)
             for group, observer in zip(groups, observers, strict=True):
                 for linear in group.linears:

@@ -47,7 +47,7 @@ def linear_weights(model) -> dict[str, torch.Tensor]:
     return {
         f"{i}.{name}": blk.get_submodule(name).weight.detach().float().cpu()
         for i, blk in enumerate(adapter.blocks(model))
-        for name in adapter.linear_names(model)
+        for name in adapter.linear_names(blk)
     }
 
 

@@ -33,14 +33,16 @@ def prune_reference(model, ids: torch.Tensor, target: str, reference: Path) -> N
         torch.cuda.synchronize = lambda *args, **kwargs: None  # fasterprune times itself with a CUDA sync
     from sparsegpt import SparseGPT  # the reference checkout, not part of secateur
 
-    from pruning_core.adapters import adapter_for, capture_first_block_inputs, run_block
+    from pruning_core.adapters import adapter_for
+    from pruning_core.blocks import capture_block_inputs, run_block
 
     sparsity, prunen, prunem = (0.5, *map(int, target.split(":"))) if ":" in target else (float(target), 0, 0)
     adapter = adapter_for(model)
-    inps, kwargs = capture_first_block_inputs(model, adapter, ids)
+    captured = capture_block_inputs(model, adapter.blocks(model), ids)
+    inps = captured.hidden
     outs = torch.zeros_like(inps)
     with torch.no_grad():
-        for layer in adapter.blocks(model):
+        for layer, kwargs in zip(adapter.blocks(model), captured.kwargs, strict=True):
             subset = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
             gpts = {name: SparseGPT(module) for name, module in subset.items()}
             handles = [
