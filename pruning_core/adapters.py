@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning_core.blocks import InputTap, LinearGroup, block_linears, discover_groups
+from pruning_core.blocks import InputTap, LinearGroup, block_experts, block_linears, discover_groups
 
 
 class UnsupportedArchitecture(ValueError):
@@ -35,8 +35,15 @@ class ArchitectureAdapter:
         return discover_groups(block, hidden, block_kwargs)
 
     def linear_names(self, block: nn.Module) -> list[str]:
-        """Every prunable linear of the block (relative names), whether or not the forward calls it as a module."""
-        return list(block_linears(block))
+        """Every prunable linear of the block (relative names; a fused experts weight counts as one),
+        whether or not the forward calls it as a module."""
+        fused = [f"{name}.{weight}" for name in block_experts(block) for weight in ("gate_up_proj", "down_proj")]
+        return [*block_linears(block), *fused]
+
+    def weight_names(self, block: nn.Module) -> list[str]:
+        """The parameters those linears prune, relative to the block."""
+        linears = block_linears(block)
+        return [f"{name}.weight" if name in linears else name for name in self.linear_names(block)]
 
     @contextlib.contextmanager
     def statistics_mode(self, block: nn.Module) -> Iterator[None]:

@@ -41,6 +41,10 @@ class _Stop(Exception):
     pass
 
 
+class StageSeen(Exception):
+    """Raised by the last observer of a stage: the rest of the block's forward is not needed."""
+
+
 class _Catcher(nn.Module):
     """Stands in for block `index` during one forward: records what the model passes it, passes hidden on."""
 
@@ -93,6 +97,15 @@ def run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, An
     return output[0] if isinstance(output, tuple) else output
 
 
+def block_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """Fused mixture-of-experts modules (3-D `gate_up_proj` and `down_proj`), by relative name."""
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if all(getattr(getattr(module, p, None), "ndim", 0) == 3 for p in ("gate_up_proj", "down_proj"))
+    }
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every linear of a block that may be pruned (routers excluded), by relative name."""
     return {
@@ -123,9 +136,12 @@ class LinearGroup:
 def discover_groups(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> list[LinearGroup]:
     """The block's linears grouped by the input tensor they read, in the order the forward first calls them.
 
-    Linears the forward never calls as modules (Mamba's dt_proj) are not in the result; an adapter adds them.
+    A fused experts module gives two groups: its `gate_up_proj` (fed the routed tokens) and then its
+    `down_proj` (fed each expert's activations). Linears the forward never calls as modules (Mamba's
+    dt_proj) are not in the result; an adapter adds them.
     """
     seen: list[tuple[str, torch.Tensor]] = []  # the tensors are held, so their ids stay unique during the forward
+    experts = block_experts(block)
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -134,13 +150,28 @@ def discover_groups(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[s
 
         return hook
 
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in block_linears(block).items()]
+    watched = {**block_linears(block), **experts}
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in watched.items()]
     try:
         run_block(block, hidden[:1], block_kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    groups: dict[int, list[str]] = {}
+    readers: dict[int, list[str]] = {}  # input tensor id -> the linears reading it
+    order: list[tuple[str, str | int]] = []  # ("experts", module name) or ("linears", input tensor id)
     for name, tensor in seen:
-        groups.setdefault(id(tensor), []).append(name)
-    return [LinearGroup(tuple(names), InputTap(names[0])) for names in groups.values()]
+        if name in experts:
+            order.append(("experts", name))
+        elif id(tensor) in readers:
+            readers[id(tensor)].append(name)
+        else:
+            readers[id(tensor)] = [name]
+            order.append(("linears", id(tensor)))
+    groups = []
+    for kind, key in order:
+        if kind == "experts":
+            groups.append(LinearGroup((f"{key}.gate_up_proj",), InputTap(key, side="experts")))
+            groups.append(LinearGroup((f"{key}.down_proj",), InputTap(key, side="experts_mid")))
+        else:
+            groups.append(LinearGroup(tuple(readers[key]), InputTap(readers[key][0])))
+    return groups

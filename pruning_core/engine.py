@@ -24,11 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.adapters import ArchitectureAdapter, adapter_for, check_sequence_length, to_device
-from pruning_core.blocks import InputTap, LinearGroup, capture_block_inputs, run_block
+from pruning_core.blocks import InputTap, LinearGroup, StageSeen, capture_block_inputs, run_block
+from pruning_core.experts import EXPERT_SIDES, ExpertObserver, prune_experts
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import METHODS, LayerProblem
 from pruning_core.recipe import Recipe
-from pruning_core.stats import InputStatistics
+from pruning_core.report import ExpertUsage
+from pruning_core.stats import InputStatistics, relative_output_error
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class BlockResult:
     next_inputs: torch.Tensor
     errors: dict[str, float]
     seconds: float
+    experts: dict[str, ExpertUsage] = field(default_factory=dict)  # fused experts weights of the block
 
 
 @dataclass
@@ -76,6 +79,7 @@ class PruneSummary:
     blocks: int
     start_block: int
     errors: dict[str, float] = field(default_factory=dict)
+    experts: dict[str, ExpertUsage] = field(default_factory=dict)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)  # statistics, solve, forward
     linear_seconds: dict[str, float] = field(default_factory=dict)  # the solve of each linear
@@ -146,10 +150,6 @@ def layer_target(recipe: Recipe, name: str, block_sparsity: float | None = None)
     return recipe.target
 
 
-class _StageSeen(Exception):
-    """Raised by the last observer of a stage: the rest of the block's forward is not needed."""
-
-
 class GroupObserver:
     """Forward hook feeding one group's input into its statistics, plus a sample for error estimates."""
 
@@ -187,7 +187,7 @@ class GroupObserver:
         if self.stage is not None:
             self.stage[self.slot] = True
             if all(self.stage):
-                raise _StageSeen
+                raise StageSeen
 
     def remove(self) -> None:
         self.handle.remove()
@@ -214,7 +214,12 @@ def observe_groups(
     """
     stage: list[bool] | None = [] if outputs is None else None
     sample_tokens = inputs[0].numel() // inputs.shape[-1]
-    observers = [GroupObserver(block, g.tap, device, with_hessian, stage, sample_tokens) for g in groups]
+    observers = [
+        (ExpertObserver if g.tap.side in EXPERT_SIDES else GroupObserver)(
+            block, g.tap, device, with_hessian, stage, sample_tokens
+        )
+        for g in groups
+    ]
     try:
         with adapter.statistics_mode(block), torch.no_grad():
             for start in tqdm(range(0, len(inputs), batch), desc=label, leave=False, disable=not progress):
@@ -223,17 +228,12 @@ def observe_groups(
                     outputs[samples] = run_block(block, inputs[samples], block_kwargs)
                     continue
                 stage[:] = [False] * len(stage)
-                with contextlib.suppress(_StageSeen):
+                with contextlib.suppress(StageSeen):
                     run_block(block, inputs[samples], block_kwargs)
     finally:
         for observer in observers:
             observer.remove()
     return observers
-
-
-def _relative_error(dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor) -> float:
-    reference = sample @ dense.T
-    return float((sample @ (dense - pruned).T).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
 
 class BlockPruner:
@@ -263,14 +263,19 @@ class BlockPruner:
         block_kwargs: dict[str, Any],
         progress: bool,
         batch: int,
-    ) -> dict[str, float]:
-        """Prune the block's linears; `batch` samples go through the block per statistics forward."""
+    ) -> tuple[dict[str, float], dict[str, ExpertUsage]]:
+        """Prune the block's linears; `batch` samples go through the block per statistics forward.
+
+        Returns each linear's relative output error, and the routed tokens of each fused experts weight.
+        """
         errors: dict[str, float] = {}
+        experts: dict[str, ExpertUsage] = {}
         prefix = self.adapter.block_prefix(index)
         groups = self.adapter.groups(block, inputs, block_kwargs)
         stages = [[g] for g in groups] if self.recipe.true_sequential else [groups]
         # Without statistics to collect, one sample feeds the reconstruction-error probe.
         observed = inputs if self.method.needs != "nothing" else inputs[:1]
+        sparsity = self.block_sparsity[index] if self.block_sparsity is not None else None
         for stage in stages:
             with self.clock.phase("statistics"):
                 observers = observe_groups(
@@ -285,38 +290,50 @@ class BlockPruner:
                     progress=progress,
                     batch=batch,
                 )
-            sparsity = self.block_sparsity[index] if self.block_sparsity is not None else None
             for group, observer in zip(stage, observers, strict=True):
                 for relative in group.linears:
                     name = f"{prefix}.{relative}"
                     with self.clock.phase("solve", linear=name):
-                        error = self._prune_linear(block.get_submodule(relative), name, observer, sparsity)
+                        if isinstance(observer, ExpertObserver):
+                            error, experts[name] = prune_experts(
+                                observer, self.method, lambda w, st, n: self._problem(n, w, st, sparsity), name
+                            )
+                        else:
+                            error = self._prune_linear(block.get_submodule(relative), name, observer, sparsity)
                     if error is not None:
                         errors[name] = error
-                observer.stats = None  # the group's Hessian is no longer needed: free it before the next one
-        return errors
+                observer.stats = observer.expert_stats = None  # free the group's Hessians before the next one
+        return errors, experts
 
-    def _prune_linear(
-        self, linear: nn.Linear, name: str, observer: GroupObserver, block_sparsity: float | None
-    ) -> float | None:
-        target = layer_target(self.recipe, name, block_sparsity)
+    def _problem(
+        self, name: str, dense: torch.Tensor, stats: InputStatistics | None, block_sparsity: float | None
+    ) -> LayerProblem | None:
+        """The layer's problem under the recipe (None: the recipe leaves it dense)."""
+        target = layer_target(self.recipe, name.split("[", 1)[0], block_sparsity)
         if target is None:
             log.info("%s: skipped (left dense)", name)
             return None
-        dense = linear.weight.data.to(torch.float32, copy=True)
         target.check_columns(dense.shape[1], name)
-        problem = LayerProblem(
+        return LayerProblem(
             name=name,
             weight=dense,
-            stats=observer.stats,
+            stats=stats,
             target=target,
             block_size=self.recipe.block_size,
             damping=self.recipe.damping,
             refit=self.recipe.refit,
         )
+
+    def _prune_linear(
+        self, linear: nn.Linear, name: str, observer: GroupObserver, block_sparsity: float | None
+    ) -> float | None:
+        dense = linear.weight.data.to(torch.float32, copy=True)
+        problem = self._problem(name, dense, observer.stats, block_sparsity)
+        if problem is None:
+            return None
         pruned = self.method.prune(problem)
         linear.weight.data.copy_(pruned.to(linear.weight.dtype))
-        return _relative_error(dense, pruned, observer.sample)
+        return relative_output_error(dense, pruned, observer.sample)
 
 
 @torch.no_grad()
@@ -378,14 +395,16 @@ def prune_model(
             block = blocks[index].to(device)
             batch = samples_per_forward(block, inputs, forward_budget_mib)
             block_kwargs = to_device(captured.kwargs[index], device, memo)
-            errors = pruner.prune(index, block, inputs, block_kwargs, progress, batch)
+            errors, experts = pruner.prune(index, block, inputs, block_kwargs, progress, batch)
             with clock.phase("forward"):
                 inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress, batch)
             block.to(home)
             summary.errors.update(errors)
+            summary.experts.update(experts)
             if on_block is not None:
                 state = {k: v.detach().cpu() for k, v in blocks[index].state_dict().items()}
-                on_block(BlockResult(index, state, inputs.cpu(), errors, time.perf_counter() - block_started))
+                seconds = time.perf_counter() - block_started
+                on_block(BlockResult(index, state, inputs.cpu(), errors, seconds, experts))
             log.info("block %d: mean relative error %.4g", index, sum(errors.values()) / max(len(errors), 1))
     summary.seconds = time.perf_counter() - started
     summary.phase_seconds = dict(clock.phases)

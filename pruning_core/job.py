@@ -66,6 +66,7 @@ def prune_to_folder(
         recipe_fingerprint=recipe.fingerprint(),
         provenance=provenance,
         reconstruction_error=summary.errors,
+        experts=summary.experts,
         prune_seconds=summary.seconds,
         phase_seconds=summary.phase_seconds,
         block_sparsity=block_sparsity,

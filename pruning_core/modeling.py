@@ -113,9 +113,9 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 def prunable_weight_names(model: nn.Module) -> list[str]:
     adapter = adapter_for(model)
     return [
-        f"{adapter.block_prefix(i)}.{linear}.weight"
+        f"{adapter.block_prefix(i)}.{weight}"
         for i, block in enumerate(adapter.blocks(model))
-        for linear in adapter.linear_names(block)
+        for weight in adapter.weight_names(block)
     ]
 
 

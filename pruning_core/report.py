@@ -56,6 +56,13 @@ class Provenance(BaseModel):
     calibration_fingerprint: str
 
 
+class ExpertUsage(BaseModel):
+    """A fused experts weight of one block: calibration tokens routed to each expert, and the fallbacks."""
+
+    tokens: list[int]
+    fallback: list[int] = []  # experts pruned by magnitude: too few routed tokens for the method
+
+
 class PruneReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +76,7 @@ class PruneReport(BaseModel):
     reconstruction_error: dict[str, float] = {}  # relative output error per linear
     block_errors: list[float] = []  # mean of the above per block
     block_sparsity: list[float] | None = None  # per block, when the recipe allocates it (OWL)
+    experts: dict[str, ExpertUsage] = {}  # per fused experts weight (mixture-of-experts models)
     prune_seconds: float
     phase_seconds: dict[str, float] = {}  # statistics, solve, forward
     resumed_from_block: int = 0

@@ -12,6 +12,12 @@ log = logging.getLogger(__name__)
 DAMPING_RETRIES = 4
 
 
+def relative_output_error(dense: torch.Tensor, pruned: torch.Tensor, sample: torch.Tensor) -> float:
+    """||X (W - W')^T||^2 / ||X W^T||^2 on a sample of the layer's inputs."""
+    reference = sample @ dense.T
+    return float((sample @ (dense - pruned).T).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
 class InputStatistics:
     """Accumulates statistics over calibration batches of a linear's input (float32)."""
 

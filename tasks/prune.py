@@ -289,11 +289,17 @@ def _prune(
         )
 
     def on_block(result: BlockResult) -> None:
-        meta = {"errors": result.errors, "seconds": result.seconds, "environment": environment}
+        meta = {
+            "errors": result.errors,
+            "seconds": result.seconds,
+            "environment": environment,
+            "experts": {name: usage.model_dump() for name, usage in result.experts.items()},
+        }
         checkpoints.write(result.index, result.state_dict, result.next_inputs, meta)
 
     staging = staging_folder(out)
     earlier_errors = {k: v for meta in resume.meta for k, v in meta["errors"].items()}
+    earlier_experts = {k: v for meta in resume.meta for k, v in meta.get("experts", {}).items()}
     adapter = adapter_for(model)
     report = prune_to_folder(
         model,
@@ -314,6 +320,7 @@ def _prune(
     report = report.model_copy(
         update={
             "reconstruction_error": errors,
+            "experts": {**earlier_experts, **report.experts},
             "block_errors": _block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
             "resumed_from_block": resume.start_block,
             "prune_seconds": time.perf_counter() - started,
