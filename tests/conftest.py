@@ -37,12 +37,72 @@ TINY_CONFIGS = {
         {"hidden_size": 64, "state_size": 8, "num_hidden_layers": 2, "expand": 2, "time_step_rank": 8},
     ),
 }
+# Every decoder family a nightly batch holds (tests/test_families.py). Windows of 16 tokens: the tests run 48,
+# so sliding and full attention layers see different masks.
+_WINDOW = 16
+FAMILY_CONFIGS = {
+    **TINY_CONFIGS,
+    "llama-rope-scaled": (
+        "LlamaConfig",
+        {
+            **_ATTENTION,
+            "num_hidden_layers": 2,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        },
+    ),
+    "mistral-sliding": ("MistralConfig", {**_ATTENTION, "num_hidden_layers": 2, "sliding_window": _WINDOW}),
+    "qwen2-sliding": (
+        "Qwen2Config",
+        {
+            **_ATTENTION,
+            "num_hidden_layers": 3,
+            "use_sliding_window": True,
+            "sliding_window": _WINDOW,
+            "max_window_layers": 1,
+        },
+    ),
+    "qwen3": ("Qwen3Config", {**_ATTENTION, "num_hidden_layers": 2, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {**_ATTENTION, "num_hidden_layers": 2, "head_dim": 16, "sliding_window": _WINDOW}),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {
+            **_ATTENTION,
+            "num_hidden_layers": 4,
+            "head_dim": 16,
+            "sliding_window": _WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        },
+    ),
+    "phi3": ("Phi3Config", {**_ATTENTION, "num_hidden_layers": 2, "pad_token_id": 0}),
+    "olmo2": ("Olmo2Config", {**_ATTENTION, "num_hidden_layers": 2}),
+    "mixtral": (
+        "MixtralConfig",
+        {**_ATTENTION, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {
+            **_ATTENTION,
+            "num_hidden_layers": 2,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+        },
+    ),
+}
 
 
 def tiny_config(family: str):
     import transformers
 
-    config_class, fields = TINY_CONFIGS[family]
+    config_class, fields = FAMILY_CONFIGS[family]
     return getattr(transformers, config_class)(vocab_size=256, **fields)
 
 
