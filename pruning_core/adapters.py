@@ -18,11 +18,55 @@ class UnsupportedArchitecture(ValueError):
 
 
 @dataclass(frozen=True)
+class Projections:
+    """Where a Llama-like block keeps the projections structured pruning couples (paths relative to the block):
+    q/k/v output rows with o input columns per head, gate/up output rows with down input columns per channel."""
+
+    attention: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    mlp: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def path(self, part: str) -> str:
+        """`q` -> `self_attn.q_proj`, `down` -> `mlp.down_proj`."""
+        owner = self.attention if part in ("q", "k", "v", "o") else self.mlp
+        return f"{owner}.{getattr(self, part)}"
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("q", "k", "v", "o", "gate", "up", "down")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.path(part) for part in self.parts)
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """The projections' own module names (what LoRA targets)."""
+        return tuple(getattr(self, part) for part in self.parts)
+
+
+LLAMA_PROJECTIONS = Projections()
+# Families whose blocks couple heads and channels exactly as Llama does (q/k norms, where present, act per
+# head on head_dim and survive removing heads); others (fused qkv as Phi-3, OLMo 2's norms over all heads)
+# are refused by llm_pruner.
+STRUCTURED_PROJECTIONS = {
+    family: LLAMA_PROJECTIONS for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+}
+
+
+@dataclass(frozen=True)
 class ArchitectureAdapter:
     """Where a causal LM keeps its blocks; the linears of each block are discovered from its forward."""
 
     family: str
     blocks_path: str
+    projections: Projections | None = None  # structured pruning's coupled projections, where supported
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -102,7 +146,7 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
         raise UnsupportedArchitecture(
             f"unsupported architecture {family!r}: its blocks ({path}) hold no torch.nn.Linear layers to prune"
         )
-    return SPECIAL_ADAPTERS.get(family, ArchitectureAdapter)(family, path)
+    return SPECIAL_ADAPTERS.get(family, ArchitectureAdapter)(family, path, STRUCTURED_PROJECTIONS.get(family))
 
 
 def to_device(value: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from pruning_core.adapters import LLAMA_PROJECTIONS
+
+ALL_PROJECTIONS = LLAMA_PROJECTIONS.leaves
 
 
 class RecoverySpec(BaseModel):

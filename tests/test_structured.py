@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pruning_core.adapters import LLAMA_PROJECTIONS
 from pruning_core.modeling import load_model
 from pruning_core.structured.groups import block_shape, head_rows, keep_attention, keep_channels
 from pruning_core.structured.importance import aggregate, gradient_statistics, projection_weights
@@ -75,7 +76,7 @@ def test_aggregations():
 
 def test_fisher_statistics_are_sums_of_squared_per_sample_gradients():
     model = tiny_model("llama")
-    weights = projection_weights(model, "model.layers", [1])
+    weights = projection_weights(model, "model.layers", [1], LLAMA_PROJECTIONS)
     first = gradient_statistics(model, weights, IDS, "element1", progress=False)
     second = gradient_statistics(model, weights, IDS, "element2", progress=False)
     name = "model.layers.1.mlp.down_proj.weight"
@@ -125,6 +126,12 @@ def test_without_gqa_a_head_goes_with_its_k_and_v(tiny_tokenizer, tmp_path):
     assert _logits(model).isfinite().all()
 
 
+@pytest.mark.parametrize("family", ["phi3", "olmo2", "mixtral", "opt"])
+def test_a_family_llm_pruner_cannot_cut_is_refused_in_one_line(family):
+    with pytest.raises(StructuredPruningError, match=f"llm_pruner supports the .* families, not '{family}'$"):
+        prune_structured(tiny_model(family), IDS, StructuredSettings(ratio=0.1, keep_first=0, keep_last=0))
+
+
 def test_a_ratio_the_pruned_blocks_cannot_give_is_refused():
     with pytest.raises(StructuredPruningError, match="lower the ratio"):
         prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.5, keep_first=1, keep_last=1))
@@ -132,7 +139,7 @@ def test_a_ratio_the_pruned_blocks_cannot_give_is_refused():
         prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.1))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"])
 def test_uniform_widths_load_with_plain_from_pretrained(tmp_path, tiny_tokenizer, family):
     model = tiny_model(family)
     settings = StructuredSettings(ratio=0.3, keep_first=0, keep_last=0, attention_unit="kv_groups")
@@ -144,8 +151,9 @@ def test_uniform_widths_load_with_plain_from_pretrained(tmp_path, tiny_tokenizer
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=0)
 
 
-def test_heterogeneous_widths_round_trip_through_our_loader(tmp_path, tiny_tokenizer):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_heterogeneous_widths_round_trip_through_our_loader(tmp_path, tiny_tokenizer, family):
+    model = tiny_model(family)
     prune_structured(model, IDS, StructuredSettings(ratio=0.15, keep_first=1, keep_last=0), progress=False)
     assert save_structured(model, tiny_tokenizer, tmp_path) is False
     assert has_block_shapes(tmp_path)

@@ -1,4 +1,6 @@
-"""Dependency groups of a Llama-family block and the surgery that removes them.
+"""Dependency groups of a Llama-like block and the surgery that removes them.
+
+Where the projections live comes from the family's adapter (`pruning_core.adapters.Projections`).
 
 A group is what must be removed together for the block to still compute: an attention head couples
 its q/k/v output rows with its o_proj input columns; an MLP channel couples gate/up output row c with
@@ -14,6 +16,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from pruning_core.adapters import LLAMA_PROJECTIONS, Projections
 
 AttentionUnit = Literal["q_heads", "kv_groups"]
 
@@ -44,17 +48,28 @@ def effective_unit(shape: BlockShape, unit: AttentionUnit) -> AttentionUnit:
     return unit
 
 
-def head_dim(block: nn.Module) -> int:
-    return int(block.self_attn.head_dim)
+def head_dim(block: nn.Module, projections: Projections = LLAMA_PROJECTIONS) -> int:
+    return int(block.get_submodule(projections.attention).head_dim)
 
 
-def block_shape(block: nn.Module) -> BlockShape:
-    attn, dim = block.self_attn, head_dim(block)
+def projection(block: nn.Module, part: str, projections: Projections = LLAMA_PROJECTIONS) -> nn.Linear:
+    """The block's `q`, `k`, `v`, `o`, `gate`, `up` or `down` projection."""
+    return block.get_submodule(projections.path(part))
+
+
+def block_shape(block: nn.Module, projections: Projections = LLAMA_PROJECTIONS) -> BlockShape:
+    dim = head_dim(block, projections)
     return BlockShape(
-        heads=attn.q_proj.out_features // dim,
-        kv_heads=attn.k_proj.out_features // dim,
-        intermediate_size=block.mlp.gate_proj.out_features,
+        heads=projection(block, "q", projections).out_features // dim,
+        kv_heads=projection(block, "k", projections).out_features // dim,
+        intermediate_size=projection(block, "gate", projections).out_features,
     )
+
+
+def _replace(block: nn.Module, part: str, index: torch.Tensor, dim: int, projections: Projections) -> None:
+    owner, name = projections.path(part).rsplit(".", 1)
+    module = block.get_submodule(owner)
+    setattr(module, name, _sliced(getattr(module, name), index, dim))
 
 
 def head_rows(heads: list[int] | torch.Tensor, dim: int) -> torch.Tensor:
@@ -77,16 +92,16 @@ def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
-def keep_attention(block: nn.Module, keep_q: list[int], keep_kv: list[int]) -> None:
+def keep_attention(
+    block: nn.Module, keep_q: list[int], keep_kv: list[int], projections: Projections = LLAMA_PROJECTIONS
+) -> None:
     """Keep q heads `keep_q` and kv heads `keep_kv` (in order), every kv head serving the same count."""
-    attn, dim = block.self_attn, head_dim(block)
+    attn, dim = block.get_submodule(projections.attention), head_dim(block, projections)
     if not keep_q or not keep_kv or len(keep_q) % len(keep_kv):
         raise ValueError(f"cannot keep {len(keep_q)} q heads over {len(keep_kv)} kv heads")
     q_rows, kv_rows = head_rows(keep_q, dim), head_rows(keep_kv, dim)
-    attn.q_proj = _sliced(attn.q_proj, q_rows, 0)
-    attn.k_proj = _sliced(attn.k_proj, kv_rows, 0)
-    attn.v_proj = _sliced(attn.v_proj, kv_rows, 0)
-    attn.o_proj = _sliced(attn.o_proj, q_rows, 1)
+    for part, rows, dim_ in (("q", q_rows, 0), ("k", kv_rows, 0), ("v", kv_rows, 0), ("o", q_rows, 1)):
+        _replace(block, part, rows, dim_, projections)
     # The attention forward reads head counts from the weights, except the q-per-kv ratio.
     attn.num_key_value_groups = len(keep_q) // len(keep_kv)
     for name, value in (("num_heads", len(keep_q)), ("num_key_value_heads", len(keep_kv))):
@@ -94,25 +109,26 @@ def keep_attention(block: nn.Module, keep_q: list[int], keep_kv: list[int]) -> N
             setattr(attn, name, value)
 
 
-def keep_channels(block: nn.Module, keep: list[int] | torch.Tensor) -> None:
+def keep_channels(
+    block: nn.Module, keep: list[int] | torch.Tensor, projections: Projections = LLAMA_PROJECTIONS
+) -> None:
     """Keep MLP channels `keep`: gate/up output rows and down_proj input columns."""
-    mlp = block.mlp
+    mlp = block.get_submodule(projections.mlp)
     index = torch.as_tensor(keep, dtype=torch.long)
-    mlp.gate_proj = _sliced(mlp.gate_proj, index, 0)
-    mlp.up_proj = _sliced(mlp.up_proj, index, 0)
-    mlp.down_proj = _sliced(mlp.down_proj, index, 1)
+    for part, dim in (("gate", 0), ("up", 0), ("down", 1)):
+        _replace(block, part, index, dim, projections)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(index)
 
 
-def reshape_block(block: nn.Module, shape: BlockShape) -> None:
+def reshape_block(block: nn.Module, shape: BlockShape, projections: Projections = LLAMA_PROJECTIONS) -> None:
     """Give a freshly built block the widths `shape` (the loader fills in the weights afterwards)."""
-    current = block_shape(block)
+    current = block_shape(block, projections)
     if shape.heads != current.heads or shape.kv_heads != current.kv_heads:
         per_kv = shape.heads // shape.kv_heads
         keep_kv = list(range(shape.kv_heads))
         old_per_kv = current.heads // current.kv_heads
         keep_q = [kv * old_per_kv + i for kv in keep_kv for i in range(per_kv)]
-        keep_attention(block, keep_q, keep_kv)
+        keep_attention(block, keep_q, keep_kv, projections)
     if shape.intermediate_size != current.intermediate_size:
-        keep_channels(block, list(range(shape.intermediate_size)))
+        keep_channels(block, list(range(shape.intermediate_size)), projections)

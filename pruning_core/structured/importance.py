@@ -15,27 +15,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruning_core.adapters import LLAMA_PROJECTIONS, Projections
 from pruning_core.structured.groups import AttentionUnit, block_shape, effective_unit
 
 Importance = Literal["element1", "element2", "vector"]
 Aggregation = Literal["sum", "mean", "max", "prod"]
 
-PROJECTIONS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
-
-def projection_weights(model: nn.Module, blocks_path: str, blocks: list[int]) -> dict[str, nn.Parameter]:
+def projection_weights(
+    model: nn.Module, blocks_path: str, blocks: list[int], projections: Projections
+) -> dict[str, nn.Parameter]:
     return {
         f"{blocks_path}.{i}.{name}.weight": model.get_submodule(f"{blocks_path}.{i}.{name}").weight
         for i in blocks
-        for name in PROJECTIONS
+        for name in projections.paths
     }
 
 
@@ -116,6 +109,7 @@ def unit_importance(
     importance: Importance,
     aggregation: Aggregation,
     attention_unit: AttentionUnit,
+    projections: Projections = LLAMA_PROJECTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(attention unit scores, MLP channel scores) of one block.
 
@@ -123,23 +117,24 @@ def unit_importance(
     Attention units are q heads (q rows + o columns) or kv groups (their q heads, the kv head's k/v rows,
     the o columns of those q heads).
     """
-    shape = block_shape(block)
+    shape = block_shape(block, projections)
 
-    def element(name: str) -> torch.Tensor:
+    def element(part: str) -> torch.Tensor:
+        name = projections.path(part)
         return _scores(block.get_submodule(name).weight, statistics[name], importance)
 
-    q = _unit_sum(element("self_attn.q_proj"), shape.heads, 0)
-    o = _unit_sum(element("self_attn.o_proj"), shape.heads, 1)
+    q = _unit_sum(element("q"), shape.heads, 0)
+    o = _unit_sum(element("o"), shape.heads, 1)
     if effective_unit(shape, attention_unit) == "q_heads":
         attention = aggregate([_finish(q, importance), _finish(o, importance)], aggregation)
     else:
         per_kv = shape.heads // shape.kv_heads
-        k = _unit_sum(element("self_attn.k_proj"), shape.kv_heads, 0)
-        v = _unit_sum(element("self_attn.v_proj"), shape.kv_heads, 0)
+        k = _unit_sum(element("k"), shape.kv_heads, 0)
+        v = _unit_sum(element("v"), shape.kv_heads, 0)
         grouped = [q.reshape(shape.kv_heads, per_kv).sum(1), k, v, o.reshape(shape.kv_heads, per_kv).sum(1)]
         attention = aggregate([_finish(g, importance) for g in grouped], aggregation)
     channels = shape.intermediate_size
-    mlp_layers = (("mlp.gate_proj", 0), ("mlp.up_proj", 0), ("mlp.down_proj", 1))
+    mlp_layers = (("gate", 0), ("up", 0), ("down", 1))
     mlp = aggregate(
         [_finish(_unit_sum(element(name), channels, dim), importance) for name, dim in mlp_layers], aggregation
     )

@@ -17,25 +17,24 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pruning_core.adapters import adapter_for
+from pruning_core.adapters import STRUCTURED_PROJECTIONS, Projections, adapter_for
 from pruning_core.structured.groups import (
     AttentionUnit,
     BlockShape,
     block_shape,
     effective_unit,
+    head_dim,
     keep_attention,
     keep_channels,
+    projection,
 )
 from pruning_core.structured.importance import (
-    PROJECTIONS,
     Aggregation,
     Importance,
     gradient_statistics,
     projection_weights,
     unit_importance,
 )
-
-STRUCTURED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 class StructuredPruningError(ValueError):
@@ -72,8 +71,8 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def projection_parameters(block: nn.Module) -> int:
-    return sum(p.numel() for name in PROJECTIONS for p in block.get_submodule(name).parameters())
+def projection_parameters(block: nn.Module, projections: Projections) -> int:
+    return sum(p.numel() for name in projections.paths for p in block.get_submodule(name).parameters())
 
 
 def pruned_block_indices(blocks: int, keep_first: int, keep_last: int) -> list[int]:
@@ -90,12 +89,18 @@ def _lowest(scores: torch.Tensor, count: int) -> set[int]:
 
 
 def plan_block(
-    index: int, block: nn.Module, attention: torch.Tensor, mlp: torch.Tensor, share: float, unit: AttentionUnit
+    index: int,
+    block: nn.Module,
+    attention: torch.Tensor,
+    mlp: torch.Tensor,
+    share: float,
+    unit: AttentionUnit,
+    projections: Projections,
 ) -> BlockPlan:
     """Which heads and channels block `index` keeps when it must lose `share` of its projection parameters."""
-    shape = block_shape(block)
-    hidden = block.self_attn.q_proj.in_features
-    dim = block.self_attn.head_dim
+    shape = block_shape(block, projections)
+    hidden = projection(block, "q", projections).in_features
+    dim = head_dim(block, projections)
     per_kv = shape.heads // shape.kv_heads
     if effective_unit(shape, unit) == "q_heads":
         drop_per_kv = min(per_kv - 1, round(share * per_kv))
@@ -112,16 +117,16 @@ def plan_block(
     removed_q, removed_kv = shape.heads - len(keep_q), shape.kv_heads - len(keep_kv)
     attention_removed = (2 * removed_q + 2 * removed_kv) * dim * hidden
     per_channel = 3 * hidden  # a gate row, an up row, a down column
-    wanted = share * projection_parameters(block) - attention_removed
+    wanted = share * projection_parameters(block, projections) - attention_removed
     channels = min(shape.intermediate_size - 1, max(0, round(wanted / per_channel)))
     dropped_channels = _lowest(mlp, channels)
     keep = [c for c in range(shape.intermediate_size) if c not in dropped_channels]
     return BlockPlan(index, keep_q, keep_kv, keep, shape)
 
 
-def apply_plan(block: nn.Module, plan: BlockPlan) -> None:
-    keep_attention(block, plan.keep_q, plan.keep_kv)
-    keep_channels(block, plan.keep_channels)
+def apply_plan(block: nn.Module, plan: BlockPlan, projections: Projections) -> None:
+    keep_attention(block, plan.keep_q, plan.keep_kv, projections)
+    keep_channels(block, plan.keep_channels, projections)
 
 
 @torch.no_grad()
@@ -162,20 +167,28 @@ def block_share(model: nn.Module, settings: StructuredSettings) -> float:
 
     Needs only parameter counts, so a bad recipe fails before the gradient pass.
     """
-    adapter = adapter_for(model)
-    if adapter.family not in STRUCTURED_FAMILIES:
-        raise StructuredPruningError(
-            f"llm_pruner supports the {', '.join(STRUCTURED_FAMILIES)} families, not {adapter.family!r}"
-        )
-    blocks = adapter.blocks(model)
+    projections = structured_projections(model)
+    blocks = adapter_for(model).blocks(model)
     indices = pruned_block_indices(len(blocks), settings.keep_first, settings.keep_last)
-    share = settings.ratio * parameter_count(model) / sum(projection_parameters(blocks[i]) for i in indices)
+    share = (
+        settings.ratio * parameter_count(model) / sum(projection_parameters(blocks[i], projections) for i in indices)
+    )
     if share >= 0.95:
         raise StructuredPruningError(
             f"removing {settings.ratio:.0%} of the parameters from blocks {indices[0]}..{indices[-1]} alone would "
             f"take {share:.0%} of each; lower the ratio or keep fewer blocks whole (keep_first/keep_last)"
         )
     return share
+
+
+def structured_projections(model: nn.Module) -> Projections:
+    """The model's coupled projections, or a one-line refusal for a family llm_pruner cannot cut."""
+    adapter = adapter_for(model)
+    if adapter.projections is None:
+        raise StructuredPruningError(
+            f"llm_pruner supports the {', '.join(sorted(STRUCTURED_PROJECTIONS))} families, not {adapter.family!r}"
+        )
+    return adapter.projections
 
 
 def statistics_weights(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
@@ -187,7 +200,7 @@ def statistics_weights(model: nn.Module, settings: StructuredSettings) -> dict[s
 def _pruned_projections(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
     adapter = adapter_for(model)
     indices = pruned_block_indices(len(adapter.blocks(model)), settings.keep_first, settings.keep_last)
-    return projection_weights(model, adapter.blocks_path, indices)
+    return projection_weights(model, adapter.blocks_path, indices, structured_projections(model))
 
 
 def prune_structured(
@@ -207,7 +220,7 @@ def prune_structured(
     if statistics is None:
         weights = _pruned_projections(model, settings)
         statistics = gradient_statistics(model, weights, calibration, settings.importance, device, progress)
-    adapter = adapter_for(model)
+    adapter, projections = adapter_for(model), structured_projections(model)
     blocks = adapter.blocks(model)
     indices = pruned_block_indices(len(blocks), settings.keep_first, settings.keep_last)
     before = parameter_count(model)
@@ -220,9 +233,14 @@ def prune_structured(
             if name.startswith(prefix)
         }
         attention, mlp = unit_importance(
-            blocks[index], block_statistics, settings.importance, settings.aggregation, settings.attention_unit
+            blocks[index],
+            block_statistics,
+            settings.importance,
+            settings.aggregation,
+            settings.attention_unit,
+            projections,
         )
-        plan = plan_block(index, blocks[index], attention, mlp, share, settings.attention_unit)
-        apply_plan(blocks[index], plan)
+        plan = plan_block(index, blocks[index], attention, mlp, share, settings.attention_unit, projections)
+        apply_plan(blocks[index], plan, projections)
         plans.append(plan)
     return StructuredResult(before, parameter_count(model), share, plans, time.perf_counter() - started)

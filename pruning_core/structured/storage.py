@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pruning_core.adapters import adapter_for
-from pruning_core.structured.groups import BlockShape, block_shape, reshape_block
+from pruning_core.structured.groups import BlockShape, block_shape, head_dim, reshape_block
 
 SHAPES_KEY = "secateur_block_shapes"
 TYPE_KEY = "secateur_model_type"
@@ -38,7 +38,7 @@ def save_structured(model: nn.Module, tokenizer, out_dir: str | Path) -> bool:
     shapes = block_shapes(model)
     original = model.config
     config = copy.deepcopy(original)  # the live config is shared by the model's modules: leave it alone
-    config.head_dim = int(adapter_for(model).blocks(model)[0].self_attn.head_dim)
+    config.head_dim = head_dim(adapter_for(model).blocks(model)[0])
     # transformers validates hidden_size % num_attention_heads == 0 even with an explicit head_dim.
     uniform = len(set(shapes)) == 1 and config.hidden_size % shapes[0].heads == 0
     if uniform:

@@ -180,10 +180,11 @@ def kill_and_recover(cluster: Cluster, batch: Path, stale_after: float) -> dict:
 
 def _second_attempt(api: str) -> tuple[float, float | None] | None:
     """(created, started) epoch seconds of the flow run that ran a lost pair again."""
-    os.environ["PREFECT_API_URL"] = api
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    # Prefect reads its settings once per process: the cluster's API is set for this call, not by environment.
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         runs = [r for r in client.read_flow_runs() if r.name.endswith("(attempt 2)")]
     if not runs:
         return None
