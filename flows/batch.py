@@ -90,9 +90,9 @@ def compress_model(
 @flow(name="prepare-model", flow_run_name="prepare")
 def prepare_model(model: str, calibration: CalibrationSpec, evaluation: EvaluationSpec) -> None:
     """On a pool, before a model's pairs: fetch, calibration and dense evaluation once, shared via the store."""
-    settings = Settings()
-    with pool_run(settings):
-        _Stages().prepare(settings, model, calibration, evaluation)
+    with pool_run(Settings()):
+        # Read again inside: on a pool, pool_run turns on shared results (the Prefect records go to the store).
+        _Stages().prepare(Settings(), model, calibration, evaluation)
 
 
 def _compress_pair(

@@ -131,6 +131,8 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
         client = MlflowClient(tracking_uri=shared["MLFLOW_TRACKING_URI"])
         assert client.get_run(rerun[0]["mlflow_run_id"]).data.metrics["resumed_from_block"] > 0
         assert not list((tmp_path / "store").glob("checkpoints/*/*")), "mirrored checkpoints are removed when done"
+        assert not [h for h in homes if (h / "prefect-results").exists()], "task records are the pool's, in the store"
+        assert list((tmp_path / "store" / "prefect-results").iterdir())
 
         # The mended model's pairs, retried from a machine that never saw the batch, run on the pool.
         weights.write_bytes(intact)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -168,28 +169,31 @@ def kill_and_recover(cluster: Cluster, batch: Path, stale_after: float) -> dict:
         time.sleep(0.01)
     run.wait(timeout=1800)
     cluster.stop_workers()
-    rerun = _second_attempt(cluster.env["PREFECT_API_URL"])
+    resubmitted, rerun = _second_attempt(cluster.folder, home, killed_at)
     return {
         "stale_after_seconds": stale_after,
-        # Prefect's own timestamps: when the batch submitted the run again, and when a worker began it.
-        "kill_to_resubmit_seconds": None if rerun is None else rerun[0] - killed_at,
-        "kill_to_rerun_seconds": None if rerun is None or rerun[1] is None else rerun[1] - killed_at,
+        # From the logs: when the batch declared the pair lost and submitted it again, and when a worker began it.
+        "kill_to_resubmit_seconds": None if resubmitted is None else resubmitted - killed_at,
+        "kill_to_rerun_seconds": None if rerun is None else rerun - killed_at,
         "batch_exit": run.returncode,
     }
 
 
-def _second_attempt(api: str) -> tuple[float, float | None] | None:
-    """(created, started) epoch seconds of the flow run that ran a lost pair again."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    # Prefect reads its settings once per process: the cluster's API is set for this call, not by environment.
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs() if r.name.endswith("(attempt 2)")]
-    if not runs:
-        return None
-    run = min(runs, key=lambda r: r.created)
-    return run.created.timestamp(), run.start_time.timestamp() if run.start_time else None
+def _second_attempt(folder: Path, batch_home: Path, killed_at: float | None) -> tuple[float | None, float | None]:
+    """(resubmitted, began) epoch seconds of the lost pair's second run, read from the batch's and workers' logs."""
+    if killed_at is None:
+        return None, None
+    day = datetime.fromtimestamp(killed_at).date()
+    resubmitted = began = None
+    for line in "".join(p.read_text(errors="replace") for p in (batch_home / "logs").glob("*.log")).splitlines():
+        if "running it again" in line and resubmitted is None:
+            resubmitted = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    for log in folder.glob("kill-worker-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "(attempt 2)' - Beginning" in line:
+                clock = datetime.strptime(line[:12], "%H:%M:%S.%f").time()
+                began = datetime.combine(day, clock).timestamp()
+    return resubmitted, began
 
 
 def main() -> None:
