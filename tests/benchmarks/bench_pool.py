@@ -190,7 +190,8 @@ def _second_attempt(folder: Path, batch_home: Path, killed_at: float | None) -> 
             resubmitted = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     for log in folder.glob("kill-worker-*.log"):
         for line in log.read_text(errors="replace").splitlines():
-            if "(attempt 2)' - Beginning" in line:
+            # The worker has taken it: its flow-run process is starting.
+            if "(attempt 2)' submitted to infrastructure" in line and began is None:
                 clock = datetime.strptime(line[:12], "%H:%M:%S.%f").time()
                 began = datetime.combine(day, clock).timestamp()
     return resubmitted, began
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=2)
     parser.add_argument("--recipes", type=int, default=3, choices=range(1, len(METHODS) + 1))
     parser.add_argument("--stale-after", type=float, default=20.0)
+    parser.add_argument("--only-kill", action="store_true", help="only the kill -9 -> rerun measurement")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="secateur-pool-") as scratch:
@@ -213,6 +215,15 @@ def main() -> None:
         batch.write_text(yaml.safe_dump(mapping))
         pairs = args.models * args.recipes
         cluster = Cluster(folder)
+        if args.only_kill:
+            try:
+                recovery = kill_and_recover(cluster, batch, args.stale_after)
+            finally:
+                cluster.close()
+            print(json.dumps(recovery, indent=1))
+            header = {"batch": f"{args.models} tiny 8-layer Llamas x {args.recipes} recipes"}
+            write_results("pool-kill", header, [recovery])
+            return
         try:
             seconds, record = run_batch(cluster, batch, folder / "in-process", False, own_services(cluster, "here"))
             rows.append({"mode": "in-process", "seconds": seconds, "pairs": pairs})
