@@ -74,13 +74,16 @@ def _prepare_runs() -> dict[str, int]:
     return counts
 
 
-def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, tmp_path, tiny_tokenizer):
-    """2 models x 3 recipes on two workers: one worker is killed mid-prune and its pair resumes on the other;
-    the second model's weights are cut short (its pairs fail), mended, and `retry` from a third state dir
-    finishes them on the pool; a rerun of the whole batch from there computes nothing."""
-    from mlflow.tracking import MlflowClient
+@pytest.fixture(scope="module")
+def pool_batch(prefect_api, tmp_path_factory, tiny_tokenizer):
+    """2 models x 3 recipes on two workers with their own state dirs: one worker is killed mid-prune; the second
+    model's weights are cut short (its pairs fail), then mended and retried from a third state dir.
+
+    The workers stay up for the module's tests and are killed at its end.
+    """
     from prefect.settings import PREFECT_API_URL
 
+    tmp_path = tmp_path_factory.mktemp("pool")
     good, broken = (str(save_tiny(tmp_path / f"deep-{i}", tiny_tokenizer, num_hidden_layers=6, seed=i)) for i in (0, 1))
     weights = Path(broken) / "model.safetensors"
     intact = weights.read_bytes()
@@ -115,45 +118,65 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
                     killed = index
                     break
             time.sleep(0.01)
-        code, summary, stderr = _summary(batch_run)
-        assert killed is not None, f"no worker was caught in its second prune: {stderr}"
-        assert code == 1 and "3 of 6 pairs failed" in stderr, stderr
-        results = {(Path(r["model"]).name, r["status"]) for r in summary["results"]}
-        assert results == {("deep-0", "completed"), ("deep-1", "failed")}, summary["results"]
-        assert _prepare_runs() == {good: 1, broken: 1}, "each model is prepared once, whatever its recipes"
-
-        # Pairs ran on both workers; the one lost with its worker ran again and resumed from mirrored checkpoints.
+        first = _summary(batch_run)
+        assert killed is not None, f"no worker was caught in its second prune: {first[2]}"
+        prepared = _prepare_runs()
         record = json.loads(next((tmp_path / "batch-home" / "runs").glob("*.json")).read_text())
-        pairs = [p for p in record["results"] if p["status"] == "completed"]
-        assert {p["worker"].split(":", 1)[1] for p in pairs} == {str(h.resolve()) for h in homes}
-        rerun = [p for p in pairs if p["attempts"] == 2]
-        assert len(rerun) == 1 and str(homes[1 - killed].resolve()) in rerun[0]["worker"], pairs
-        client = MlflowClient(tracking_uri=shared["MLFLOW_TRACKING_URI"])
-        assert client.get_run(rerun[0]["mlflow_run_id"]).data.metrics["resumed_from_block"] > 0
-        assert not list((tmp_path / "store").glob("checkpoints/*/*")), "mirrored checkpoints are removed when done"
-        assert not [h for h in homes if (h / "prefect-results").exists()], "task records are the pool's, in the store"
-        assert list((tmp_path / "store" / "prefect-results").iterdir())
-
-        # The mended model's pairs, retried from a machine that never saw the batch, run on the pool.
         weights.write_bytes(intact)
         workers[killed] = _start_worker(homes[killed], env)  # the lost machine is back
         third = tmp_path / "third-home"
-        code, retried, stderr = _summary(_secateur(["retry", "pool-batch", "--pool", POOL], env, third, tmp_path))
-        assert code == 0, stderr
-        assert {tuple(pair) for pair in retried["retried"]} == {(broken, r["name"]) for r in RECIPES}
-        assert all(r["status"] == "completed" and Path(r["model"]).name == "deep-1" for r in retried["results"])
-        assert not (third / "models").exists(), "the pairs ran on the pool's workers, not here"
-
-        # The finished batch again, from the third machine: every stage of every pair is a cache hit.
-        code, _, stderr = _summary(_secateur(["run", str(batch), "--pool", POOL], env, third, tmp_path))
-        assert code == 0, stderr
-        states = {(Path(r["model"]).name, r["recipe_name"]): r["task_states"] for r in _full_run(third)["results"]}
-        cached = {"fetch": "Completed", "calibrate": "Cached", "evaluate_dense": "Cached", "prune": "Cached"}
-        assert len(states) == 6 and all(s == cached | {"evaluate": "Cached"} for s in states.values()), states
+        retry = _summary(_secateur(["retry", "pool-batch", "--pool", POOL], env, third, tmp_path))
+        yield {
+            "tmp": tmp_path,
+            "env": env,
+            "homes": homes,
+            "killed": killed,
+            "third": third,
+            "batch": batch,
+            "mapping": mapping,
+            "models": (good, broken),
+            "first": first,
+            "prepared": prepared,
+            "record": record,
+            "retry": retry,
+            "mlflow": shared["MLFLOW_TRACKING_URI"],
+        }
     finally:
         for worker in workers:
             if worker.poll() is None:
                 _kill_tree(worker)
+
+
+def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(pool_batch):
+    """Pairs on both workers; the killed one's pair resumes elsewhere bit-identically; `retry` from a third state
+    dir finishes the mended model's pairs on the pool."""
+    from mlflow.tracking import MlflowClient
+
+    run = pool_batch
+    tmp_path, homes, killed, (good, broken) = run["tmp"], run["homes"], run["killed"], run["models"]
+    code, summary, stderr = run["first"]
+    assert code == 1 and "3 of 6 pairs failed" in stderr, stderr
+    results = {(Path(r["model"]).name, r["status"]) for r in summary["results"]}
+    assert results == {("deep-0", "completed"), ("deep-1", "failed")}, summary["results"]
+    assert run["prepared"] == {good: 1, broken: 1}, "each model is prepared once, whatever its recipes"
+
+    # Pairs ran on both workers; the one lost with its worker ran again and resumed from mirrored checkpoints.
+    pairs = [p for p in run["record"]["results"] if p["status"] == "completed"]
+    assert {p["worker"].split(":", 1)[1] for p in pairs} == {str(h.resolve()) for h in homes}
+    rerun = [p for p in pairs if p["attempts"] == 2]
+    assert len(rerun) == 1 and str(homes[1 - killed].resolve()) in rerun[0]["worker"], pairs
+    client = MlflowClient(tracking_uri=run["mlflow"])
+    assert client.get_run(rerun[0]["mlflow_run_id"]).data.metrics["resumed_from_block"] > 0
+    assert not list((tmp_path / "store").glob("checkpoints/*/*")), "mirrored checkpoints are removed when done"
+    assert not [h for h in homes if (h / "prefect-results").exists()], "task records are the pool's, in the store"
+    assert list((tmp_path / "store" / "prefect-results").iterdir())
+
+    # The mended model's pairs, retried from a machine that never saw the batch, ran on the pool.
+    code, retried, stderr = run["retry"]
+    assert code == 0, stderr
+    assert {tuple(pair) for pair in retried["retried"]} == {(broken, r["name"]) for r in RECIPES}
+    assert all(r["status"] == "completed" and Path(r["model"]).name == "deep-1" for r in retried["results"])
+    assert not (run["third"] / "models").exists(), "the pairs ran on the pool's workers, not here"
     experiment = client.get_experiment_by_name("pool-batch")
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert "RUNNING" not in statuses, statuses
@@ -164,10 +187,22 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(prefect_api, 
         for p in (homes[1 - killed] / "models").glob("*/*/*/sparsity.json")
         if json.loads(p.read_text())["resumed_from_block"] > 0
     )
-    clean = _clean_prune(rerun[0], mapping, tmp_path / "clean-home")
+    clean = _clean_prune(rerun[0], run["mapping"], tmp_path / "clean-home")
     resumed, reference = load_file(resumed_folder / "model.safetensors"), load_file(clean / "model.safetensors")
     assert resumed.keys() == reference.keys()
     assert all(resumed[name].equal(reference[name]) for name in resumed)
+
+
+@pytest.mark.long  # another minute of flow runs: outside make test's budget (make test-long)
+def test_a_rerun_of_the_finished_batch_on_the_pool_computes_nothing(pool_batch):
+    """The finished batch again, from the third machine: every stage of every pair is a cache hit."""
+    run = pool_batch
+    argv = ["run", str(run["batch"]), "--pool", POOL]
+    code, _, stderr = _summary(_secateur(argv, run["env"], run["third"], run["tmp"]))
+    assert code == 0, stderr
+    states = {(Path(r["model"]).name, r["recipe_name"]): r["task_states"] for r in _full_run(run["third"])["results"]}
+    cached = {"fetch": "Completed", "calibrate": "Cached", "evaluate_dense": "Cached", "prune": "Cached"}
+    assert len(states) == 6 and all(s == cached | {"evaluate": "Cached"} for s in states.values()), states
 
 
 def _full_run(home: Path) -> dict:
