@@ -45,6 +45,29 @@ class StageSeen(Exception):
     """Raised by the last observer of a stage: the rest of the block's forward is not needed."""
 
 
+class StageMember:
+    """An observer of a true-sequential stage (`stage`: one "seen in this forward" flag per observer; None: never
+    stop). The last one to see its input ends the forward."""
+
+    stage: list[bool] | None
+    handle: Any
+
+    def join(self, stage: list[bool] | None) -> None:
+        self.stage = stage
+        if stage is not None:
+            self.slot = len(stage)
+            stage.append(False)
+
+    def seen(self) -> None:
+        if self.stage is not None:
+            self.stage[self.slot] = True
+            if all(self.stage):
+                raise StageSeen
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 class _Catcher(nn.Module):
     """Stands in for block `index` during one forward: records what the model passes it, passes hidden on."""
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.adapters import ArchitectureAdapter, adapter_for, check_sequence_length, to_device
-from pruning_core.blocks import InputTap, LinearGroup, StageSeen, capture_block_inputs, run_block
+from pruning_core.blocks import InputTap, LinearGroup, StageMember, StageSeen, capture_block_inputs, run_block
 from pruning_core.experts import EXPERT_SIDES, ExpertObserver, prune_experts
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import METHODS, LayerProblem
@@ -150,7 +150,7 @@ def layer_target(recipe: Recipe, name: str, block_sparsity: float | None = None)
     return recipe.target
 
 
-class GroupObserver:
+class GroupObserver(StageMember):
     """Forward hook feeding one group's input into its statistics, plus a sample for error estimates."""
 
     def __init__(
@@ -168,10 +168,7 @@ class GroupObserver:
         self.sample: torch.Tensor | None = None
         self.device = device
         self.with_hessian = with_hessian
-        self.stage = stage  # one "seen in this forward" flag per observer of the stage; None: never stop
-        if stage is not None:
-            self.slot = len(stage)
-            stage.append(False)
+        self.join(stage)
         self.handle = block.get_submodule(tap.module).register_forward_hook(self._observe)
 
     def _observe(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -184,13 +181,7 @@ class GroupObserver:
             # The first calibration sample's tokens: the reconstruction-error probe.
             self.sample = x[: self.sample_tokens].to(torch.float32, copy=True)
         self.stats.add_batch(x)
-        if self.stage is not None:
-            self.stage[self.slot] = True
-            if all(self.stage):
-                raise StageSeen
-
-    def remove(self) -> None:
-        self.handle.remove()
+        self.seen()
 
 
 def observe_groups(

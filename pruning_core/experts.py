@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from pruning_core.blocks import InputTap, StageSeen
+from pruning_core.blocks import InputTap, StageMember
 from pruning_core.methods import METHODS, LayerProblem, Method
 from pruning_core.report import ExpertUsage
 from pruning_core.stats import InputStatistics, relative_output_error
@@ -27,7 +27,7 @@ MIN_EXPERT_TOKENS = 16
 EXPERT_SIDES = {"experts": "gate_up_proj", "experts_mid": "down_proj"}  # tap side -> the weight it feeds
 
 
-class ExpertObserver:
+class ExpertObserver(StageMember):
     """Pre-forward hook on a fused experts module: per-expert statistics of the tokens routed to each."""
 
     def __init__(
@@ -39,7 +39,7 @@ class ExpertObserver:
         stage: list[bool] | None,
         sample_tokens: int,
     ) -> None:
-        self.tap, self.device, self.with_hessian, self.stage = tap, device, with_hessian, stage
+        self.tap, self.device, self.with_hessian = tap, device, with_hessian
         self.experts = block.get_submodule(tap.module)
         count = self.experts.gate_up_proj.shape[0]
         self.expert_stats: list[InputStatistics | None] = [None] * count
@@ -47,9 +47,7 @@ class ExpertObserver:
         self.samples: list[torch.Tensor | None] = [None] * count
         self.sample_tokens = sample_tokens
         self.stats = None  # the engine frees group statistics through this name
-        if stage is not None:
-            self.slot = len(stage)
-            stage.append(False)
+        self.join(stage)
         self.handle = self.experts.register_forward_pre_hook(self._observe)
 
     def _observe(self, module: nn.Module, args: tuple) -> None:
@@ -68,13 +66,7 @@ class ExpertObserver:
                 self.samples[expert] = x[: self.sample_tokens].to(torch.float32, copy=True)
             self.expert_stats[expert].add_batch(x)
             self.tokens[expert] += rows.numel()
-        if self.stage is not None:
-            self.stage[self.slot] = True
-            if all(self.stage):
-                raise StageSeen
-
-    def remove(self) -> None:
-        self.handle.remove()
+        self.seen()
 
 
 def prune_experts(
