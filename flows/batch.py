@@ -9,10 +9,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.batch_config import BatchConfig
+from flows.batch_config import BatchConfig, BatchRecipe
 from flows.pairs import PairRequest, PairResult, progress_line, summary_table
 from flows.pool import deployed_run_id, pool_run, pool_store, result_key, run_on_pool
 from flows.run_records import RunRecord, save_record
+from flows.search import SearchOutcome, probe_name, run_searches, search_of
 from infra.preflight import check_services
 from infra.redact import install_log_redaction, redact
 from infra.settings import Settings
@@ -25,7 +26,8 @@ from tasks.prune import prune
 from tasks.publish import PairRecord, generations_text, publish
 from tasks.recover import recover
 from tasks.reuse import fetch_stored
-from tasks.track import finish_batch_run, record_failed_pair, start_batch_run
+from tasks.review import SELECTION_PARAM
+from tasks.track import finish_batch_run, judge_probe, record_failed_pair, start_batch_run
 
 
 class PairsFailed(RuntimeError):
@@ -189,23 +191,27 @@ def compress_batch(config: dict, only: list[list[str]] | None = None, pool: str 
             "calibration": batch.calibration.model_dump(mode="json"),
             "evaluation": batch.evaluation.model_dump(mode="json"),
             "pool": pool or "",
+            # one JSON param (not flattened): `secateur report` reads the budget back from it
+            SELECTION_PARAM: batch.selection.model_dump_json() if batch.selection else "",
         },
         tags={"prefect_flow_run_id": run_id, "prefect_flow_run_name": run_name, "batch": batch.name},
     )
-    wanted = {tuple(pair) for pair in only} if only else None
-    requests = [
-        PairRequest(
+    # A retry names probes of a search by their own names: it reruns the search (its done probes are cached).
+    wanted = {(model, search_of(name)) for model, name in only} if only else None
+
+    def make_request(model: str, entry: BatchRecipe, sparsity: float | None = None) -> PairRequest:
+        return PairRequest(
             model=model,
-            recipe=entry.recipe(batch.calibration),
+            recipe=entry.recipe(batch.calibration, sparsity),
             calibration=batch.calibration,
             evaluation=batch.evaluation,
-            recipe_name=entry.name,
+            recipe_name=entry.name if sparsity is None else probe_name(entry.name, sparsity),
             parent_run_id=parent,
             experiment=batch.name,
         )
-        for model, entry in batch.pairs()
-        if wanted is None or (model, entry.name) in wanted
-    ]
+
+    requests = [make_request(m, entry) for m, entry in batch.pairs() if wanted is None or (m, entry.name) in wanted]
+    searches = [(m, entry) for m, entry in batch.searches() if wanted is None or (m, entry.name) in wanted]
     record = RunRecord(
         flow_run_id=run_id,
         flow_run_name=run_name,
@@ -213,9 +219,10 @@ def compress_batch(config: dict, only: list[list[str]] | None = None, pool: str 
         config=config,
         mlflow_run_id=parent,
         pool=pool,
-        pairs=[(r.model, r.recipe_name) for r in requests],
+        pairs=[(r.model, r.recipe_name) for r in requests] + [(m, entry.name) for m, entry in searches],
     )
     save_record(settings, record)  # a crashed batch can be retried from any machine
+    expected = len(requests) + sum(entry.search.steps for _, entry in searches if entry.search)
 
     def on_result(result: PairResult) -> None:
         if result.status == "failed":
@@ -223,21 +230,45 @@ def compress_batch(config: dict, only: list[list[str]] | None = None, pool: str 
             record_failed_pair(batch.name, parent, result.model, result.recipe_name, result.error or "")
         record.results.append(result)
         save_record(settings, record)
-        print(f"[{len(record.results)}/{len(requests)}] {progress_line(result)}", flush=True)
+        print(f"[{len(record.results)}/{expected}] {progress_line(result)}", flush=True)
 
-    if pool:
-        results = run_on_pool(pool, requests, settings, on_result)
-    else:
-        results = []
-        for request in requests:
-            results.append(_run_here(request))
-            on_result(results[-1])
+    def run_pairs(pair_requests: list[PairRequest]) -> list[PairResult]:
+        if pool:
+            return run_on_pool(pool, pair_requests, settings, on_result)
+        done = []
+        for request in pair_requests:
+            done.append(_run_here(request))
+            on_result(done[-1])
+        return done
+
+    results = run_pairs(requests)
+    outcomes: list[SearchOutcome] = []
+    if searches and batch.selection is not None:
+        spec = batch.selection.with_dataset(list(batch.evaluation.datasets()))
+        probes, outcomes = run_searches(
+            searches, make_request, run_pairs, lambda result: judge_probe(result.mlflow_run_id, spec)
+        )
+        results += probes
+        for outcome in outcomes:
+            logger.info("search %s", outcome.describe())
+            print(f"search {outcome.describe()}", flush=True)
+        record.searched = [(o.model, o.recipe_name) for o in outcomes if o.error is None]
     table = summary_table(results)
     logger.info("batch %s summary:\n%s", batch.name, table)
     failed = [r for r in results if r.status == "failed"]
     save_record(settings, record.model_copy(update={"results": results, "finished": True}))
     generations = {f"{Path(r.model).name} x {r.recipe_name}": r.generations for r in results if r.generations}
-    finish_batch_run(parent, table, {"pairs": len(results), "pairs_failed": len(failed)}, bool(failed), generations)
+    shipped = finish_batch_run(
+        parent,
+        summary=table,
+        metrics={"pairs": len(results), "pairs_failed": len(failed)},
+        failed=bool(failed),
+        generations=generations,
+        searches=outcomes,
+    )
+    for line in shipped:
+        logger.info("%s", line)
+        print(line, flush=True)
     if failed:
         names = "; ".join(f"{Path(r.model).name} x {r.recipe_name}: {r.error}" for r in failed)
         raise PairsFailed(f"{len(failed)} of {len(results)} pairs failed: {names}")

@@ -65,6 +65,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--json", action="store_true", help="print the report rows as one JSON object instead")
     report.set_defaults(run=report_batch)
 
+    promote = commands.add_parser(
+        "promote", help="move a model's champion alias (MLflow Model Registry) to a variant by hand"
+    )
+    promote.add_argument("model", metavar="MODEL", help="the source model, as the batch file names it")
+    promote.add_argument(
+        "variant", metavar="RUN_OR_RECIPE", help="the pair's MLflow run id, or a recipe name (its latest finished run)"
+    )
+    promote.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    promote.set_defaults(run=promote_variant)
+
     stack = commands.add_parser("stack", help="local Prefect server and MLflow UI over the state dir")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument(
@@ -169,6 +179,16 @@ def report_batch(args: argparse.Namespace) -> dict:
         return report.model_dump(exclude={"rows": {"__all__": {"block_errors"}}})
     print(render(report, args.format), end="")
     return {}
+
+
+def promote_variant(args: argparse.Namespace) -> dict:
+    from infra.registry import CHAMPION
+    from infra.tracking import Tracker
+    from tasks.registration import promote
+
+    version = promote(Tracker(Settings()), args.model, args.variant)
+    print(f"{version.name}: alias {CHAMPION} -> version {version.version} ({version.source})")
+    return version.model_dump() | {"alias": CHAMPION}
 
 
 def _use_stack_api(settings: Settings) -> None:

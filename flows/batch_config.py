@@ -13,6 +13,7 @@ from pruning_core.modeling import ModelSource
 from pruning_core.recipe import Recipe
 from tasks.calibrate import CalibrationSpec
 from tasks.evaluate import EvaluationSpec
+from tasks.selection import SelectionSpec
 
 # The batch's calibration section sets these for every recipe.
 CALIBRATION_FIELDS = ("calibration_samples", "seq_len", "seed")
@@ -33,10 +34,28 @@ BatchName = Annotated[
 ]
 
 
+class SparsitySearch(BaseModel):
+    """Bisection for the highest sparsity within the batch's budget: `steps` probes between low and high."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: float = Field(gt=0.0, lt=1.0)
+    high: float = Field(gt=0.0, lt=1.0)
+    steps: int = Field(default=4, ge=1, le=12, description="probes; the answer is within (high - low) / 2^steps")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SparsitySearch:
+        if self.low >= self.high:
+            raise ValueError(f"search.low {self.low} must be below search.high {self.high}")
+        return self
+
+
 class BatchRecipe(Recipe):
-    """A recipe with the name it has in the batch (the name is not part of its fingerprint)."""
+    """A recipe with the name it has in the batch (the name is not part of its fingerprint); with `search`,
+    a sparsity search whose probes are ordinary recipes at each probed sparsity."""
 
     name: RecipeName
+    search: SparsitySearch | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -45,10 +64,31 @@ class BatchRecipe(Recipe):
             for field in CALIBRATION_FIELDS:
                 if field in data:
                     raise ValueError(f"{field!r} is set by the batch's calibration section, not per recipe")
+            if data.get("search") is not None:
+                if any(data.get(field) is not None for field in ("sparsity", "pattern", "ratio")):
+                    raise ValueError("a search recipe finds its sparsity: give search, not sparsity/pattern/ratio")
+                search = data["search"]
+                if isinstance(search, dict) and {"low", "high"} <= search.keys():
+                    # Validated as a recipe at its lowest probe; every probe is validated again when it is made.
+                    data = {**data, "sparsity": search["low"]}
         return data
 
-    def recipe(self, calibration: CalibrationSpec) -> Recipe:
-        fields = self.model_dump(exclude={"name", *CALIBRATION_FIELDS})
+    @model_validator(mode="after")
+    def _searchable(self) -> BatchRecipe:
+        if self.search is not None:
+            if self.structured:
+                raise ValueError(f"search finds an unstructured sparsity; {self.method} is structured")
+            # an OWL range that does not fit fails here, not in the middle of a batch
+            Recipe.model_validate(self._recipe_fields(self.search.high))
+        return self
+
+    def _recipe_fields(self, sparsity: float | None = None) -> dict[str, Any]:
+        fields = self.model_dump(exclude={"name", "search", *CALIBRATION_FIELDS})
+        return fields if sparsity is None else {**fields, "sparsity": sparsity}
+
+    def recipe(self, calibration: CalibrationSpec, sparsity: float | None = None) -> Recipe:
+        """The recipe this entry runs (a search: the one at `sparsity`), with the batch's calibration."""
+        fields = self._recipe_fields(sparsity)
         return Recipe(
             **fields, calibration_samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed
         )
@@ -71,6 +111,31 @@ class BatchConfig(BaseModel):
     recipes: list[BatchRecipe] = Field(min_length=1)
     calibration: CalibrationSpec
     evaluation: EvaluationSpec
+    selection: SelectionSpec | None = None
+
+    @model_validator(mode="after")
+    def _selection_measurable(self) -> BatchConfig:
+        """The budget names only what the evaluation measures."""
+        spec = self.selection
+        if spec is None:
+            return self
+        datasets = list(self.evaluation.datasets())
+        if spec.max_ppl_increase is not None and not datasets:
+            raise ValueError("selection.max_ppl_increase needs evaluation.perplexity datasets")
+        if spec.dataset is not None and spec.dataset not in datasets:
+            raise ValueError(f"selection.dataset {spec.dataset!r} is not one of evaluation's: {', '.join(datasets)}")
+        if spec.needs_tasks and not self.evaluation.tasks:
+            raise ValueError("selection: min_accuracy_retained / max_task_drop need evaluation.tasks")
+        if spec.objective == "latency" and self.evaluation.speed is None:
+            raise ValueError("selection.objective latency needs evaluation.speed")
+        return self
+
+    @model_validator(mode="after")
+    def _search_has_budget(self) -> BatchConfig:
+        searches = [r.name for r in self.recipes if r.search is not None]
+        if searches and self.selection is None:
+            raise ValueError(f"search recipe(s) {', '.join(searches)} need the batch's selection budget")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -107,7 +172,11 @@ class BatchConfig(BaseModel):
         return recipes
 
     def pairs(self) -> list[tuple[str, BatchRecipe]]:
-        return [(model, recipe) for model in self.models for recipe in self.recipes]
+        """Every model x plain recipe (search recipes make their pairs as they go: `searches`)."""
+        return [(model, recipe) for model in self.models for recipe in self.recipes if recipe.search is None]
+
+    def searches(self) -> list[tuple[str, BatchRecipe]]:
+        return [(model, recipe) for model in self.models for recipe in self.recipes if recipe.search is not None]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> BatchConfig:

@@ -196,7 +196,7 @@ def _print_structured(report: PruneReport) -> dict:
 def _run_evaluate(args: argparse.Namespace) -> dict:
     from pruning_core.data import read_rows
     from pruning_core.job import evaluate_perplexities
-    from pruning_core.modeling import load_model
+    from pruning_core.modeling import load_for_compute
     from pruning_core.zero_shot import evaluate_zero_shot
 
     _check_device(args.device)
@@ -204,7 +204,7 @@ def _run_evaluate(args: argparse.Namespace) -> dict:
         raise ValueError("give --perplexity DATA, --task NAME, or both")
     datasets = {spec: read_rows(spec) for spec in args.perplexity}  # fail on a bad spec before loading
     task_data = _task_data(args)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_compute(args.model, args.device, args.trust_remote_code)
     model.to(args.device)
     results = evaluate_perplexities(model, tokenizer, datasets, args.seq_len, args.max_tokens, args.device)
     if results:

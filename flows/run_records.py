@@ -27,12 +27,13 @@ class RunRecord(BaseModel):
     mlflow_run_id: str
     pool: str | None = None
     finished: bool = False
-    pairs: list[tuple[str, str]]  # (model, recipe name) of every pair the run was asked for
+    pairs: list[tuple[str, str]]  # (model, recipe name) of every pair or search the run was asked for
     results: list[PairResult] = []
+    searched: list[tuple[str, str]] = []  # (model, search recipe) of the searches that ran to their end
 
     def unfinished_pairs(self) -> list[list[str]]:
-        """Pairs that failed or never reported (the run crashed first)."""
-        done = {(r.model, r.recipe_name) for r in self.results if r.status == "completed"}
+        """Pairs and searches that failed or never reported (the run crashed first)."""
+        done = {(r.model, r.recipe_name) for r in self.results if r.status == "completed"} | set(self.searched)
         return [[model, recipe] for model, recipe in self.pairs if (model, recipe) not in done]
 
 

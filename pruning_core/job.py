@@ -10,7 +10,7 @@ from torch import nn
 
 from pruning_core.data import calibration_windows, tokenize_text
 from pruning_core.engine import BlockResult, prune_model
-from pruning_core.modeling import prunable_weight_names, save_model, sparsity_report
+from pruning_core.modeling import cast_for_saving, prunable_weight_names, save_model, sparsity_report
 from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
@@ -39,12 +39,14 @@ def prune_to_folder(
     on_block: Callable[[BlockResult], None] | None = None,
     block_sparsity: list[float] | None = None,
     forward_budget_mib: int | None = None,
+    save_dtype: torch.dtype | None = None,
 ) -> PruneReport:
     """Prune `model` in place, save it in Hugging Face format with `sparsity.json`; return that report.
 
     `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks;
     `block_sparsity` comes from `allocate_sparsity` (computed on the dense model);
-    `forward_budget_mib` bounds the activations of one batched block forward (None: the device's default).
+    `forward_budget_mib` bounds the activations of one batched block forward (None: the device's default);
+    `save_dtype`: the dtype the weights are saved in (None: the model's own).
     """
     summary = prune_model(
         model,
@@ -58,7 +60,7 @@ def prune_to_folder(
         block_sparsity=block_sparsity,
         forward_budget_mib=forward_budget_mib,
     )
-    save_model(model, tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir, save_dtype)
     measured = sparsity_report(out_dir, prunable_weight_names(model))
     report = PruneReport(
         **measured,
@@ -96,6 +98,7 @@ def prune_structured_to_folder(
     provenance: Provenance | None = None,
     statistics: dict[str, torch.Tensor] | None = None,
     latency_tokens: int = 128,
+    save_dtype: torch.dtype | None = None,
 ) -> PruneReport:
     """LLM-Pruner on `model` in place; save the smaller model with `sparsity.json`; return that report.
 
@@ -104,7 +107,8 @@ def prune_structured_to_folder(
     latency_before = forward_latency_ms(model, latency_tokens)
     result = prune_structured(model, calibration_ids, recipe.structured_settings(), device, progress, statistics)
     latency_after = forward_latency_ms(model, latency_tokens)
-    loads_with_from_pretrained = save_structured(model, tokenizer, out_dir)
+    with cast_for_saving(model, save_dtype):
+        loads_with_from_pretrained = save_structured(model, tokenizer, out_dir)
     structure = StructureReport(
         parameters_before=result.parameters_before,
         parameters_after=result.parameters_after,
@@ -139,11 +143,13 @@ def recover_to_folder(
     start: TrainingState | None = None,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
     checkpoint_every: int = 25,
+    save_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, RecoveryResult]:
     """LoRA recovery on the rows of a data spec, merged and saved like any structurally pruned model."""
     tokens = tokenize_text(tokenizer, rows)
     merged, result = recover(model, tokens, spec, device, progress, start, on_checkpoint, checkpoint_every)
-    save_structured(merged, tokenizer, out_dir)
+    with cast_for_saving(merged, save_dtype):
+        save_structured(merged, tokenizer, out_dir)
     return merged, result
 
 

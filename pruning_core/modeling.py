@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,21 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
     return model.eval(), tokenizer
 
 
+def load_for_compute(spec: str, device: str, trust_remote_code: bool = False):
+    """(model on CPU, tokenizer) with its weights as stored (a GGUF rounded to bf16); on a CPU device they are
+    computed in float32 (an exact upcast), on an accelerator in their storage dtype."""
+    dtype = storage_dtype(spec)
+    model, tokenizer = load_model(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+    if torch.device(device).type == "cpu" and dtype != torch.float32:
+        model.float()
+    return model, tokenizer
+
+
+def output_dtype(requested: str, source_spec: str) -> torch.dtype:
+    """The dtype a variant is saved in: the one a recipe asks for, else (`auto`) its source's."""
+    return storage_dtype(source_spec) if requested == "auto" else DTYPES[requested]
+
+
 def check_model_files(folder: Path) -> None:
     """A local folder's JSON files parse and its safetensors headers read: a broken one is named, not a traceback."""
     if not folder.is_dir():
@@ -98,8 +115,41 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(source.location, **source.kwargs(trust_remote_code))
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Hugging Face format: safetensors weights, config, generation config, tokenizer."""
+GGUF_STORAGE_DTYPE = torch.bfloat16  # a quantized source has no float dtype of its own: store its variants in bf16
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def storage_dtype(spec: str) -> torch.dtype:
+    """The dtype a model's weights are stored in: its config's (dtype / torch_dtype), bf16 for a GGUF."""
+    source = ModelSource.parse(spec)
+    if source.gguf_file:
+        return GGUF_STORAGE_DTYPE
+    config_file = Path(source.location) / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return DTYPES.get(name, torch.float32)
+
+
+@contextmanager
+def cast_for_saving(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """The model in `dtype` while it is saved; afterwards back in its own dtype, holding the saved values
+    (so what was saved is what later computations see)."""
+    original = next(model.parameters()).dtype
+    if dtype is None or dtype == original:
+        yield
+        return
+    model.to(dtype)
+    try:
+        yield
+    finally:
+        model.to(original)
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Hugging Face format: safetensors weights (in `dtype` when given), config, generation config, tokenizer."""
+    if dtype is not None:
+        with cast_for_saving(model, dtype):
+            return save_model(model, tokenizer, out_dir)
     if hasattr(model.config, SHAPES_KEY):  # structurally pruned earlier: keep its per-block widths loadable
         save_structured(model, tokenizer, out_dir)
         return Path(out_dir)

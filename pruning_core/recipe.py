@@ -33,6 +33,7 @@ _LATER_FIELDS = (
     "owl_m",
     "owl_lambda",
     "refit",
+    "dtype",
 )
 
 
@@ -60,6 +61,9 @@ class Recipe(BaseModel):
         default="cg",
         description="apt: least-squares refit on the final mask: cg (conjugate gradient over whole-layer "
         "products) | exact (one Cholesky per row, the reference)",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="dtype the variant is saved in; auto: the source's (bfloat16 for a GGUF)"
     )
     # Structured pruning (llm_pruner)
     ratio: float | None = Field(default=None, gt=0.0, lt=1.0, description="llm_pruner: fraction of parameters removed")

@@ -19,15 +19,16 @@ from infra.locks import exclusive
 from infra.settings import Settings
 from pruning_core.data import read_rows, tokenize_text
 from pruning_core.generation import greedy_continuations
-from pruning_core.modeling import load_model
+from pruning_core.modeling import load_for_compute, storage_dtype
 from pruning_core.perplexity import perplexity
+from pruning_core.speed import SpeedProtocol, measure_speed
 from pruning_core.zero_shot import HUB, evaluate_zero_shot
 from tasks.shared import pull_text, push_text
 
 log = logging.getLogger(__name__)
 
 # Bump when what an evaluation computes changes: it is part of every evaluation's cache key.
-EVALUATION_VERSION = "2"
+EVALUATION_VERSION = "3"  # 3: weights as stored (a GGUF in bf16), speed
 
 
 class PerplexityDataset(BaseModel):
@@ -35,6 +36,34 @@ class PerplexityDataset(BaseModel):
 
     data: str = Field(min_length=1, description="a data spec: text file, jsonl:PATH:FIELD or hf://...")
     seq_len: int | None = Field(default=None, ge=8, le=131072, description="overrides the evaluation's seq_len")
+
+
+class SpeedSpec(BaseModel):
+    """Throughput on the evaluation device: prefill of a prompt, then greedy decoding (median of repeats)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefill_tokens: int = Field(default=512, ge=1, le=131072, description="prompt length")
+    decode_tokens: int = Field(default=128, ge=2, le=8192, description="new tokens decoded after the prompt")
+    batch_sizes: list[int] = Field(default=[1, 8], min_length=1, description="each measured on its own")
+    repeats: int = Field(default=3, ge=1, le=100, description="timed runs; the median is reported")
+    warmup: int = Field(default=1, ge=0, le=10, description="untimed runs first")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_unique(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 or size > 1024 for size in sizes) or len(set(sizes)) != len(sizes):
+            raise ValueError(f"batch sizes must be distinct, in 1..1024, got {sizes}")
+        return sizes
+
+    def protocol(self) -> SpeedProtocol:
+        return SpeedProtocol(
+            prefill_tokens=self.prefill_tokens,
+            decode_tokens=self.decode_tokens,
+            batch_sizes=tuple(self.batch_sizes),
+            repeats=self.repeats,
+            warmup=self.warmup,
+        )
 
 
 class EvaluationSpec(BaseModel):
@@ -51,6 +80,7 @@ class EvaluationSpec(BaseModel):
     num_fewshot: int = Field(default=0, ge=0, le=25)
     batch_size: int = Field(default=8, ge=1, le=1024)
     generation_tokens: int = Field(default=32, ge=0, le=512, description="greedy tokens per sanity prompt; 0: none")
+    speed: SpeedSpec | None = Field(default=None, description="measure prefill and decode throughput")
 
     @field_validator("tasks")
     @classmethod
@@ -79,7 +109,7 @@ class EvaluationSpec(BaseModel):
         """The same perplexity protocol without tasks or generations (None when it has no datasets)."""
         if not self.perplexity:
             return None
-        return self.model_copy(update={"tasks": [], "generation_tokens": 0})
+        return self.model_copy(update={"tasks": [], "generation_tokens": 0, "speed": None})
 
     def datasets(self) -> dict[str, PerplexityDataset]:
         """label -> dataset, each with its own seq_len filled in."""
@@ -107,6 +137,11 @@ class Evaluation(BaseModel):
     generations: dict[str, str] = {}  # sanity prompt -> greedy continuation
     seconds: float
     task_seconds: float = 0.0
+    dtype: str = ""  # of the weights as stored
+    weights_mib: float = 0.0  # the parameters in that dtype (tied ones once)
+    speed: dict[str, float] = {}  # prefill_tok_s.b1, decode_tok_s.b8, decode_ms_per_token.b1, ...
+    speed_device: str = ""
+    speed_notes: dict[str, str] = {}  # why a speed measurement was skipped
 
 
 def dataset_label(spec: str) -> str:
@@ -165,7 +200,7 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
     started = time.perf_counter()
     datasets = spec.datasets()
     rows = {label: read_rows(d.data) for label, d in datasets.items()}  # a bad spec fails before the model loads
-    model, tokenizer = load_model(model_path, trust_remote_code=settings.trust_remote_code)
+    model, tokenizer = load_for_compute(model_path, settings.device, settings.trust_remote_code)
     model.to(settings.device)
     perplexities = {
         label: perplexity(
@@ -191,6 +226,10 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
         if spec.generation_tokens
         else {}
     )
+    stored = storage_dtype(model_path)
+    weights_mib = sum(p.numel() for p in model.parameters()) * stored.itemsize / 2**20
+    # Last: on a 2:4 model it swaps weights for sparse-kernel tensors.
+    speed = measure_speed(model, spec.speed.protocol()) if spec.speed is not None else None
     return Evaluation(
         perplexity={label: r.perplexity for label, r in perplexities.items()},
         tokens_scored={label: r.tokens_scored for label, r in perplexities.items()},
@@ -204,6 +243,11 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
         generations=generations,
         seconds=time.perf_counter() - started,
         task_seconds=task_seconds,
+        dtype=str(stored).removeprefix("torch."),
+        weights_mib=weights_mib,
+        speed=speed.metrics if speed else {},
+        speed_device=speed.device if speed else "",
+        speed_notes=speed.notes if speed else {},
     )
 
 

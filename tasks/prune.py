@@ -23,7 +23,7 @@ from pruning_core.adapters import adapter_for
 from pruning_core.engine import BlockResult, restore_blocks
 from pruning_core.job import allocate_sparsity, prune_structured_to_folder, prune_to_folder
 from pruning_core.methods import method_version
-from pruning_core.modeling import load_model
+from pruning_core.modeling import load_for_compute, output_dtype
 from pruning_core.recipe import Recipe
 from pruning_core.report import REPORT_FILE, Provenance, PruneReport
 from pruning_core.structured.importance import gradient_statistics
@@ -35,7 +35,7 @@ from tasks.shared import pull_folder, push_folder
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "3"  # bump when the engine's output changes (it is part of every run fingerprint)
+ENGINE_VERSION = "4"  # bump when the engine's output changes (it is part of every run fingerprint)
 
 
 class PrunedModel(BaseModel):
@@ -178,8 +178,8 @@ def staging_folder(out: Path) -> Path:
     return staging
 
 
-def _weights_dtype(model) -> str:
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _provenance(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> Provenance:
@@ -216,7 +216,7 @@ def _prune_structured(
     """LLM-Pruner; its checkpoint is the gradient statistics (the slow part), so a rerun skips that pass."""
     started = time.perf_counter()
     checkpoint = StageCheckpoint(settings.root / "work" / run / "gradients", run)
-    model, tokenizer = load_model(snapshot.path, trust_remote_code=settings.trust_remote_code)
+    model, tokenizer = load_for_compute(snapshot.path, settings.device, settings.trust_remote_code)
     ids = load_calibration(calibration)
     saved = checkpoint.read()
     if saved is None:
@@ -238,13 +238,14 @@ def _prune_structured(
         progress=progress,
         provenance=_provenance(snapshot, calibration, run),
         statistics=statistics,
+        save_dtype=output_dtype(recipe.dtype, snapshot.path),
     )
     report = report.model_copy(
         update={
             "resumed_gradients": saved is not None,
             "prune_seconds": time.perf_counter() - started,
             "environment": numeric_environment(settings.device),
-            "dtype": _weights_dtype(model),
+            "dtype": _dtype_name(output_dtype(recipe.dtype, snapshot.path)),
         }
     )
     report = commit_folder(staging, out, report)
@@ -269,7 +270,7 @@ def _prune(
         else None
     )
     checkpoints = BlockCheckpoints(settings.root / "work" / run / "checkpoints", run, mirror, f"checkpoints/{run}")
-    model, tokenizer = load_model(snapshot.path, trust_remote_code=settings.trust_remote_code)
+    model, tokenizer = load_for_compute(snapshot.path, settings.device, settings.trust_remote_code)
     ids = load_calibration(calibration)
     block_sparsity = _allocation(model, ids, recipe, settings, run, progress)
     resume = checkpoints.resume_point()
@@ -315,6 +316,7 @@ def _prune(
         on_block=on_block,
         block_sparsity=block_sparsity,
         forward_budget_mib=settings.forward_budget_mib,
+        save_dtype=output_dtype(recipe.dtype, snapshot.path),
     )
     errors = {**earlier_errors, **report.reconstruction_error}
     report = report.model_copy(
@@ -326,7 +328,7 @@ def _prune(
             "prune_seconds": time.perf_counter() - started,
             "environment": environment,
             "resumed_environment": earlier if earlier != environment else None,
-            "dtype": _weights_dtype(model),
+            "dtype": _dtype_name(output_dtype(recipe.dtype, snapshot.path)),
         }
     )
     report = commit_folder(staging, out, report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ from prefect import task
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from infra.artifacts import open_store
+from infra.artifacts import MANIFEST, open_store
 from infra.locks import exclusive
 from infra.plots import line_plot
 from infra.settings import Settings
@@ -51,6 +52,9 @@ class PairRecord(BaseModel):
         return self.recovered.fingerprint if self.recovered else self.pruned.fingerprint
 
 
+MANIFEST_URI_TAG, MANIFEST_SHA256_TAG = "manifest_uri", "manifest_sha256"  # what a registered version points at
+
+
 class Publication(BaseModel):
     model_uri: str
     report_uri: str
@@ -70,8 +74,10 @@ def folder_mib(path: str | Path) -> float:
 
 
 def evaluation_metrics(evaluation: Evaluation, prefix: str = "") -> dict[str, float]:
-    """ppl.<dataset>, acc.<task>, acc_norm.<task> (and their stderr), each under `prefix`."""
+    """ppl.<dataset>, acc.<task>, acc_norm.<task> (and their stderr), speed.<measure>.b<batch>, each under
+    `prefix`."""
     metrics = {f"{prefix}ppl.{label}": value for label, value in evaluation.perplexity.items()}
+    metrics.update({f"{prefix}speed.{key}": value for key, value in evaluation.speed.items()})
     for name, accuracy in evaluation.zero_shot.items():
         metrics.update({f"{prefix}{metric}.{name}": value for metric, value in accuracy.metrics.items()})
     return metrics
@@ -83,7 +89,8 @@ def metrics_of(record: PairRecord) -> dict[str, float]:
         "peak_rss_mib": record.pruned.peak_rss_mib,
         "resumed_from_block": float(record.pruned.resumed_from_block),
         "model_size_mib": folder_mib(record.model_path),
-        "dense_size_mib": folder_mib(record.snapshot.path),
+        # A GGUF's file is quantized: the dense model's size is its weights as its variants store them.
+        "dense_size_mib": record.dense.weights_mib or folder_mib(record.snapshot.path),
         **record.pruned.structure,
     }
     if record.pruned.peak_gpu_mib:
@@ -124,6 +131,10 @@ def params_of(record: PairRecord) -> dict:
         },
         "code_version": f"engine-{ENGINE_VERSION}/{record.recipe.method}-{method_version(record.recipe.method)}",
         "run_fingerprint": record.fingerprint,
+        "dtype": record.evaluation.dtype or "-",
+        "dense_dtype": record.dense.dtype or "-",
+        "speed_device": record.evaluation.speed_device or "-",
+        "speed_notes": record.evaluation.speed_notes or "-",
         "environment": record.pruned.environment,
         "resumed_environment": record.pruned.resumed_environment or "-",
     }
@@ -176,11 +187,12 @@ def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, 
     store = open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
     key = artifact_key(record)
     report_dir = _report_folder(record, settings.root / "work" / record.fingerprint / "report")
-    store.put_folder(record.model_path, f"{key}/model", {"run_fingerprint": record.fingerprint})
+    manifest = store.put_folder(record.model_path, f"{key}/model", {"run_fingerprint": record.fingerprint})
     store.put_folder(report_dir, f"{key}/report", {"run_fingerprint": record.fingerprint})
     publication = Publication(
         model_uri=store.url(f"{key}/model"), report_uri=store.url(f"{key}/report"), mlflow_run_id=None
     )
+    manifest_text = json.dumps(manifest, indent=2, sort_keys=True)  # as the store holds it
     tracker = Tracker(settings)
     run_id = tracker.start_run(
         experiment,
@@ -188,6 +200,8 @@ def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, 
         parent_run_id,
         tags={
             "model_uri": publication.model_uri,
+            MANIFEST_URI_TAG: f"{publication.model_uri}/{MANIFEST}",
+            MANIFEST_SHA256_TAG: hashlib.sha256(manifest_text.encode()).hexdigest(),
             "recipe": record.recipe_name,
             FLOW_RUN_TAG: str(flow_run.get_id() or "-"),  # a lost pair's run is ended by the batch
         },

@@ -15,7 +15,7 @@ from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.data import read_rows
 from pruning_core.job import recover_to_folder
-from pruning_core.modeling import load_model
+from pruning_core.modeling import load_for_compute, storage_dtype
 from pruning_core.recovery import RecoverySpec, TrainingState
 from pruning_core.report import PruneReport, RecoveryReport
 from tasks.calibrate import data_identity
@@ -105,7 +105,7 @@ def _recover(
         meta = {"step": state.step, "losses": state.losses, "optimizer_groups": state.optimizer_groups}
         checkpoint.write(_state_tensors(state), meta)
 
-    model, tokenizer = load_model(pruned.path, trust_remote_code=settings.trust_remote_code)
+    model, tokenizer = load_for_compute(pruned.path, settings.device, settings.trust_remote_code)
     staging = staging_folder(out)
     _, result = recover_to_folder(
         model,
@@ -118,6 +118,7 @@ def _recover(
         start=start,
         on_checkpoint=on_checkpoint,
         checkpoint_every=CHECKPOINT_EVERY,
+        save_dtype=storage_dtype(pruned.path),  # the pruned model's: the recipe chose it
     )
     recovery = RecoveryReport(
         spec=spec.model_dump(mode="json"),

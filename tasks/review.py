@@ -8,28 +8,26 @@ import io
 import math
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from infra.plots import bar_plot, line_plot, scatter_plot
 from infra.tracking import Tracker
 from pruning_core.methods import STRUCTURED_METHODS
+from tasks.selection import ModelChoice, SelectionSpec, Variant, Verdict, choose, describe_choice, judge
 
 FORMATS = ("table", "csv", "markdown")
 DENSE = "dense"
+SELECTION_PARAM = "selection"  # the batch run's param holding its selection spec (JSON)
 
 
-class ReportRow(BaseModel):
+class ReportRow(Variant):
+    """One variant of the batch (or a model's dense row), as its MLflow run recorded it."""
+
     model: str
-    recipe: str
     method: str
-    status: str  # FINISHED | FAILED | RUNNING
-    sparsity: float | None = None
-    perplexity: dict[str, float] = {}
-    accuracy: dict[str, float] = {}  # "acc.piqa", "acc_norm.piqa", ...
     prune_seconds: float | None = None
-    size_mib: float | None = None
-    run_id: str = ""
-    block_errors: list[float] = []
+    dtype: str | None = None
+    block_errors: list[float] = Field(default_factory=list)
 
 
 class BatchReport(BaseModel):
@@ -38,6 +36,27 @@ class BatchReport(BaseModel):
     rows: list[ReportRow]  # per model: its dense row, then its recipes
     task_splits: dict[str, str] = {}  # task -> "validation, 200 items" as the evaluations logged it
     seq_lens: dict[str, str] = {}  # perplexity dataset -> seq_len
+    selection: SelectionSpec | None = None  # the batch's budget and objective, when it has one
+
+    def choices(self) -> list[ModelChoice]:
+        """Per model, the variant that ships under the batch's selection (none without a selection)."""
+        if self.selection is None:
+            return []
+        spec = self.selection.with_dataset(self.datasets())
+        choices = []
+        for model in dict.fromkeys(r.model for r in self.rows):
+            variants = [r for r in self.rows if r.model == model and r.recipe != DENSE]
+            dense = self.dense_of(model)
+            if dense is None:  # no pair finished: nothing to compare with
+                choices.append(choose(model, ReportRow(model=model, recipe=DENSE, method=DENSE), [], spec))
+            else:
+                choices.append(choose(model, dense, variants, spec))
+        return choices
+
+    def speed_keys(self) -> list[str]:
+        """The throughputs measured (decode_tok_s.b1, prefill_tok_s.b8, semi_structured_ratio...)."""
+        keys = {key for row in self.rows for key in row.speed if "_tok_s." in key and "semi_structured." not in key}
+        return sorted(keys, key=lambda k: (k.startswith("semi"), k.split(".")[0], int(k.rsplit(".b", 1)[1])))
 
     def datasets(self) -> list[str]:
         return sorted({label for row in self.rows for label in row.perplexity})
@@ -60,6 +79,49 @@ def _accuracies(metrics: dict[str, float], prefix: str = "") -> dict[str, float]
     return values
 
 
+def _rows_of(tracker: Tracker, run) -> tuple[ReportRow | None, ReportRow]:
+    """A pair run's row, and its model's dense row (from the dense metrics it logged, when it finished)."""
+    metrics, params = run.data.metrics, run.data.params
+    model = params.get("model", run.info.run_name.split("/")[0])
+    dense = None
+    if "dense_size_mib" in metrics:
+        dense = ReportRow(
+            model=model,
+            recipe=DENSE,
+            method=DENSE,
+            status="FINISHED",
+            perplexity=_prefixed(metrics, "dense_ppl."),
+            accuracy=_accuracies(metrics, "dense_"),
+            size_mib=metrics["dense_size_mib"],
+            speed=_prefixed(metrics, "dense_speed."),
+            dtype=params.get("dense_dtype"),
+        )
+    row = ReportRow(
+        model=model,
+        recipe=params.get("recipe_name", run.data.tags.get("recipe", "?")),
+        method=params.get("recipe.method", "?"),
+        status=run.info.status,
+        sparsity=metrics.get("sparsity"),
+        perplexity=_prefixed(metrics, "ppl."),
+        accuracy=_accuracies(metrics),
+        prune_seconds=metrics.get("seconds.prune"),
+        size_mib=metrics.get("model_size_mib"),
+        speed=_prefixed(metrics, "speed."),
+        dtype=params.get("dtype"),
+        run_id=run.info.run_id,
+        block_errors=tracker.series(run.info.run_id, "block_error") if "block_error" in metrics else [],
+    )
+    return dense, row
+
+
+def pair_verdict(tracker: Tracker, run_id: str, spec: SelectionSpec) -> Verdict:
+    """A finished pair run judged against a budget (a sparsity search's probe)."""
+    dense, row = _rows_of(tracker, tracker.client.get_run(run_id))
+    if dense is None:
+        return Verdict(recipe=row.recipe, run_id=run_id, problem="no dense evaluation logged")
+    return judge(row, dense, spec)
+
+
 def batch_report(tracker: Tracker, ref: str) -> BatchReport:
     parent = tracker.find_batch_run(ref)
     rows: list[ReportRow] = []
@@ -67,46 +129,32 @@ def batch_report(tracker: Tracker, ref: str) -> BatchReport:
     splits: dict[str, str] = {}
     seq_lens: dict[str, str] = {}
     for run in tracker.child_runs(parent):
-        metrics, params = run.data.metrics, run.data.params
+        params = run.data.params
         for key, value in params.items():
             if key.startswith("evaluation.split."):
                 task = key.removeprefix("evaluation.split.")
                 splits[task] = f"{value}, {params.get(f'evaluation.items.{task}', '?')} items"
             elif key.startswith("evaluation.seq_len."):
                 seq_lens[key.removeprefix("evaluation.seq_len.")] = value
-        model = params.get("model", run.info.run_name.split("/")[0])
-        if model not in dense_rows and "dense_size_mib" in metrics:
-            dense_rows[model] = ReportRow(
-                model=model,
-                recipe=DENSE,
-                method=DENSE,
-                status="FINISHED",
-                perplexity=_prefixed(metrics, "dense_ppl."),
-                accuracy=_accuracies(metrics, "dense_"),
-                size_mib=metrics["dense_size_mib"],
-            )
-        rows.append(
-            ReportRow(
-                model=model,
-                recipe=params.get("recipe_name", run.data.tags.get("recipe", "?")),
-                method=params.get("recipe.method", "?"),
-                status=run.info.status,
-                sparsity=metrics.get("sparsity"),
-                perplexity=_prefixed(metrics, "ppl."),
-                accuracy=_accuracies(metrics),
-                prune_seconds=metrics.get("seconds.prune"),
-                size_mib=metrics.get("model_size_mib"),
-                run_id=run.info.run_id,
-                block_errors=tracker.series(run.info.run_id, "block_error") if "block_error" in metrics else [],
-            )
-        )
+        dense, row = _rows_of(tracker, run)
+        if dense is not None:
+            dense_rows.setdefault(row.model, dense)
+        rows.append(row)
     ordered = []
     for model in dict.fromkeys(r.model for r in rows):
         if model in dense_rows:
             ordered.append(dense_rows[model])
         ordered.extend(r for r in rows if r.model == model)
     batch = parent.data.tags.get("batch", parent.info.run_name)
-    return BatchReport(batch=batch, run_id=parent.info.run_id, rows=ordered, task_splits=splits, seq_lens=seq_lens)
+    selection = parent.data.params.get(SELECTION_PARAM)
+    return BatchReport(
+        batch=batch,
+        run_id=parent.info.run_id,
+        rows=ordered,
+        task_splits=splits,
+        seq_lens=seq_lens,
+        selection=SelectionSpec.model_validate_json(selection) if selection else None,
+    )
 
 
 # --- rendering ---
@@ -125,9 +173,12 @@ def _with_delta(value: float | None, dense: float | None, digits: int, is_dense:
 
 
 def _records(report: BatchReport, with_deltas: bool) -> tuple[list[str], list[list[str]]]:
-    datasets, accuracy_keys = report.datasets(), report.accuracy_keys()
+    datasets, accuracy_keys, speed_keys = report.datasets(), report.accuracy_keys(), report.speed_keys()
+    chosen = {(c.model, c.chosen) for c in report.choices()}
     header = ["model", "recipe", "status", "sparsity"]
-    header += [f"ppl {d}" for d in datasets] + accuracy_keys + ["prune s", "size MiB"]
+    header += [f"ppl {d}" for d in datasets] + accuracy_keys + ["prune s", "size MiB", "dtype"]
+    header += [key.replace("_tok_s.", " tok/s ") for key in speed_keys]
+    header += ["ships"] if report.selection is not None else []
     if not with_deltas:
         header += [f"delta ppl {d}" for d in datasets] + [f"delta {k}" for k in accuracy_keys]
     records = []
@@ -143,7 +194,9 @@ def _records(report: BatchReport, with_deltas: bool) -> tuple[list[str], list[li
             ppl = [_number(row.perplexity.get(d), 4) for d in datasets]
             acc = [_number(row.accuracy.get(k), 4) for k in accuracy_keys]
         record = [Path(row.model).name, row.recipe, row.status.lower(), _number(row.sparsity, 3), *ppl, *acc]
-        record += [_number(row.prune_seconds, 1), _number(row.size_mib, 1)]
+        record += [_number(row.prune_seconds, 1), _number(row.size_mib, 1), row.dtype or "-"]
+        record += [_number(row.speed.get(key), 1) for key in speed_keys]
+        record += ["chosen" if (row.model, row.recipe) in chosen else ""] if report.selection is not None else []
         if not with_deltas:
             deltas = [row.perplexity.get(d, math.nan) - dense_ppl.get(d, math.nan) for d in datasets]
             deltas += [row.accuracy.get(k, math.nan) - dense_acc.get(k, math.nan) for k in accuracy_keys]
@@ -181,8 +234,13 @@ def render(report: BatchReport, fmt: str = "table") -> str:
 
 
 def _notes(report: BatchReport) -> list[str]:
-    """Where the numbers come from: the seq_len of each perplexity, the split and item count of each task."""
+    """Where the numbers come from: the seq_len of each perplexity, the split and item count of each task;
+    the selection's budget and, per model, what ships or why nothing does."""
     notes = []
+    if report.selection is not None:
+        spec = report.selection.with_dataset(report.datasets())
+        notes.append(f"selection: {spec.describe()}; objective {spec.objective}")
+        notes += [f"ships: {describe_choice(choice)}" for choice in report.choices()]
     if report.seq_lens:
         notes.append("perplexity seq_len: " + ", ".join(f"{d} {n}" for d, n in sorted(report.seq_lens.items())))
     if report.task_splits:

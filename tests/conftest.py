@@ -133,6 +133,36 @@ def build_tiny_tokenizer():
     return fast
 
 
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama trained briefly on WikiText: unlike a random one, its perplexity rises with sparsity,
+    so quality budgets and sparsity searches have something to measure."""
+    from pruning_core.data import read_rows, tokenize_text
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").train()
+    ids = tokenize_text(tiny_tokenizer, read_rows(str(WIKITEXT_VALID)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only lose to thread start-up (and to a busy second core)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(TRAIN_STEPS):
+        starts = torch.randint(0, ids.numel() - 65, (16,), generator=generator).tolist()
+        batch = torch.stack([ids[start : start + 64] for start in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    folder = tmp_path_factory.mktemp("trained") / "trained-tiny"
+    model.eval().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+TRAIN_STEPS = 150
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path, tiny_tokenizer):
     """A tiny Llama saved in Hugging Face format with the tiny tokenizer."""
