@@ -1,7 +1,8 @@
 """Long: the real Gemma 3 270M (sliding-window and full-attention layers) pruned past its 512-token window.
 
-Marked `long` (about 10 minutes on 2 cores: the GGUF dequantizes for a minute, the 262k-token vocabulary
-makes every scored window heavy): `make test-long` runs it; `make test` leaves it out to stay in CI's budget.
+Marked `long` (about 20 minutes on 2 cores: the GGUF dequantizes for a minute, APT's refit takes about 8, the
+262k-token vocabulary makes every scored window heavy): `make test-long` runs it; `make test` leaves it out to
+stay in CI's budget. The setting is the pruning benchmark's (`bench_pruning --model gemma3 --samples 32`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.conftest import WIKITEXT_TEST
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-SEQ_LEN, SAMPLES, EVAL_TOKENS = 1024, 8, 4096  # windows twice the sliding window
+SEQ_LEN, SAMPLES, EVAL_TOKENS = 1024, 32, 16384  # windows twice the sliding window
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def test_gemma3_every_method_at_50_percent_orders_and_reloads(gemma3, tmp_path):
                 assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
         del model
     print(perplexities)
-    # Both Hessian methods beat Wanda. APT <= SparseGPT, as on SmolLM2, does not hold here with 8 x 1024
-    # calibration (bench_pruning --model gemma3: 72.0 vs 68.9 at 50%); issue 14 keeps that open.
-    assert perplexities["dense"] < min(perplexities["apt"], perplexities["sparsegpt"])
-    assert max(perplexities["apt"], perplexities["sparsegpt"]) < perplexities["wanda"]
+    # APT <= SparseGPT < Wanda. At 50% APT and SparseGPT are within 0.3% of each other on Gemma 3 with 32 x 1024
+    # calibration (78.29 vs 78.07; at 2:4 APT is 7.8% better: 112.86 vs 122.47), so APT gets 1% of slack here;
+    # with 8 x 1024 it was 4.5% worse (its whole-row refit needs the calibration to generalise).
+    assert perplexities["dense"] < perplexities["sparsegpt"] < perplexities["wanda"]
+    assert perplexities["apt"] <= 1.01 * perplexities["sparsegpt"]
