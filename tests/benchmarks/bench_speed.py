@@ -54,9 +54,7 @@ def measure(name: str, variant: str, model: nn.Module, protocol: SpeedProtocol) 
         "seconds": time.perf_counter() - started,
     }
     metrics = result.metrics
-    cells = "  ".join(
-        f"{key} {metrics[key]:.1f}" for key in sorted(metrics) if "_tok_s." in key and "ratio" not in key
-    )
+    cells = "  ".join(f"{key} {metrics[key]:.1f}" for key in sorted(metrics) if "_tok_s." in key and "ratio" not in key)
     ratios = "  ".join(f"{key} {value:.2f}" for key, value in sorted(metrics.items()) if "ratio" in key)
     print(f"{name:<10} {variant:<22} {cells}  {ratios}  {result.notes or ''}", flush=True)
     return row
