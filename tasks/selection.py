@@ -145,9 +145,11 @@ def _accuracy(values: dict[str, float], metric: str) -> dict[str, float]:
     return out
 
 
-def _passes(measured: float, allowed: float, at_most: bool) -> bool:
+def _check(limit: str, subject: str, measured: float, allowed: float, at_most: bool) -> Check:
+    """One limit applied: `measured` at most (or at least) `allowed`, equality passing."""
     slack = LIMIT_SLACK * max(1.0, abs(allowed))
-    return measured <= allowed + slack if at_most else measured >= allowed - slack
+    passed = measured <= allowed + slack if at_most else measured >= allowed - slack
+    return Check(limit=limit, subject=subject, measured=measured, allowed=allowed, passed=passed)
 
 
 def budget_checks(variant: Variant, dense: Variant, budget: Budget) -> tuple[list[Check], str | None]:
@@ -158,15 +160,7 @@ def budget_checks(variant: Variant, dense: Variant, budget: Budget) -> tuple[lis
         if dataset is None or dataset not in dense.perplexity or dataset not in variant.perplexity:
             return [], f"no perplexity on {dataset or 'any dataset'} to apply max_ppl_increase"
         increase = variant.perplexity[dataset] / dense.perplexity[dataset] - 1.0
-        checks.append(
-            Check(
-                limit="max_ppl_increase",
-                subject=dataset,
-                measured=increase,
-                allowed=budget.max_ppl_increase,
-                passed=_passes(increase, budget.max_ppl_increase, at_most=True),
-            )
-        )
+        checks.append(_check("max_ppl_increase", dataset, increase, budget.max_ppl_increase, at_most=True))
     if budget.needs_tasks:
         dense_acc = _accuracy(dense.accuracy, budget.accuracy_metric)
         acc = _accuracy(variant.accuracy, budget.accuracy_metric)
@@ -175,27 +169,12 @@ def budget_checks(variant: Variant, dense: Variant, budget: Budget) -> tuple[lis
             return checks, f"no {budget.accuracy_metric} for {', '.join(missing) or 'any task'}"
         if budget.min_accuracy_retained is not None:
             retained = sum(acc[t] for t in dense_acc) / max(sum(dense_acc.values()), 1e-12)
-            checks.append(
-                Check(
-                    limit="min_accuracy_retained",
-                    subject=f"mean {budget.accuracy_metric}",
-                    measured=retained,
-                    allowed=budget.min_accuracy_retained,
-                    passed=_passes(retained, budget.min_accuracy_retained, at_most=False),
-                )
-            )
+            subject = f"mean {budget.accuracy_metric}"
+            checks.append(_check("min_accuracy_retained", subject, retained, budget.min_accuracy_retained, False))
         if budget.max_task_drop is not None:
             for task, dense_value in dense_acc.items():
                 drop = dense_value - acc[task]
-                checks.append(
-                    Check(
-                        limit="max_task_drop",
-                        subject=task,
-                        measured=drop,
-                        allowed=budget.max_task_drop,
-                        passed=_passes(drop, budget.max_task_drop, at_most=True),
-                    )
-                )
+                checks.append(_check("max_task_drop", task, drop, budget.max_task_drop, at_most=True))
     return checks, None
 
 
