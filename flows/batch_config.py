@@ -9,6 +9,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infra.redact import has_credentials
+from pruning_core.methods import STRUCTURED_METHODS
 from pruning_core.modeling import ModelSource
 from pruning_core.recipe import Recipe
 from tasks.calibrate import CalibrationSpec
@@ -67,6 +68,8 @@ class BatchRecipe(Recipe):
             if data.get("search") is not None:
                 if any(data.get(field) is not None for field in ("sparsity", "pattern", "ratio")):
                     raise ValueError("a search recipe finds its sparsity: give search, not sparsity/pattern/ratio")
+                if data.get("method") in STRUCTURED_METHODS:
+                    raise ValueError(f"search finds an unstructured sparsity; {data['method']} is structured")
                 search = data["search"]
                 if isinstance(search, dict) and {"low", "high"} <= search.keys():
                     # Validated as a recipe at its lowest probe; every probe is validated again when it is made.
@@ -76,8 +79,6 @@ class BatchRecipe(Recipe):
     @model_validator(mode="after")
     def _searchable(self) -> BatchRecipe:
         if self.search is not None:
-            if self.structured:
-                raise ValueError(f"search finds an unstructured sparsity; {self.method} is structured")
             # an OWL range that does not fit fails here, not in the middle of a batch
             Recipe.model_validate(self._recipe_fields(self.search.high))
         return self
@@ -126,8 +127,10 @@ class BatchConfig(BaseModel):
             raise ValueError(f"selection.dataset {spec.dataset!r} is not one of evaluation's: {', '.join(datasets)}")
         if spec.needs_tasks and not self.evaluation.tasks:
             raise ValueError("selection: min_accuracy_retained / max_task_drop need evaluation.tasks")
-        if spec.objective == "latency" and self.evaluation.speed is None:
-            raise ValueError("selection.objective latency needs evaluation.speed")
+        if spec.objective == "latency" and (
+            self.evaluation.speed is None or 1 not in self.evaluation.speed.batch_sizes
+        ):
+            raise ValueError("selection.objective latency needs evaluation.speed with batch size 1 (decode ms/token)")
         return self
 
     @model_validator(mode="after")

@@ -140,3 +140,55 @@ def test_missing_accuracy_is_a_stated_problem_not_a_pass():
 def test_invalid_selection_is_refused(fields, message):
     with pytest.raises(ValidationError, match=message):
         SelectionSpec(**fields)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"selection": {"max_ppl_increase": 0.1, "dataset": "c4"}}, "selection.dataset 'c4' is not one of"),
+        ({"selection": {"max_task_drop": 0.03}}, "min_accuracy_retained / max_task_drop need evaluation.tasks"),
+        ({"selection": {"max_ppl_increase": 0.1, "objective": "latency"}}, "latency needs evaluation.speed"),
+        ({"recipes": [{"name": "s", "method": "wanda", "search": {"low": 0.4, "high": 0.8}}]}, "need the batch's"),
+        (
+            {"recipes": [{"name": "s", "method": "wanda", "sparsity": 0.5, "search": {"low": 0.4, "high": 0.8}}]},
+            "give search, not sparsity/pattern/ratio",
+        ),
+        ({"recipes": [{"name": "s", "method": "llm_pruner", "search": {"low": 0.1, "high": 0.3}}]}, "is structured"),
+        ({"recipes": [{"name": "s", "method": "wanda", "search": {"low": 0.8, "high": 0.4}}]}, "must be below"),
+        (
+            {"recipes": [{"name": "s", "method": "wanda", "allocation": "owl", "search": {"low": 0.4, "high": 0.9}}]},
+            "sparsity must lie in",
+        ),
+    ],
+)
+def test_batch_selection_and_search_are_checked_before_any_work(tiny_model_dir, change, message):
+    from flows.batch_config import BatchConfig
+    from tests.conftest import batch_mapping
+
+    mapping = batch_mapping([str(tiny_model_dir)], [{"name": "w", "method": "wanda", "sparsity": 0.5}])
+    if "recipes" in change and "selection" not in change:
+        mapping["selection"] = {"max_ppl_increase": 0.1} if "need the batch's" not in message else None
+    mapping.update(change)
+    with pytest.raises(ValidationError, match=message):
+        BatchConfig.model_validate(mapping)
+
+
+def test_search_recipe_probes_are_plain_recipes(tiny_model_dir):
+    from flows.batch_config import BatchConfig
+    from flows.search import probe_name, search_of
+    from tests.conftest import batch_mapping
+
+    search = {"name": "ws", "method": "wanda", "allocation": "owl", "search": {"low": 0.4, "high": 0.8, "steps": 3}}
+    mapping = batch_mapping([str(tiny_model_dir)], [search]) | {"selection": {"max_ppl_increase": 0.1}}
+    batch = BatchConfig.model_validate(mapping)
+    assert batch.pairs() == [] and [entry.name for _, entry in batch.searches()] == ["ws"]
+    (_, entry), calibration = batch.searches()[0], batch.calibration
+    recipe = entry.recipe(calibration, 0.65)
+    assert (recipe.sparsity, recipe.allocation, recipe.calibration_samples) == (0.65, "owl", calibration.samples)
+    # the same recipe a plain entry at 0.65 makes: probes share fingerprints (and caches) with ordinary pairs
+    plain = BatchConfig.model_validate(
+        mapping | {"recipes": [{"name": "p", "method": "wanda", "allocation": "owl", "sparsity": 0.65}]}
+    )
+    assert plain.recipes[0].recipe(calibration).fingerprint() == recipe.fingerprint()
+    assert probe_name("ws", 0.65) == "ws@0.65" and probe_name("ws", 0.6) == "ws@0.6"
+    assert search_of("ws@0.65") == "ws" and search_of("w") == "w"
