@@ -69,8 +69,10 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     if source.gguf_file:
-        # GGUF weights arrive dequantized to plain tensors; forget the quantizer so the model saves normally.
+        # GGUF weights arrive dequantized to plain tensors; forget the quantizer so the model saves normally
+        # and casts like any other (transformers refuses .float() on a model it thinks quantized).
         model.hf_quantizer = None
+        model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model.eval(), tokenizer

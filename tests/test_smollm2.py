@@ -201,3 +201,22 @@ def test_llm_pruner_on_smollm2_gives_a_smaller_model_that_loads_and_still_predic
     assert sum(p.numel() for p in reloaded.parameters()) == report.structure.parameters_after
     pruned = evaluate_perplexities(reloaded, tokenizer, wikitext, SEQ_LEN, EVAL_TOKENS, progress=False)["wikitext2"]
     assert dense_perplexity < pruned.perplexity < 20 * dense_perplexity
+
+
+def test_a_gguf_source_is_stored_in_bf16_and_computed_in_float32(smollm2, smollm2_gguf, tmp_path):
+    from pruning_core.modeling import cast_for_saving, save_model, storage_dtype
+
+    dense, tokenizer = smollm2
+    assert storage_dtype(str(smollm2_gguf)) == torch.bfloat16  # quantized: its variants are stored in bf16
+    model = _first_blocks(dense, 1)
+    # A model loaded from a GGUF casts like any other (what load_for_compute does to reach float32 on a CPU).
+    model.to(torch.bfloat16).float()
+    weight = model.model.layers[0].mlp.down_proj.weight
+    with cast_for_saving(model, torch.bfloat16):
+        assert weight.dtype == torch.bfloat16
+    assert weight.dtype == torch.float32
+    save_model(model, tokenizer, tmp_path, torch.bfloat16)
+    assert storage_dtype(str(tmp_path)) == torch.bfloat16
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert saved.dtype == torch.bfloat16
+    assert torch.equal(saved.model.layers[0].mlp.down_proj.weight.float(), weight)  # memory holds what was saved
