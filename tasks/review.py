@@ -17,6 +17,7 @@ from tasks.selection import ModelChoice, SelectionSpec, Variant, Verdict, choose
 
 FORMATS = ("table", "csv", "markdown")
 DENSE = "dense"
+SPARSE_RATIO = "semi_structured_ratio."  # speed with the 2:4 sparse kernels / with the dense ones
 SELECTION_PARAM = "selection"  # the batch run's param holding its selection spec (JSON)
 
 
@@ -54,9 +55,10 @@ class BatchReport(BaseModel):
         return choices
 
     def speed_keys(self) -> list[str]:
-        """The throughputs measured (decode_tok_s.b1, prefill_tok_s.b8, semi_structured_ratio...)."""
-        keys = {key for row in self.rows for key in row.speed if "_tok_s." in key and "semi_structured." not in key}
-        return sorted(keys, key=lambda k: (k.startswith("semi"), k.split(".")[0], int(k.rsplit(".b", 1)[1])))
+        """The throughputs measured (prefill_tok_s.b8, decode_tok_s.b1), then the 2:4 kernels' ratios to them."""
+        wanted = ("prefill_tok_s.", "decode_tok_s.", f"{SPARSE_RATIO}prefill_tok_s.", f"{SPARSE_RATIO}decode_tok_s.")
+        keys = {key for row in self.rows for key in row.speed if key.startswith(wanted)}
+        return sorted(keys, key=lambda k: (k.startswith(SPARSE_RATIO), k.split(".")[-2], int(k.rsplit(".b", 1)[1])))
 
     def datasets(self) -> list[str]:
         return sorted({label for row in self.rows for label in row.perplexity})
@@ -172,12 +174,20 @@ def _with_delta(value: float | None, dense: float | None, digits: int, is_dense:
     return f"{value:.{digits}f} ({value - dense:+.{digits}f})"
 
 
+def _speed_header(key: str) -> str:
+    """prefill_tok_s.b8 -> 'prefill tok/s b8'; semi_structured_ratio.decode_tok_s.b1 -> '2:4 kernels x decode b1'."""
+    if key.startswith(SPARSE_RATIO):
+        measure, batch = key.removeprefix(SPARSE_RATIO).split("_tok_s.")
+        return f"2:4 kernels x {measure} {batch}"
+    return key.replace("_tok_s.", " tok/s ")
+
+
 def _records(report: BatchReport, with_deltas: bool) -> tuple[list[str], list[list[str]]]:
     datasets, accuracy_keys, speed_keys = report.datasets(), report.accuracy_keys(), report.speed_keys()
     chosen = {(c.model, c.chosen) for c in report.choices()}
     header = ["model", "recipe", "status", "sparsity"]
     header += [f"ppl {d}" for d in datasets] + accuracy_keys + ["prune s", "size MiB", "dtype"]
-    header += [key.replace("_tok_s.", " tok/s ") for key in speed_keys]
+    header += [_speed_header(key) for key in speed_keys]
     header += ["ships"] if report.selection is not None else []
     if not with_deltas:
         header += [f"delta ppl {d}" for d in datasets] + [f"delta {k}" for k in accuracy_keys]
@@ -195,7 +205,7 @@ def _records(report: BatchReport, with_deltas: bool) -> tuple[list[str], list[li
             acc = [_number(row.accuracy.get(k), 4) for k in accuracy_keys]
         record = [Path(row.model).name, row.recipe, row.status.lower(), _number(row.sparsity, 3), *ppl, *acc]
         record += [_number(row.prune_seconds, 1), _number(row.size_mib, 1), row.dtype or "-"]
-        record += [_number(row.speed.get(key), 1) for key in speed_keys]
+        record += [_number(row.speed.get(key), 2 if key.startswith(SPARSE_RATIO) else 1) for key in speed_keys]
         record += ["chosen" if (row.model, row.recipe) in chosen else ""] if report.selection is not None else []
         if not with_deltas:
             deltas = [row.perplexity.get(d, math.nan) - dense_ppl.get(d, math.nan) for d in datasets]
