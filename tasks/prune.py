@@ -228,6 +228,7 @@ def _prune_structured(
         statistics = saved[0]
         log.info("resuming %s from checkpointed gradient statistics", snapshot.spec)
     staging = staging_folder(out)
+    save_dtype = output_dtype(recipe.dtype, snapshot.path)
     report = prune_structured_to_folder(
         model,
         tokenizer,
@@ -238,14 +239,14 @@ def _prune_structured(
         progress=progress,
         provenance=_provenance(snapshot, calibration, run),
         statistics=statistics,
-        save_dtype=output_dtype(recipe.dtype, snapshot.path),
+        save_dtype=save_dtype,
     )
     report = report.model_copy(
         update={
             "resumed_gradients": saved is not None,
             "prune_seconds": time.perf_counter() - started,
             "environment": numeric_environment(settings.device),
-            "dtype": _dtype_name(output_dtype(recipe.dtype, snapshot.path)),
+            "dtype": _dtype_name(save_dtype),
         }
     )
     report = commit_folder(staging, out, report)
@@ -299,6 +300,7 @@ def _prune(
         checkpoints.write(result.index, result.state_dict, result.next_inputs, meta)
 
     staging = staging_folder(out)
+    save_dtype = output_dtype(recipe.dtype, snapshot.path)
     earlier_errors = {k: v for meta in resume.meta for k, v in meta["errors"].items()}
     earlier_experts = {k: v for meta in resume.meta for k, v in meta.get("experts", {}).items()}
     adapter = adapter_for(model)
@@ -316,7 +318,7 @@ def _prune(
         on_block=on_block,
         block_sparsity=block_sparsity,
         forward_budget_mib=settings.forward_budget_mib,
-        save_dtype=output_dtype(recipe.dtype, snapshot.path),
+        save_dtype=save_dtype,
     )
     errors = {**earlier_errors, **report.reconstruction_error}
     report = report.model_copy(
@@ -328,7 +330,7 @@ def _prune(
             "prune_seconds": time.perf_counter() - started,
             "environment": environment,
             "resumed_environment": earlier if earlier != environment else None,
-            "dtype": _dtype_name(output_dtype(recipe.dtype, snapshot.path)),
+            "dtype": _dtype_name(save_dtype),
         }
     )
     report = commit_folder(staging, out, report)

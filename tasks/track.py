@@ -53,11 +53,14 @@ def search_plots(searches: list[SearchOutcome], folder: Path) -> list[Path]:
     paths = []
     for outcome in searches:
         curves: dict[str, list[tuple[float, float]]] = {}
+        limits: dict[str, float] = {}
         for probe in outcome.probes:
             for check in probe.checks:
-                curves.setdefault(f"{check.limit} {check.subject}", []).append((probe.sparsity, check.measured))
+                label = f"{check.limit} {check.subject}"
+                curves.setdefault(label, []).append((probe.sparsity, check.measured))
+                limits[label] = check.allowed
         for label, points in curves.items():
-            limit = next(c.allowed for p in outcome.probes for c in p.checks if f"{c.limit} {c.subject}" == label)
+            limit = limits[label]
             name = f"{Path(outcome.model).name}.{outcome.recipe_name}.{label.split()[0]}.{label.split()[1]}"
             paths.append(
                 scatter_plot(
