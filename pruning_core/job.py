@@ -10,7 +10,7 @@ from torch import nn
 
 from pruning_core.data import calibration_windows, tokenize_text
 from pruning_core.engine import BlockResult, prune_model
-from pruning_core.modeling import cast_for_saving, prunable_weight_names, save_model, sparsity_report
+from pruning_core.modeling import cast_for_saving, save_model, saved_weight_names, sparsity_report
 from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
@@ -61,7 +61,7 @@ def prune_to_folder(
         forward_budget_mib=forward_budget_mib,
     )
     save_model(model, tokenizer, out_dir, save_dtype)
-    measured = sparsity_report(out_dir, prunable_weight_names(model))
+    measured = sparsity_report(out_dir, saved_weight_names(model))
     report = PruneReport(
         **measured,
         recipe=recipe.model_dump(mode="json"),

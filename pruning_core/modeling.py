@@ -163,6 +163,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, dtype: torch.dt
 
 
 def prunable_weight_names(model: nn.Module) -> list[str]:
+    """The prunable parameters as the model names them in memory (a block's fused experts weight is one)."""
     adapter = adapter_for(model)
     return [
         f"{adapter.block_prefix(i)}.{weight}"
@@ -171,8 +172,33 @@ def prunable_weight_names(model: nn.Module) -> list[str]:
     ]
 
 
+def saved_weight_names(model: nn.Module) -> list[str]:
+    """The tensors the prunable parameters are saved as by `save_model`.
+
+    Why not the in-memory names: save_pretrained reverts the conversions transformers applied on load, so a
+    source that stores one tensor per expert (every published Mixtral, Qwen-MoE, OLMoE; and a model built from
+    its config) gets its fused `gate_up_proj`/`down_proj` written back per expert under the source's own keys
+    (`block_sparse_moe.experts.3.w1.weight`), while a source saved fused stays fused. Running that same revert
+    over shape-only (meta) placeholders gives exactly the saved names, whatever the family's mapping.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    placeholders = {}
+    for name in prunable_weight_names(model):
+        parameter = model.get_parameter(name)
+        placeholders[name] = torch.empty(parameter.shape, dtype=parameter.dtype, device="meta")
+    saved = revert_weight_conversion(model, placeholders)
+    # A revert that needs tensors besides the prunable ones (or skips one) would leave weights unchecked: refuse.
+    if sum(t.numel() for t in saved.values()) != sum(t.numel() for t in placeholders.values()):
+        raise ModelSpecError(f"cannot tell which saved tensors hold the prunable weights of {type(model).__name__}")
+    return list(saved)
+
+
 def sparsity_report(folder: str | Path, weight_names: list[str]) -> dict:
-    """Zero fraction per prunable weight and in total, read from the saved safetensors files."""
+    """Zero fraction per prunable weight and in total, read from the saved safetensors files.
+
+    `weight_names` are the names on disk (`saved_weight_names`): per expert where the folder stores experts so.
+    """
     folder = Path(folder)
     wanted = set(weight_names)
     layers: dict[str, float] = {}
