@@ -25,7 +25,7 @@ from tasks.fetch import fetch_model
 from tasks.prune import prune
 from tasks.publish import PairRecord, generations_text, publish
 from tasks.recover import recover
-from tasks.reuse import fetch_stored
+from tasks.reuse import fetch_stored, intact, measured_identity
 from tasks.review import SELECTION_PARAM
 from tasks.track import finish_batch_run, judge_probe, record_failed_pair, start_batch_run
 
@@ -46,9 +46,10 @@ class _Stages:
         get_run_logger().info("stage %s started", stage)  # the log file shows where a run was
         state = task(*args, return_state=True)
         value = state.result()
-        missing = state.name == "Cached" and not Path(getattr(value, "path", "/")).exists()
-        if missing and not fetch_stored(value, Settings()):
-            # The cache points at files someone deleted (and no store holds them): compute again, refresh the entry.
+        if state.name == "Cached" and not intact(value) and not fetch_stored(value, Settings()):
+            # The cache points at files that are gone or no longer the bytes that were made (and no store
+            # holds them): compute again and refresh the entry.
+            get_run_logger().warning("stage %s: the cached result's files are missing or altered; made again", stage)
             state = task.with_options(refresh_cache=True)(*args, return_state=True)
             value = state.result()
         self.states[stage] = state.name
@@ -113,15 +114,15 @@ def _compress_pair(
     # Recipes that differ only in their recovery share one prune.
     pruned = stages.run("prune", stored(prune, settings), snapshot, calibration_set, recipe.without_recovery())
     recovered = before_recovery = None
-    final_path, final_fingerprint = pruned.path, pruned.fingerprint
+    final_path, final_fingerprint = pruned.path, measured_identity(pruned)
     if recipe.recovery is not None:
         before_spec = evaluation.perplexity_only()
         if before_spec is not None:
             before_recovery = stages.run(
-                "evaluate_before_recovery", evaluate_task, pruned.path, pruned.fingerprint, before_spec
+                "evaluate_before_recovery", evaluate_task, pruned.path, measured_identity(pruned), before_spec
             )
         recovered = stages.run("recover", stored(recover, settings), pruned, recipe.recovery)
-        final_path, final_fingerprint = recovered.path, recovered.fingerprint
+        final_path, final_fingerprint = recovered.path, measured_identity(recovered)
     result = stages.run("evaluate", evaluate_task, final_path, final_fingerprint, evaluation)
     record = PairRecord(
         recipe_name=recipe_name,

@@ -124,7 +124,7 @@ def _run_prune(args: argparse.Namespace) -> dict:
     if recipe.recovery is not None:
         final = Path(recover_with_checkpoints(pruned, recipe.recovery, settings, progress=True).path)
     deliver_folder(final, args.out)
-    report = finished_report(args.out)
+    report = finished_report(args.out, remember=False)  # hashed in full; no stamp file beside the user's folder
     if report is None:
         raise FileNotFoundError(f"{args.out}: the delivered folder does not match its report")
     summary = _print_structured(report) if recipe.structured else _print_unstructured(report)

@@ -1,12 +1,14 @@
 """Artifact store: one interface over a local folder (embedded default) and S3 (production).
 
 An artifact is a folder of files under a key. Files go first, each verified and skipped when an
-identical copy is already stored; `MANIFEST.json` (sha256 and size of every file) goes last, so a
-reader that finds the manifest finds a complete artifact.
+identical copy is already stored; `MANIFEST.json` (sha256 and size of every file) goes last, created
+only where none exists, so a reader that finds the manifest finds a complete artifact, and what a
+manifest committed is never overwritten (other bytes for the same key go under a content key).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,17 +42,57 @@ class ArtifactStore(ABC):
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
 
-    def put_folder(self, folder: str | Path, key: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Store every file of `folder` under `key`, then the manifest; returns the manifest."""
+    def put_folder(
+        self,
+        folder: str | Path,
+        key: str,
+        meta: dict[str, Any] | None = None,
+        expected: dict[str, str] | None = None,
+        mutable: bool = False,
+    ) -> dict[str, Any]:
+        """Store every file of `folder` under `key`, then the manifest; returns the manifest as stored.
+
+        Once a manifest commits them, objects are immutable: the same content again is a no-op, other
+        content goes under `<key>-<content digest>` (the manifest's `uri` says where). `expected` (name ->
+        sha256 recorded when the folder was made) refuses, before anything is sent, a folder that changed.
+        `mutable` keys (a checkpoint mirror, rewritten by a resume) are replaced instead.
+        """
         files = folder_manifest(folder)
-        uploaded = 0
-        for relative, entry in files.items():
-            if self._put_file(Path(folder) / relative, f"{key}/{relative}", entry["sha256"], entry["size"]):
-                uploaded += 1
-        manifest = {"files": files, "meta": meta or {}, "uri": self.url(key)}
+        for name, sha in (expected or {}).items():
+            if files.get(name, {}).get("sha256") != sha:
+                raise ArtifactStoreError(f"{Path(folder) / name}: not the bytes that were verified; nothing uploaded")
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        candidates = [key] if mutable else [key, f"{key}-{digest[:16]}"]
+        for candidate in candidates:
+            manifest = self._commit(Path(folder), candidate, files, meta or {}, mutable)
+            if manifest is not None:
+                return manifest
+            log.warning("%s holds other bytes (committed before); these go under their content key", self.url(key))
+        raise ArtifactStoreError(f"{self.url(candidates[-1])}: holds other bytes under this content's own key")
+
+    def _commit(
+        self, folder: Path, key: str, files: dict[str, Any], meta: dict[str, Any], mutable: bool
+    ) -> dict[str, Any] | None:
+        """The manifest of `files` at `key` (uploaded now or found there); None where `key` holds other content."""
+        existing = self.read_manifest(key)
+        if existing is not None and not mutable:
+            return existing if existing.get("files") == files else None
+        uploaded = sum(
+            self._put_file(folder / relative, f"{key}/{relative}", entry["sha256"], entry["size"])
+            for relative, entry in files.items()
+        )
+        manifest = {"files": files, "meta": meta, "uri": self.url(key)}
         text = json.dumps(manifest, indent=2, sort_keys=True)
-        if uploaded or self._read_text(f"{key}/{MANIFEST}") != text:
-            self._write_text(f"{key}/{MANIFEST}", text)
+        if mutable:
+            if uploaded or self._read_text(f"{key}/{MANIFEST}") != text:
+                self._write_text(f"{key}/{MANIFEST}", text)
+        elif not self._create_text(f"{key}/{MANIFEST}", text):
+            # Another publisher committed this key while we uploaded: its content wins the key.
+            return self._commit(folder, key, files, meta, mutable)
+        elif not all(self._holds(f"{key}/{relative}", entry["sha256"]) for relative, entry in files.items()):
+            # A concurrent publisher overwrote an object between our upload and our commit.
+            self.delete_prefix(f"{key}/{MANIFEST}")
+            raise ArtifactStoreError(f"{self.url(key)}: objects changed while they were committed; publish again")
         log.info(
             "stored %s: %d files, %d uploaded, %d already present",
             self.url(key),
@@ -113,6 +155,14 @@ class ArtifactStore(ABC):
     def _get_file(self, key: str, local: Path) -> None: ...
 
     @abstractmethod
+    def _holds(self, key: str, sha256: str) -> bool:
+        """Whether the object at `key` is the file with this sha256."""
+
+    @abstractmethod
+    def _create_text(self, key: str, text: str) -> bool:
+        """Write a text object only where none exists (atomically); False where one already does."""
+
+    @abstractmethod
     def _read_text(self, key: str) -> str | None: ...
 
     @abstractmethod
@@ -155,6 +205,22 @@ class FilesystemStore(ArtifactStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def _holds(self, key: str, sha256: str) -> bool:
+        path = self._path(key)
+        return path.is_file() and sha256_file(path) == sha256
+
+    def _create_text(self, key: str, text: str) -> bool:
+        target = self._path(key)
+        temp = target.with_name(f".{target.name}.create-{os.getpid()}")
+        write_atomic(temp, text)
+        try:
+            os.link(temp, target)  # fails where the target exists: the first publisher's manifest stays
+        except FileExistsError:
+            return False
+        finally:
+            temp.unlink(missing_ok=True)
+        return True
 
     def _read_text(self, key: str) -> str | None:
         path = self._path(key)

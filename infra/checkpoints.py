@@ -82,7 +82,7 @@ class BlockCheckpoints:
 
     def _mirror(self, index: int) -> None:
         try:
-            self.mirror.put_folder(self.block_dir(index), f"{self.key}/{self.block_dir(index).name}")
+            self.mirror.put_folder(self.block_dir(index), f"{self.key}/{self.block_dir(index).name}", mutable=True)
             self.mirror.delete_prefix(f"{self.key}/{self.block_dir(index - KEEP_INPUTS).name}/{INPUTS}")
         except ArtifactStoreError as error:  # the local checkpoint is what resume relies on
             log.warning("checkpoint mirror failed for block %d: %s", index, error)

@@ -108,6 +108,31 @@ class S3Store(ArtifactStore):
             raise ArtifactStoreError(f"s3://{self.bucket}/{self._key(key)}: S3 SHA-256 differs after upload")
         return True
 
+    def _holds(self, key: str, sha256: str) -> bool:
+        with self._errors("head", key):
+            head = self._head(key)
+        return head is not None and head.get("Metadata", {}).get("sha256") == sha256
+
+    def _create_text(self, key: str, text: str) -> bool:
+        with self._errors("write", key):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=text.encode(),
+                    ChecksumAlgorithm="SHA256",
+                    IfNoneMatch="*",
+                )
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in {
+                    "PreconditionFailed",
+                    "412",
+                    "ConditionalRequestConflict",
+                }:
+                    return False
+                raise
+        return True
+
     def _get_file(self, key: str, local: Path) -> None:
         temp = local.with_name(f".{local.name}.download")
         with self._errors("download", key):

@@ -89,6 +89,7 @@ class PruneReport(BaseModel):
     peak_rss_mib: float = 0.0
     peak_gpu_mib: float = 0.0
     files: dict[str, int] = {}  # every other file of the folder with its size in bytes
+    sha256: dict[str, str] = {}  # every other file of the folder with its sha256, recorded when it was made
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / REPORT_FILE

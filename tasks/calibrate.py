@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from infra.durable import fsync_path
 from infra.hashing import fingerprint, sha256_file
+from infra.integrity import file_intact, recorded_digest, seal
 from infra.locks import exclusive
 from infra.settings import Settings, StatePath
 from pruning_core.data import calibration_windows, local_path, read_rows, tokenize_text
@@ -35,6 +36,7 @@ class CalibrationSpec(BaseModel):
 class CalibrationSet(BaseModel):
     path: StatePath
     fingerprint: str
+    sha256: str = ""  # of the file, recorded when it was made
     samples: int
     seq_len: int
     seconds: float = 0.0
@@ -59,15 +61,19 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
     key = calibration_fingerprint(snapshot, spec)
     path = settings.path("calibration") / f"{key}.safetensors"
     with exclusive(settings.path("locks"), f"calibration-{key}"):
-        if not valid_calibration(path, key) and not (
-            pull_file(settings, shared_key(key), path) and valid_calibration(path, key)
-        ):
+        if file_intact(path) and valid_calibration(path, key):
+            sha = recorded_digest(path)
+        elif pull_file(settings, shared_key(key), path) and valid_calibration(path, key):
+            sha = seal(path, [""])[""]  # the store's copy matched the sha256 its maker recorded
+        else:
             tokenizer = load_tokenizer(snapshot.path, trust_remote_code=settings.trust_remote_code)
             _write_calibration(tokenizer, spec, key, path)
-            push_file(settings, shared_key(key), path)
+            sha = seal(path, [""])[""]
+            push_file(settings, shared_key(key), path, sha)
     return CalibrationSet(
         path=str(path),
         fingerprint=key,
+        sha256=sha,
         samples=spec.samples,
         seq_len=spec.seq_len,
         seconds=time.perf_counter() - started,

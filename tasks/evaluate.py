@@ -3,7 +3,6 @@ cached by (model content, evaluation spec) so the dense baseline of a model is c
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -13,8 +12,9 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra import assets
-from infra.durable import read_json, write_atomic
+from infra.durable import write_atomic
 from infra.hashing import fingerprint
+from infra.integrity import file_intact, seal, sealed_text, unsealed_text
 from infra.locks import exclusive
 from infra.settings import Settings
 from pruning_core.data import read_rows, tokenize_text
@@ -178,22 +178,28 @@ def evaluate_once(model_path: str, model_fingerprint: str, spec: EvaluationSpec,
     key = evaluation_key(model_fingerprint, spec)
     path = settings.path("evaluations") / f"{key}.json"
     with exclusive(settings.path("locks"), key):
-        saved = read_json(path)
-        if saved is None:
-            shared = pull_text(settings, f"evaluations/{key}.json")
-            saved = json.loads(shared) if shared else None
-        if saved is not None:
+        # Reused only while the file holds the bytes written here (or the store's copy its recorded sha256).
+        text = path.read_text() if file_intact(path) else None
+        if text is None:
+            text = unsealed_text(pull_text(settings, f"evaluations/{key}.json"))
+        if text is not None:
             try:
-                evaluation = Evaluation.model_validate(saved)
-                write_atomic(path, evaluation.model_dump_json(indent=1))
+                evaluation = Evaluation.model_validate_json(text)
+                _keep(path, evaluation.model_dump_json(indent=1))
                 return evaluation
             except ValidationError:
                 log.warning("ignoring the saved %s: not an evaluation of this version", key)
         evaluation = evaluate_folder(model_path, spec, settings)
         text = evaluation.model_dump_json(indent=1)
-        write_atomic(path, text)
-        push_text(settings, f"evaluations/{key}.json", text)
+        _keep(path, text)
+        push_text(settings, f"evaluations/{key}.json", sealed_text(text))
         return evaluation
+
+
+def _keep(path: Path, text: str) -> None:
+    if not (path.is_file() and path.read_text() == text):
+        write_atomic(path, text)
+    seal(path, [""])
 
 
 def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, progress: bool = False) -> Evaluation:

@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from infra.artifacts import open_store
 from infra.checkpoints import BlockCheckpoints
 from infra.durable import fsync_path, write_atomic
-from infra.hashing import fingerprint
+from infra.hashing import fingerprint, sha256_file
+from infra.integrity import hash_files, mismatch, record_stamps
 from infra.locks import exclusive, process_alive
 from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
@@ -41,6 +42,7 @@ ENGINE_VERSION = "4"  # bump when the engine's output changes (it is part of eve
 class PrunedModel(BaseModel):
     path: StatePath
     fingerprint: str  # of (model, calibration, recipe, code version)
+    content: str = ""  # sha256 of the folder's report, which holds every file's sha256: what was made
     recipe_fingerprint: str
     sparsity: float
     parameters: int
@@ -81,21 +83,34 @@ def _block_means(errors: dict[str, float], blocks: int, prefix_of) -> list[float
     return means
 
 
-def finished_report(folder: Path) -> PruneReport | None:
-    """The report of a complete folder: present, readable, and every file it lists there with its size."""
+def finished_report(
+    folder: Path, content: str | None = None, full: bool = False, remember: bool = True
+) -> PruneReport | None:
+    """The report of a complete folder whose files are the bytes it was made with (else None, logged).
+
+    `content` (the report's own sha256, which the pipeline's results carry) pins the report too; `full`
+    hashes every file even where its stamp says it is unchanged (before publishing).
+    """
     if not (folder / REPORT_FILE).exists():
         return None
     report = PruneReport.read(folder)
-    if (
-        report is None
-        or not report.files
-        or not all(
-            (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in report.files.items()
-        )
-    ):
-        log.warning("%s: its %s does not match its files; it is made again", folder, REPORT_FILE)
+    expected = dict(report.sha256) if report is not None else {}
+    if content:
+        expected[REPORT_FILE] = content
+    problem = (
+        "its report is unreadable or lists no sha256"
+        if report is None or not report.sha256 or report.sha256.keys() != report.files.keys()
+        else mismatch(folder, expected, full=full, remember=remember)
+    )
+    if problem:
+        log.warning("%s: %s; it is made again", folder, problem)
         return None
     return report
+
+
+def report_digest(folder: Path) -> str:
+    """The sha256 of a finished folder's report: it lists every other file's, so it names the whole content."""
+    return sha256_file(folder / REPORT_FILE)
 
 
 def prune_with_checkpoints(
@@ -116,6 +131,7 @@ def prune_with_checkpoints(
     return PrunedModel(
         path=str(out),
         fingerprint=run,
+        content=report_digest(out),
         recipe_fingerprint=recipe.fingerprint(),
         sparsity=report.total,
         parameters=report.parameters,
@@ -135,35 +151,40 @@ def prune_with_checkpoints(
 def pull_finished(settings: Settings, key: str, out: Path) -> PruneReport | None:
     """A finished folder another machine stored under `key`, moved into `out` once it checks out."""
     staging = staging_folder(out)
-    report = finished_report(staging) if pull_folder(settings, key, staging) else None
+    report = finished_report(staging, remember=False) if pull_folder(settings, key, staging) else None
     if report is None:
         shutil.rmtree(staging, ignore_errors=True)
         return None
+    _move_into_place(staging, out)
+    record_stamps(out, {**report.sha256, REPORT_FILE: report_digest(out)})
+    return report
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, out)
     fsync_path(out.parent)
-    return report
 
 
 def commit_folder(staging: Path, out: Path, report: PruneReport) -> PruneReport:
-    """Files synced, then the report (listing each file's size) last, then the folder moved into place."""
+    """Files synced and hashed, then the report (each file's size and sha256) last, then the folder moved
+    into place and stamped as verified."""
     files = {p.relative_to(staging).as_posix(): p for p in sorted(staging.rglob("*")) if p.is_file()}
+    files.pop(REPORT_FILE, None)
     for path in files.values():
         fsync_path(path)
     report = report.model_copy(
         update={
             "peak_rss_mib": peak_rss_mib(),
             "peak_gpu_mib": peak_gpu_mib(),
-            "files": {name: path.stat().st_size for name, path in files.items() if name != REPORT_FILE},
+            "files": {name: path.stat().st_size for name, path in files.items()},
+            "sha256": hash_files(staging, list(files)),
         }
     )
     write_atomic(staging / REPORT_FILE, report.to_json())
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, out)
-    fsync_path(out.parent)
+    _move_into_place(staging, out)
+    record_stamps(out, {**report.sha256, REPORT_FILE: report_digest(out)})
     return report
 
 

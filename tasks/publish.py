@@ -19,11 +19,12 @@ from infra.plots import line_plot
 from infra.settings import Settings
 from infra.tracking import FLOW_RUN_TAG, Tracker
 from pruning_core.recipe import Recipe
+from pruning_core.report import REPORT_FILE
 from tasks.calibrate import CalibrationSpec
 from tasks.common import retry_if_transient
 from tasks.evaluate import Evaluation
 from tasks.fetch import ModelSnapshot
-from tasks.prune import ENGINE_VERSION, PrunedModel
+from tasks.prune import ENGINE_VERSION, PrunedModel, finished_report
 from tasks.recover import RecoveredModel
 
 
@@ -177,6 +178,22 @@ def _report_folder(record: PairRecord, folder: Path) -> Path:
     return folder
 
 
+class UnverifiedModel(ValueError):
+    """The folder to publish is not the bytes that were made and evaluated (permanent: never retried)."""
+
+
+def verified_files(record: PairRecord) -> dict[str, str]:
+    """sha256 by name of the folder this pair publishes, every file hashed now against its creation record."""
+    made = record.recovered or record.pruned
+    report = finished_report(Path(made.path), made.content or None, full=True, remember=False)
+    if report is None or not made.content:
+        raise UnverifiedModel(
+            f"{made.path}: not the bytes that were made and evaluated (altered or gone); nothing published. "
+            "Run the batch again: the model is made anew"
+        )
+    return {**report.sha256, REPORT_FILE: made.content}
+
+
 def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
     """One process at a time per fingerprint: the report folder under the state dir is shared."""
     with exclusive(settings.path("locks"), f"publish-{record.fingerprint}"):
@@ -184,14 +201,16 @@ def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | No
 
 
 def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
+    expected = verified_files(record)
     store = open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
     key = artifact_key(record)
     report_dir = _report_folder(record, settings.root / "work" / record.fingerprint / "report")
-    manifest = store.put_folder(record.model_path, f"{key}/model", {"run_fingerprint": record.fingerprint})
-    store.put_folder(report_dir, f"{key}/report", {"run_fingerprint": record.fingerprint})
-    publication = Publication(
-        model_uri=store.url(f"{key}/model"), report_uri=store.url(f"{key}/report"), mlflow_run_id=None
-    )
+    meta = {"run_fingerprint": record.fingerprint}
+    # Immutable keys: where another publisher committed other bytes for this key, ours get a content key,
+    # and MLflow points at the manifest of exactly the bytes this pair evaluated.
+    manifest = store.put_folder(record.model_path, f"{key}/model", meta, expected=expected)
+    report_manifest = store.put_folder(report_dir, f"{key}/report", meta)
+    publication = Publication(model_uri=manifest["uri"], report_uri=report_manifest["uri"], mlflow_run_id=None)
     manifest_text = json.dumps(manifest, indent=2, sort_keys=True)  # as the store holds it
     tracker = Tracker(settings)
     run_id = tracker.start_run(

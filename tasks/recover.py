@@ -19,7 +19,14 @@ from pruning_core.modeling import load_for_compute, storage_dtype
 from pruning_core.recovery import RecoverySpec, TrainingState
 from pruning_core.report import PruneReport, RecoveryReport
 from tasks.calibrate import data_identity
-from tasks.prune import PrunedModel, commit_folder, finished_report, pull_finished, staging_folder
+from tasks.prune import (
+    PrunedModel,
+    commit_folder,
+    finished_report,
+    pull_finished,
+    report_digest,
+    staging_folder,
+)
 from tasks.shared import push_folder
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,7 @@ CHECKPOINT_EVERY = 25  # steps between training-state checkpoints
 class RecoveredModel(BaseModel):
     path: StatePath
     fingerprint: str  # of (pruned model, recovery spec, data, code version)
+    content: str = ""  # sha256 of the folder's report (which holds every file's sha256)
     steps: int
     losses: list[float]
     seconds: float
@@ -80,6 +88,7 @@ def recover_with_checkpoints(
     return RecoveredModel(
         path=str(out),
         fingerprint=run,
+        content=report_digest(out),
         steps=spec.steps,
         losses=recovery.losses,
         seconds=recovery.seconds,
@@ -91,7 +100,7 @@ def _recover(
     pruned: PrunedModel, spec: RecoverySpec, settings: Settings, run: str, out: Path, progress: bool
 ) -> PruneReport:
     started = time.perf_counter()
-    pruned_report = finished_report(Path(pruned.path))
+    pruned_report = finished_report(Path(pruned.path), pruned.content)
     if pruned_report is None:
         raise FileNotFoundError(f"{pruned.path}: the pruned model to recover is gone or incomplete")
     rows = read_rows(spec.data)  # a bad data spec fails before the model is loaded

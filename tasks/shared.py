@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore, ArtifactStoreError, open_store
+from infra.hashing import sha256_file
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,23 +38,33 @@ def _tolerated(what: str, failed: list[bool]) -> Iterator[None]:
 
 
 def pull_file(settings: Settings, key: str, local: Path) -> bool:
-    """`cache/<key>` into `local`; False where sharing is off or nobody stored it."""
+    """`cache/<key>` into `local` when it matches the sha256 its maker stored beside it; False where sharing
+    is off, nobody stored it, or the copy differs (then `local` is removed)."""
     store, failed = shared_store(settings), []
     if store is None:
         return False
     local.parent.mkdir(parents=True, exist_ok=True)
     with _tolerated(key, failed):
-        if not store.exists(f"cache/{key}"):
+        expected = store.read_text(f"cache/{key}.sha256")
+        if expected is None or not store.exists(f"cache/{key}"):
             return False
         store.get_file(f"cache/{key}", local)
-    return not failed
+    if failed:
+        return False
+    if sha256_file(local) != expected.strip():
+        log.warning("%s: the shared copy does not match its recorded sha256; it is made again", key)
+        local.unlink(missing_ok=True)
+        return False
+    return True
 
 
-def push_file(settings: Settings, key: str, local: Path) -> None:
+def push_file(settings: Settings, key: str, local: Path, sha256: str) -> None:
+    """`local` (whose sha256 was recorded when it was made) and that sha256 beside it."""
     store = shared_store(settings)
     if store is not None:
         with _tolerated(key, []):
             store.put_file(local, f"cache/{key}")
+            store.write_text(f"cache/{key}.sha256", sha256)
 
 
 def pull_text(settings: Settings, key: str) -> str | None:

@@ -41,25 +41,31 @@ def test_s3_upload_is_multipart_verified_and_idempotent(s3_bucket, folder, tmp_p
     calls = _calls(store)
     manifest = store.put_folder(folder, "m1/model", {"run": "abc"})
     assert "CreateMultipartUpload" in calls and calls.count("UploadPart") == 3
-    assert calls[-1] == "PutObject", "the manifest is written last"
+    writes = [c for c in calls if c in {"PutObject", "UploadPart", "CreateMultipartUpload"}]
+    assert writes[-1] == "PutObject", "the manifest is written last"
     assert manifest["files"]["weights.bin"]["sha256"] == sha256_file(folder / "weights.bin")
+    assert manifest["uri"] == f"s3://{s3_bucket}/team/models/m1/model"
     head = store.client.head_object(Bucket=s3_bucket, Key="team/models/m1/model/weights.bin")
     assert (
         head["ContentLength"] == 11 * MiB and head["Metadata"]["sha256"] == manifest["files"]["weights.bin"]["sha256"]
     )
 
     calls.clear()
-    store.put_folder(folder, "m1/model", {"run": "abc"})
+    assert store.put_folder(folder, "m1/model", {"run": "abc"}) == manifest, "the same content again: a no-op"
     assert not {"PutObject", "UploadPart", "CreateMultipartUpload"} & set(calls), calls
 
+    # Other bytes for a committed key: never over the first ones, under the content's own key instead.
     (folder / "sub" / "config.json").write_text('{"a": 2}')
-    calls.clear()
-    store.put_folder(folder, "m1/model", {"run": "abc"})
-    assert calls.count("PutObject") == 2 and "UploadPart" not in calls  # the changed file and the manifest
-
-    out = store.get_folder("m1/model", tmp_path / "download")
+    other = store.put_folder(folder, "m1/model", {"run": "abc"})
+    assert other["uri"].startswith(f"s3://{s3_bucket}/team/models/m1/model-") and other["uri"] != manifest["uri"]
+    assert store.read_manifest("m1/model") == manifest
+    first = store.get_folder("m1/model", tmp_path / "first")
+    assert (first / "sub" / "config.json").read_text() != '{"a": 2}'
+    key = other["uri"].removeprefix(f"s3://{s3_bucket}/team/models/")
+    out = store.get_folder(key, tmp_path / "download")
     assert sha256_file(out / "weights.bin") == sha256_file(folder / "weights.bin")
     assert (out / "sub" / "config.json").read_text() == '{"a": 2}'
+    assert store.put_folder(folder, "m1/model", {"run": "abc"}) == other, "and that key is stable"
 
 
 def test_s3_reader_never_sees_an_artifact_without_its_manifest(s3_bucket, folder, tmp_path):
@@ -93,7 +99,8 @@ def test_s3_endpoint_down_is_retried_then_fails_clearly(monkeypatch, folder, cap
     store.client.meta.events.register("before-send.s3.*", lambda **kw: sends.append(kw.get("event_name")))
     with pytest.raises(ArtifactStoreError) as failure:
         store.put_folder(folder, "model")
-    assert len(sends) >= 3 and set(sends) == {"before-send.s3.HeadObject"}, sends  # retried, then gave up
+    # The first request (the manifest lookup) retried, then given up: nothing else was tried.
+    assert len(sends) >= 3 and set(sends) == {"before-send.s3.GetObject"}, sends
     message = str(failure.value)
     assert "127.0.0.1" in message and "\n" not in message
     assert "AKIASECRETNEVERSHOWN" not in message + capsys.readouterr().err

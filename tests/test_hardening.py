@@ -553,5 +553,5 @@ def test_two_batch_runs_on_one_state_dir_prune_and_publish_each_pair_once(tmp_pa
     assert logs.count("pruning ") == 2, "each pair pruned by one process only"
     models = [p for p in (home / "models").rglob("*") if p.is_dir() and p.name.startswith(".")]
     assert not models, f"staging folders left behind: {models}"
-    published = [m.parent for m in (tmp_path / "s").rglob("MANIFEST.json") if m.parent.name != "report"]
+    published = [m.parent for m in (tmp_path / "s").rglob("MANIFEST.json") if not m.parent.name.startswith("report")]
     assert len(published) == 2, published
