@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import yaml
+from typing import TYPE_CHECKING
 
 from infra.settings import Settings
+
+if TYPE_CHECKING:
+    from flows.batch_config import BatchConfig
 
 POOL_HELP = "run each pair as a flow run on this Prefect work pool (workers: `secateur worker --pool NAME`)"
 
@@ -90,11 +92,42 @@ def load_batch(path: Path) -> tuple[dict, object]:
     from flows.batch_config import BatchConfig
     from pruning_core.zero_shot import unknown_tasks
 
-    config = BatchConfig.from_yaml(path)
+    data = BatchConfig.read_mapping(path)  # read once: the file could change between two reads
+    config = BatchConfig.model_validate(data)
     unknown = unknown_tasks(config.evaluation.tasks)
     if unknown:
         raise ValueError(f"evaluation.tasks: unknown lm-eval task(s): {', '.join(unknown)}")
-    return yaml.safe_load(path.read_text()), config
+    return data, config
+
+
+MEMORY_HINT = "lower calibration samples or seq_len, or set SECATEUR_MEMORY_LIMIT_GIB"
+
+
+def memory_limit(settings: Settings) -> int | None:
+    """The RAM a run may use, in bytes: the setting's, else None (what is available when it starts)."""
+    return None if settings.memory_limit_gib is None else int(settings.memory_limit_gib * 2**30)
+
+
+def check_batch_memory(config: BatchConfig, settings: Settings) -> None:
+    """Each pair whose model is on this machine, sized from headers before any work: its prune and evaluation.
+
+    Pairs run one after another, so each is checked alone. Models in S3 or on the hub are sized when they
+    are loaded (`load_model` refuses weights that do not fit).
+    """
+    from pruning_core.memory import check_memory, evaluation_estimate, method_needs, model_shape, prune_estimate
+
+    limit, device = memory_limit(settings), settings.device
+    calibration = config.calibration
+    needs = {method_needs(recipe.method) for recipe in config.recipes}
+    for spec in config.models:
+        shape = None if spec.startswith(("s3://", "hf://")) else model_shape(spec)
+        if shape is None:
+            continue
+        for need in sorted(needs):
+            estimate = prune_estimate(shape, calibration.samples, calibration.seq_len, need, device)
+            check_memory(estimate, device, limit, MEMORY_HINT)
+        if list(config.evaluation.datasets()):
+            check_memory(evaluation_estimate(shape, config.evaluation.seq_len, device), device, limit, MEMORY_HINT)
 
 
 def _run_and_report(
@@ -149,8 +182,11 @@ def _report_run(settings: Settings, state) -> dict:
 def run_batch(args: argparse.Namespace) -> dict:
     from infra.preflight import check_services
 
-    config, _ = load_batch(args.batch)  # a bad batch fails here, before Prefect starts
-    check_services(Settings())  # so does an unreachable store or MLflow
+    config, batch = load_batch(args.batch)  # a bad batch fails here, before Prefect starts
+    settings = Settings()
+    if args.pool is None or settings.memory_limit_gib is not None:  # a pool's workers size their own RAM
+        check_batch_memory(batch, settings)  # so does one that cannot fit in memory
+    check_services(settings)  # and an unreachable store or MLflow
     return _run_and_report(config, verbose=args.verbose, pool=args.pool)
 
 
@@ -204,6 +240,7 @@ def _use_stack_api(settings: Settings) -> None:
 
 def serve_batch(args: argparse.Namespace) -> dict:
     config, batch = load_batch(args.batch)
+    check_batch_memory(batch, Settings())  # served batches run their pairs here
     _use_stack_api(Settings())
     from flows.batch import compress_batch
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infra.redact import has_credentials
 from pruning_core.methods import STRUCTURED_METHODS
 from pruning_core.modeling import ModelSource
-from pruning_core.recipe import Recipe
+from pruning_core.recipe import Recipe, read_yaml_file
 from tasks.calibrate import CalibrationSpec
 from tasks.evaluate import EvaluationSpec
 from tasks.selection import SelectionSpec
@@ -181,19 +180,15 @@ class BatchConfig(BaseModel):
     def searches(self) -> list[tuple[str, BatchRecipe]]:
         return [(model, recipe) for model in self.models for recipe in self.recipes if recipe.search is not None]
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> BatchConfig:
+    @staticmethod
+    def read_mapping(path: str | Path) -> dict[str, Any]:
+        """The batch file's mapping as written (what Prefect stores as the flow parameter), not yet validated."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"batch file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+        data = read_yaml_file(path, "batch file")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a batch file is a mapping with name, models, recipes, calibration, evaluation")
-        return cls.model_validate(data)
+        return data
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> BatchConfig:
+        return cls.model_validate(cls.read_mapping(path))

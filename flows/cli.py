@@ -13,11 +13,14 @@ import time
 import typing
 from pathlib import Path
 
-from flows.batch_cli import PairFailures, add_commands
+from flows.batch_cli import MEMORY_HINT, PairFailures, add_commands, memory_limit
 from infra.redact import install_log_redaction, redact
 from infra.settings import Settings, prepare_environment
 from pruning_core.methods import METHODS, STRUCTURED_METHODS
 from pruning_core.report import PruneReport
+
+if typing.TYPE_CHECKING:
+    from pruning_core.recipe import Recipe
 
 
 def _add_prune(commands: argparse._SubParsersAction) -> None:
@@ -114,7 +117,12 @@ def _run_prune(args: argparse.Namespace) -> dict:
     if recipe.recovery is not None:
         read_rows(recipe.recovery.data)
     settings = Settings(device=args.device, trust_remote_code=args.trust_remote_code)
+    local = not args.model.startswith(("s3://", "hf://"))
+    if local:  # sized from its headers before its files are even hashed
+        _check_prune_memory(args.model, recipe, settings)
     snapshot = snapshot_model(args.model, settings)
+    if not local:
+        _check_prune_memory(snapshot.path, recipe, settings)
     spec = CalibrationSpec(
         data=args.calibration, samples=recipe.calibration_samples, seq_len=recipe.seq_len, seed=recipe.seed
     )
@@ -141,6 +149,17 @@ def _run_prune(args: argparse.Namespace) -> dict:
         "resumed_from_block": pruned.resumed_from_block,
         **summary,
     }
+
+
+def _check_prune_memory(spec: str, recipe: Recipe, settings: Settings) -> None:
+    """Refuse a prune whose model, calibration windows and activations cannot fit, before any allocation."""
+    from pruning_core.memory import check_memory, method_needs, model_shape, prune_estimate
+
+    shape = model_shape(spec)
+    if shape is not None:
+        needs = method_needs(recipe.method)
+        estimate = prune_estimate(shape, recipe.calibration_samples, recipe.seq_len, needs, settings.device)
+        check_memory(estimate, settings.device, memory_limit(settings), MEMORY_HINT)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -196,6 +215,7 @@ def _print_structured(report: PruneReport) -> dict:
 def _run_evaluate(args: argparse.Namespace) -> dict:
     from pruning_core.data import read_rows
     from pruning_core.job import evaluate_perplexities
+    from pruning_core.memory import check_memory, evaluation_estimate, model_shape
     from pruning_core.modeling import load_for_compute
     from pruning_core.zero_shot import evaluate_zero_shot
 
@@ -204,6 +224,11 @@ def _run_evaluate(args: argparse.Namespace) -> dict:
         raise ValueError("give --perplexity DATA, --task NAME, or both")
     datasets = {spec: read_rows(spec) for spec in args.perplexity}  # fail on a bad spec before loading
     task_data = _task_data(args)
+    shape = model_shape(args.model)
+    if shape is not None:  # the weights and one window's logits, before the model is read
+        settings = Settings()
+        estimate = evaluation_estimate(shape, args.seq_len, args.device)
+        check_memory(estimate, args.device, memory_limit(settings), "lower --seq-len, or set SECATEUR_MEMORY_LIMIT_GIB")
     model, tokenizer = load_for_compute(args.model, args.device, args.trust_remote_code)
     model.to(args.device)
     results = evaluate_perplexities(model, tokenizer, datasets, args.seq_len, args.max_tokens, args.device)
@@ -303,14 +328,25 @@ def main(argv: list[str] | None = None) -> int:
         print("secateur: interrupted", file=sys.stderr)
         return 130
     except PairFailures as error:
-        print(f"secateur: error: {redact(str(error))}", file=sys.stderr)
+        print(f"secateur: error: {_bounded(str(error))}", file=sys.stderr)
         return 1
     except Exception as error:  # noqa: BLE001 - the contract is one line on stderr
-        print(f"secateur: error: {redact(_one_line(error))}", file=sys.stderr)
+        print(f"secateur: error: {_bounded(_one_line(error))}", file=sys.stderr)
         return 2 if isinstance(error, ValueError | OSError | LookupError) else 1
     if args.json:
         print(json.dumps(result, sort_keys=True))
     return 0
+
+
+# An error line is read by people and grepped by scripts: a huge value in it (10,000 recipe names) is cut.
+ERROR_LINE_CHARS = 2000
+
+
+def _bounded(text: str) -> str:
+    """Redacted first, so that the cut never splits a secret out of the redaction's sight."""
+    from pruning_core.recipe import cut
+
+    return cut(redact(text), ERROR_LINE_CHARS)
 
 
 def _one_line(error: Exception) -> str:

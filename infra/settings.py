@@ -34,6 +34,13 @@ class Settings(BaseSettings):
         description="activation memory of one batched block forward while pruning, MiB (default: 128 on CPU, "
         "4096 on CUDA)",
     )
+    memory_limit_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="RAM a run may use, GiB: its estimate (weights from config and weight headers, calibration "
+        "windows, block activations, statistics, evaluation windows) is checked against it before any work "
+        "(default: the RAM available when it starts; on cuda the device's free memory is checked too)",
+    )
     trust_remote_code: bool = Field(
         default=False, description="let transformers run a model's own code (off unless turned on)"
     )

@@ -131,6 +131,11 @@ def calibration_windows(token_ids: torch.Tensor, samples: int, seq_len: int, see
     """`samples` random windows of `seq_len` tokens (samples x seq_len), reproducible from `seed`."""
     if token_ids.numel() <= seq_len:
         raise DataSpecError(f"calibration text has {token_ids.numel()} tokens, need more than seq_len={seq_len}")
+    from pruning_core.memory import MemoryEstimate, check_memory
+
+    # Wherever it runs (a pool worker, a script), the windows are sized against the RAM before they are drawn.
+    windows = {f"{samples:,} x {seq_len:,} token ids": samples * seq_len * torch.long.itemsize}
+    check_memory(MemoryEstimate("calibration", host=windows))
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - seq_len, (samples,), generator=generator)
     return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])

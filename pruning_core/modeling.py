@@ -55,19 +55,24 @@ class ModelSource:
         return extra
 
 
-def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dtype = "auto"):
-    """(model on CPU in eval mode, tokenizer) for a model spec."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(
+    spec: str, trust_remote_code: bool = False, dtype: str | torch.dtype = "auto", memory_limit: int | None = None
+):
+    """(model on CPU in eval mode, tokenizer) for a model spec.
 
-    source = ModelSource.parse(spec)
-    kwargs = source.kwargs(trust_remote_code)
-    if not source.gguf_file:
-        check_model_files(Path(source.location))
+    Refused (MemoryBudgetError) before anything is allocated when its weights, sized from config.json and
+    the weight files' headers, need more than `memory_limit` bytes (default: the RAM available now).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = _checked_source(spec)
+    check_load_memory(spec, _bytes_per_parameter(spec, dtype), memory_limit)
+    tokenizer = _tokenizer(source, trust_remote_code)
     if not source.gguf_file and has_block_shapes(source.location):
         # Structurally pruned with different widths per block: our loader, since from_pretrained cannot.
-        return load_structured(source.location, dtype), AutoTokenizer.from_pretrained(source.location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        return load_structured(source.location, dtype), tokenizer
+    with _naming_the_file(source, "model"):
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs(trust_remote_code))
     if source.gguf_file:
         # GGUF weights arrive dequantized to plain tensors; forget the quantizer so the model saves normally
         # and casts like any other (transformers refuses .float() on a model it thinks quantized).
@@ -81,11 +86,60 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: str | torch.dt
 def load_for_compute(spec: str, device: str, trust_remote_code: bool = False):
     """(model on CPU, tokenizer) with its weights as stored (a GGUF rounded to bf16); on a CPU device they are
     computed in float32 (an exact upcast), on an accelerator in their storage dtype."""
+    source = _checked_source(spec)  # a broken config.json is named before its dtype is read
     dtype = storage_dtype(spec)
+    upcast = torch.device(device).type == "cpu" and dtype != torch.float32
+    if upcast and not source.gguf_file:  # a GGUF load is sized in float32 already
+        check_load_memory(spec, 4)  # the float32 copy it ends as, refused before the storage-dtype load
     model, tokenizer = load_model(spec, trust_remote_code=trust_remote_code, dtype=dtype)
-    if torch.device(device).type == "cpu" and dtype != torch.float32:
+    if upcast:
         model.float()
     return model, tokenizer
+
+
+def check_load_memory(spec: str, bytes_per_parameter: int, memory_limit: int | None = None) -> None:
+    """Refuse a local model whose weights (from config.json and weight headers) exceed the memory limit."""
+    from pruning_core.memory import check_memory, load_estimate, model_shape
+
+    shape = model_shape(spec)
+    if shape is not None:
+        check_memory(load_estimate(shape, bytes_per_parameter), limit=memory_limit)
+
+
+def _bytes_per_parameter(spec: str, dtype: str | torch.dtype) -> int:
+    """What a load in `dtype` holds per parameter; a GGUF is dequantized to float32 before it is cast."""
+    if isinstance(dtype, str):
+        dtype = storage_dtype(spec) if dtype == "auto" else DTYPES.get(dtype, torch.float32)
+    return 4 if ModelSource.parse(spec).gguf_file else dtype.itemsize
+
+
+def _checked_source(spec: str) -> ModelSource:
+    """The spec's source with its local files checked: a broken JSON, safetensors or GGUF file is named."""
+    from pruning_core.memory import gguf_header
+
+    source = ModelSource.parse(spec)
+    if source.gguf_file:
+        gguf_header(Path(source.location) / source.gguf_file)  # truncation and bad headers, before transformers
+    else:
+        check_model_files(Path(source.location))
+    return source
+
+
+@contextmanager
+def _naming_the_file(source: ModelSource, what: str) -> Iterator[None]:
+    """A local model's load error as one ModelSpecError naming its file or folder (a hub id's passes through:
+    transformers names the repository and may be retried)."""
+    local = Path(source.location) / (source.gguf_file or "")
+    if not local.exists():
+        yield
+        return
+    try:
+        yield
+    except ModelSpecError:
+        raise
+    except Exception as error:  # tokenizers, gguf and transformers raise types of their own
+        message = " ".join(str(error).split())[:500] or type(error).__name__
+        raise ModelSpecError(f"{local}: cannot load the {what} ({message})") from error
 
 
 def output_dtype(requested: str, source_spec: str) -> torch.dtype:
@@ -111,10 +165,15 @@ def check_model_files(folder: Path) -> None:
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The model's tokenizer; a truncated or malformed tokenizer file is one error naming it."""
+    return _tokenizer(_checked_source(spec), trust_remote_code)
+
+
+def _tokenizer(source: ModelSource, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    source = ModelSource.parse(spec)
-    return AutoTokenizer.from_pretrained(source.location, **source.kwargs(trust_remote_code))
+    with _naming_the_file(source, "tokenizer"):
+        return AutoTokenizer.from_pretrained(source.location, **source.kwargs(trust_remote_code))
 
 
 GGUF_STORAGE_DTYPE = torch.bfloat16  # a quantized source has no float dtype of its own: store its variants in bf16

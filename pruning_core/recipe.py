@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,9 +183,7 @@ class Recipe(BaseModel):
     @staticmethod
     def read_yaml(path: str | Path) -> dict[str, Any]:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_file(path, "recipe file") or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe must be a mapping of field: value")
         return data
@@ -212,9 +211,90 @@ def describe_validation_error(error: Exception, what: str = "recipe") -> str:
 
     if not isinstance(error, ValidationError):
         return str(error)
+    problems = error.errors()
     parts = []
-    for item in error.errors():
+    for item in problems[:MAX_LISTED_PROBLEMS]:
         field = ".".join(str(p) for p in item["loc"]) or "recipe"
         message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {message}")
-    return f"invalid {what}: " + "; ".join(parts)
+        parts.append(cut(f"{field}: {message}", MAX_PROBLEM_CHARS))
+    more = len(problems) - len(parts)
+    return f"invalid {what}: " + "; ".join(parts) + (f"; and {more:,} more problems" if more > 0 else "")
+
+
+# One error line stays readable: a batch of 10,000 bad recipes lists its first few problems, each cut short.
+MAX_LISTED_PROBLEMS = 5
+MAX_PROBLEM_CHARS = 300
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` with at most `limit` characters kept, saying how many were left off."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit:,} more chars)"
+
+
+# A hand-written batch of 10,000 recipes is ~0.5 MB and ~80,000 YAML nodes: larger files are refused.
+MAX_YAML_BYTES = 4 * 2**20
+MAX_YAML_NODES = 2_000_000  # after aliases are expanded
+MAX_YAML_DEPTH = 32  # batch files nest 4 levels; PyYAML composes recursively, so depth is bounded too
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's value, with every refusal one line naming the file.
+
+    Aliases (`*a`, merge keys) are counted as the nodes they stand for: a few lines of nested aliases
+    expand into billions of nodes ("billion laughs") that validation would walk for good. An event pass
+    bounds the expanded size (and the nesting) before any node is built; aliases that stay small, such as
+    the ones `yaml.safe_dump` writes for a repeated value, still load.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ValueError(f"{path}: {size:,} bytes is more than a {what} may hold ({MAX_YAML_BYTES:,})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: 4x faster
+    try:
+        _check_expanded_size(yaml.parse(text, Loader=loader), path)
+        return yaml.load(text, Loader=loader)  # a safe loader, over a document of bounded expanded size
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+
+
+def _check_expanded_size(events: Iterator[yaml.Event], path: Path) -> None:
+    """Count the nodes the document has once every alias is replaced by its anchor's node."""
+    nodes = 0
+    anchored: dict[str, int] = {}  # anchor -> expanded nodes of its node
+    open_collections: list[tuple[str | None, int]] = []  # (anchor, node count when it opened)
+    for event in events:
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_collections):
+                raise ValueError(f"{path}: alias *{event.anchor} refers to a node that contains it ({_where(event)})")
+            nodes += anchored.get(event.anchor, 1)  # an unknown anchor: the composer reports it
+        elif isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+            if event.anchor is not None:
+                anchored[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            open_collections.append((event.anchor, nodes))
+            nodes += 1
+            if len(open_collections) > MAX_YAML_DEPTH:
+                raise ValueError(f"{path}: nested deeper than {MAX_YAML_DEPTH} levels ({_where(event)})")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, start = open_collections.pop()
+            if anchor is not None:
+                anchored[anchor] = nodes - start
+        if nodes > MAX_YAML_NODES:
+            raise ValueError(
+                f"{path}: more than {MAX_YAML_NODES:,} YAML nodes once its aliases are expanded ({_where(event)}); "
+                "write the values out instead of aliasing them"
+            )
+
+
+def _where(event: yaml.Event) -> str:
+    return f"at line {event.start_mark.line + 1}, column {event.start_mark.column + 1}"
