@@ -228,7 +228,13 @@ def compress_batch(config: dict, only: list[list[str]] | None = None, pool: str 
     def on_result(result: PairResult) -> None:
         if result.status == "failed":
             logger.error("%s x %s failed: %s", result.model, result.recipe_name, result.error)
-            record_failed_pair(batch.name, parent, result.model, result.recipe_name, result.error or "")
+            noted = record_failed_pair(
+                batch.name, parent, result.model, result.recipe_name, result.error or "", return_state=True
+            )
+            if not noted.is_completed():  # MLflow gone: the pair stays in the run record and the summary
+                logger.warning(
+                    "%s x %s: not recorded in MLflow: %s", result.model, result.recipe_name, _error_line(noted)
+                )
         record.results.append(result)
         save_record(settings, record)
         print(f"[{len(record.results)}/{expected}] {progress_line(result)}", flush=True)
@@ -259,18 +265,21 @@ def compress_batch(config: dict, only: list[list[str]] | None = None, pool: str 
     failed = [r for r in results if r.status == "failed"]
     save_record(settings, record.model_copy(update={"results": results, "finished": True}))
     generations = {f"{Path(r.model).name} x {r.recipe_name}": r.generations for r in results if r.generations}
-    shipped = finish_batch_run(
+    finished = finish_batch_run(
         parent,
         summary=table,
         metrics={"pairs": len(results), "pairs_failed": len(failed)},
         failed=bool(failed),
         generations=generations,
         searches=outcomes,
+        return_state=True,
     )
-    for line in shipped:
+    for line in finished.result() if finished.is_completed() else []:
         logger.info("%s", line)
         print(line, flush=True)
     if failed:
         names = "; ".join(f"{Path(r.model).name} x {r.recipe_name}: {r.error}" for r in failed)
         raise PairsFailed(f"{len(failed)} of {len(results)} pairs failed: {names}")
+    if not finished.is_completed():
+        raise PairsFailed(f"every pair completed, but the batch's MLflow run was not finished: {_error_line(finished)}")
     return results

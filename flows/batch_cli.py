@@ -148,9 +148,30 @@ def _run_and_report(
     else:
         api = local_prefect_api(settings.root)
     print(f"log: {route_logs(settings.root, verbose)}", flush=True)
-    with api:
+    with api, _prefect_watched(settings):
         state = compress_batch(config, only, pool, return_state=True)
         return _report_run(settings, state)
+
+
+def _prefect_watched(settings: Settings):
+    """A lost Prefect API ends the batch within `SECATEUR_SERVICE_TIMEOUT_SECONDS` x (retries + 1) plus one
+    health check (40 s by default), where Prefect's client would retry it for good."""
+    from prefect.settings import PREFECT_API_URL
+
+    from infra.watchdog import watched
+
+    def lost(line: str) -> None:
+        print(f"secateur: error: {line}", file=sys.stderr, flush=True)
+        os._exit(3)  # Prefect's threads are stuck on the lost API; everything durable is already on disk
+
+    timeout = settings.service_timeout_seconds
+    return watched(
+        "the Prefect API",
+        f"{PREFECT_API_URL.value().rstrip('/')}/health",
+        timeout_seconds=timeout,
+        lost_after_seconds=timeout * (settings.service_retries + 1),
+        on_lost=lost,
+    )
 
 
 def _report_run(settings: Settings, state) -> dict:
@@ -173,6 +194,8 @@ def _report_run(settings: Settings, state) -> dict:
         ],
     }
     failed = [r for r in results if r.status == "failed"]
+    if state.is_failed() and not failed and record.finished:
+        state.result()  # every pair done, the batch's own bookkeeping (MLflow) failed: that one line
     if failed or not record.finished:
         print(json.dumps(summary, sort_keys=True))
         raise PairFailures(f"{len(failed)} of {len(results)} pairs failed; rerun them with: secateur retry {run_id}")

@@ -245,12 +245,12 @@ class FilesystemStore(ArtifactStore):
             path.unlink(missing_ok=True)
 
 
-def open_store(location: str, attempts: int = 5, connect_timeout: int = 10) -> ArtifactStore:
+def open_store(location: str, attempts: int = 5, timeout_seconds: int = 10) -> ArtifactStore:
     """`s3://bucket/prefix` or a folder path."""
     if location.startswith("s3://"):
         from infra.s3 import S3Store
 
-        return S3Store(location, attempts=attempts, connect_timeout=connect_timeout)
+        return S3Store(location, attempts=attempts, timeout_seconds=timeout_seconds)
     if "://" in location and not location.startswith("file://"):
         raise ValueError(f"artifact store must be a folder or s3://bucket/prefix, got {location!r}")
     return FilesystemStore(location.removeprefix("file://"))

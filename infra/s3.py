@@ -36,14 +36,15 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class S3Store(ArtifactStore):
-    def __init__(self, uri: str, attempts: int = 5, connect_timeout: int = 10, client=None) -> None:
+    def __init__(self, uri: str, attempts: int = 5, timeout_seconds: int = 10, client=None) -> None:
         self.bucket, self.prefix = split_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        # Reads stay long: one part of a large upload may take that long to be acknowledged.
+        # One bound for connecting and for any silence on the socket (an endpoint that accepts and never
+        # answers): every request gives up after `attempts` x `timeout_seconds` plus the standard backoff.
         config = Config(
             retries={"mode": "standard", "max_attempts": attempts},
-            connect_timeout=connect_timeout,
-            read_timeout=120,
+            connect_timeout=timeout_seconds,
+            read_timeout=timeout_seconds,
         )
         self.client = client or boto3.session.Session().client("s3", config=config)
         self.transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)

@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     retry_delay_seconds: float = Field(default=10.0, ge=0, description="first retry delay; later ones grow x3")
     upload_attempts: int = Field(default=5, ge=1, le=20, description="S3 attempts per request (standard retry mode)")
     service_timeout_seconds: int = Field(
-        default=10, ge=1, le=600, description="connect timeout of S3 and MLflow requests, read timeout of MLflow's"
+        default=10,
+        ge=1,
+        le=600,
+        description="longest wait on S3, MLflow and the Prefect API: to connect, and for any answer (a silent "
+        "endpoint fails after this x its attempts)",
     )
     service_retries: int = Field(default=2, ge=0, le=10, description="MLflow HTTP retries per request")
     heartbeat_seconds: float = Field(

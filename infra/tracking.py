@@ -8,6 +8,7 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from infra.locks import exclusive, process_alive
 from infra.redact import redact
@@ -35,12 +36,29 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` for MLflow's client: `user:password@` moves into MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD.
+
+    MLflow prints and raises with the URI it was given (its "View run ... at: URL" line, request errors that
+    end up in Prefect's state messages); given none with credentials, it has none to show.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:  # what mlflow's own helpers read
+        os.environ["MLFLOW_TRACKING_URI"] = clean
+    return clean
+
+
 class Tracker:
     def __init__(self, settings: Settings) -> None:
         from mlflow.tracking import MlflowClient
 
         self.settings = settings
-        self.uri = settings.tracking_uri
+        self.uri = without_credentials(settings.tracking_uri)
         if self.uri.startswith("sqlite:///") and self.uri not in _OPENED_SQLITE:
             # Two processes opening a new SQLite store at once both run its schema migration and one fails;
             # once this process has opened it, later clients find the schema in place.
