@@ -92,7 +92,7 @@ def test_the_watchdog_names_a_service_that_stops_answering_in_bounded_time():
     assert lost[0][1].startswith(f"the test API at {url} stopped answering")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_s3_hanging_mid_upload_fails_the_pair_cleanly_and_a_rerun_publishes(
     prefect_api, pipeline_home, tmp_path, tiny_tokenizer, s3_server, s3_bucket, monkeypatch
 ):
@@ -142,7 +142,7 @@ def _secateur(batch: Path, env: dict[str, str], *argv: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_prefect_server_fails_the_batch_in_bounded_time_and_a_rerun_finishes(tmp_path, tiny_tokenizer):
     recipes = [{"name": "sgpt50", "method": "sparsegpt", "sparsity": 0.5}]
     batch = _batch_file(tmp_path, tiny_tokenizer, recipes, "lost-prefect")
@@ -180,7 +180,7 @@ def test_a_killed_prefect_server_fails_the_batch_in_bounded_time_and_a_rerun_fin
     assert result["status"] == "completed"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_mlflow_with_a_password_succeeds_then_dies_mid_batch_and_no_secret_is_anywhere(tmp_path, tiny_tokenizer):
     """A real MLflow server reached with a password in its URI: a clean batch, then one whose MLflow is killed
     after its first pair. Every output and every file of the state dir (SQLite and WAL included) is grepped."""

@@ -10,6 +10,15 @@ evaluate, publish, or a random moment inside the prune's block checkpoints), and
 Counted: reruns that completed, pruned weights bit-identical to the clean run's, processes left running,
 temp files left in the state dir. Also a table of bad inputs for every CLI command: exit code, stderr lines.
 Writes tests/benchmarks/results/faults-<timestamp>.json.
+
+    .venv/bin/python -m tests.benchmarks.bench_faults --services
+
+Service faults instead, each in a fresh state dir against real services (a `prefect server`, a moto S3
+server, an MLflow server reached with a password in its URI, sockets that accept and never answer): the
+Prefect server killed mid-prune, S3 killed at publish and restarted, MLflow killed mid-prune, hung S3 and
+MLflow endpoints, a pruned folder corrupted on disk. Counted: faults injected, batches that ended within
+their stated bound, reruns completed, published artifacts whose bytes match their MLflow record, secrets
+found in any output or state-dir file. Writes tests/benchmarks/results/service-faults-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -194,7 +203,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--points", nargs="+", default=list(MARKERS), choices=list(MARKERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--services", action="store_true", help="service faults (see the module's help)")
     args = parser.parse_args()
+    if args.services:
+        from tests.benchmarks.service_faults import run_service_faults
+
+        run_service_faults()
+        return
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="secateur-faults-") as scratch:
         folder = Path(scratch)
