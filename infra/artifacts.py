@@ -103,8 +103,21 @@ class ArtifactStore(ABC):
         return manifest
 
     def read_manifest(self, key: str) -> dict[str, Any] | None:
+        """The committed manifest at `key` (None: none committed); a malformed one is an error naming it."""
         text = self._read_text(f"{key}/{MANIFEST}")
-        return None if text is None else json.loads(text)
+        if text is None:
+            return None
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PermanentStoreError(f"{self.url(key)}/{MANIFEST}: not valid JSON ({error})") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)
+            for entry in files.values()
+        ):
+            raise PermanentStoreError(f"{self.url(key)}/{MANIFEST}: not a manifest (needs files: name -> sha256, size)")
+        return manifest
 
     def get_folder(self, key: str, dest: str | Path, only: set[str] | None = None) -> Path:
         """Download a complete artifact (or the files named in `only`) into `dest`, verified against the manifest."""

@@ -169,3 +169,14 @@ def test_other_bytes_for_a_published_key_go_under_their_content_key(
     after = sorted(p for p in Path(settings.artifact_location).rglob("*") if p.is_file())
     assert before == after, "nothing uploaded"
     json.loads(_store_manifest(second.model_uri))  # still the committed manifest
+
+
+@pytest.mark.parametrize("text", ['{"files": {"a": {"sha256": "x"', '["files"]', '{"files": {"a": {"size": "9"}}}'])
+def test_a_malformed_manifest_is_one_error_naming_it(tmp_path, text):
+    from infra.artifacts import ArtifactStoreError
+
+    (tmp_path / "store" / "art").mkdir(parents=True)
+    (tmp_path / "store" / "art" / "MANIFEST.json").write_text(text)
+    with pytest.raises(ArtifactStoreError, match=r"store/art/MANIFEST\.json: not") as failure:
+        FilesystemStore(tmp_path / "store").get_folder("art", tmp_path / "out")
+    assert "\n" not in str(failure.value) and not (tmp_path / "out").exists()
