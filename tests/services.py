@@ -103,9 +103,9 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> N
     raise RuntimeError(f"{url}: no answer in {timeout:.0f} s")
 
 
-def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A real MLflow tracking server (SQLite under `folder`); its URL."""
-    port = free_port()
+def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real MLflow tracking server (SQLite under `folder`, kept across restarts on the same `port`); its URL."""
+    port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--workers", "1"]

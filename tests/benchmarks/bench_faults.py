@@ -38,6 +38,7 @@ import yaml
 
 from tests.benchmarks.common import ROOT, write_results
 from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID, batch_mapping, build_tiny_tokenizer, tiny_model
+from tests.services import wait_for_log
 
 RECIPES = [
     {"name": "sparsegpt50", "method": "sparsegpt", "sparsity": 0.5},
@@ -82,22 +83,6 @@ def server_processes(home: Path) -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def wait_for_log(process: subprocess.Popen, marker: str, timeout: float) -> bool:
-    """Read the `log: PATH` line, then poll that file until `marker` appears."""
-    log_path = None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if log_path is None:
-            line = process.stdout.readline()
-            if line.startswith("log: "):
-                log_path = Path(line.removeprefix("log: ").strip())
-            continue
-        if log_path.is_file() and marker in log_path.read_text(errors="replace"):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def one_fault(batch: Path, home: Path, point: str, rng: random.Random, clean: dict[str, str]) -> dict:

@@ -190,8 +190,7 @@ def mlflow_killed(batch: Path, folder: Path) -> dict:
     wait_for_log(run, "stage prune started", 600)
     kill_group(server)
     ended = _finish(run, time.monotonic(), outputs)
-    port = url.rsplit(":", 1)[1]
-    restarted, _ = _restart_mlflow(folder / "mlflow", port)
+    restarted, _ = start_mlflow_server(folder / "mlflow", int(url.rsplit(":", 1)[1]))
     rerun = _finish(_run(batch, env), time.monotonic(), outputs)
     checked, matching = published_matches(url, env)
     kill_group(restarted)
@@ -199,18 +198,6 @@ def mlflow_killed(batch: Path, folder: Path) -> dict:
     return _row("MLflow killed mid-prune", 90.0, ended, rerun[0], published=checked, matching=matching) | {
         "secrets_found": _secrets(home, outputs)
     }
-
-
-def _restart_mlflow(folder: Path, port: str) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port]
-    command += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--workers", "1"]
-    command += ["--artifacts-destination", str(folder / "artifacts")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    with open(folder / "server.log", "ab") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(f"{url}/health", process)
-    return process, url
 
 
 def hung_endpoint(batch: Path, folder: Path, service: str) -> dict:
@@ -227,9 +214,7 @@ def hung_endpoint(batch: Path, folder: Path, service: str) -> dict:
     started = time.monotonic()
     ended = _finish(_run(batch, _env(home, **extra)), started, outputs)
     silent.close()
-    return _row(f"hung {service} endpoint (preflight)", bound, ended, None) | {
-        "secrets_found": _secrets(home, outputs)
-    }
+    return _row(f"hung {service} endpoint (preflight)", bound, ended, None) | {"secrets_found": _secrets(home, outputs)}
 
 
 def corrupted_result(batch: Path, folder: Path) -> dict:
