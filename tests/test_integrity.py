@@ -88,13 +88,18 @@ def _store_manifest(uri: str) -> str:
     return (Path(uri.removeprefix("file://")) / "MANIFEST.json").read_text()
 
 
+def _published_once(tmp_path: Path, tiny_tokenizer, name: str):
+    """A tiny model x magnitude 50% batched once: its config and its one result."""
+    config = batch_mapping([str(save_tiny(tmp_path / "tiny", tiny_tokenizer))], RECIPE, name=name)
+    (first,) = compress_batch(config)
+    return config, first
+
+
 @pytest.mark.long
 def test_an_altered_cached_model_is_made_again_and_never_published(
     prefect_api, pipeline_home, tmp_path, tiny_tokenizer
 ):
-    model = str(save_tiny(tmp_path / "tiny", tiny_tokenizer))
-    config = batch_mapping([model], RECIPE, name="altered")
-    (first,) = compress_batch(config)
+    config, first = _published_once(tmp_path, tiny_tokenizer, "altered")
     (weights,) = (pipeline_home / "models").rglob("model.safetensors")
     good = hashlib.sha256(weights.read_bytes()).hexdigest()
     _flip_byte(weights)  # same size: only the sha256 tells (truncation: see the stamp test)
@@ -127,9 +132,7 @@ def test_other_bytes_for_a_published_key_go_under_their_content_key(
     prefect_api, pipeline_home, tmp_path, tiny_tokenizer
 ):
     """Two machines making one pair with different numerics: each MLflow run points at its own bytes."""
-    model = str(save_tiny(tmp_path / "tiny", tiny_tokenizer))
-    config = batch_mapping([model], RECIPE, name="two-publishers")
-    (first,) = compress_batch(config)
+    config, first = _published_once(tmp_path, tiny_tokenizer, "two-publishers")
     record = _published_record(first.model_uri)
     settings = Settings()
     # The same pair made elsewhere with other bytes: a committed folder of its own (as another machine has).

@@ -151,6 +151,19 @@ BAD_INPUTS = [
 ]
 
 
+def tiny_batch(folder: Path, recipes: list[dict]) -> tuple[Path, Path]:
+    """A tiny Llama with a trained tokenizer under `folder`, and a batch file of it x `recipes`."""
+    model = folder / "tiny-llama"
+    tiny_model("llama").save_pretrained(model)
+    build_tiny_tokenizer().save_pretrained(model)
+    batch = folder / "batch.yaml"
+    mapping = batch_mapping([str(model)], recipes, name="faults")
+    mapping["calibration"].update(data=str(WIKITEXT_VALID), samples=16, seq_len=128)
+    mapping["evaluation"]["perplexity"] = [str(WIKITEXT_TEST)]
+    batch.write_text(yaml.safe_dump(mapping))
+    return model, batch
+
+
 def bad_input_table(model: Path, folder: Path, home: Path) -> list[dict]:
     home.parent.mkdir(parents=True, exist_ok=True)
     (folder / "broken.yaml").write_text("name: b\nmodels: [a\n")
@@ -198,14 +211,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="secateur-faults-") as scratch:
         folder = Path(scratch)
-        model = folder / "tiny-llama"
-        tiny_model("llama").save_pretrained(model)
-        build_tiny_tokenizer().save_pretrained(model)
-        batch = folder / "batch.yaml"
-        mapping = batch_mapping([str(model)], RECIPES, name="faults")
-        mapping["calibration"].update(samples=16, seq_len=128)
-        mapping["evaluation"]["perplexity"] = [str(WIKITEXT_TEST)]
-        batch.write_text(yaml.safe_dump(mapping))
+        model, batch = tiny_batch(folder, RECIPES)
         clean_home = folder / "clean" / "home"
         clean_home.parent.mkdir()
         started = time.perf_counter()

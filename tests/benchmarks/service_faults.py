@@ -13,10 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import boto3
-import yaml
 
+from tests.benchmarks.bench_faults import tiny_batch
 from tests.benchmarks.common import ROOT, write_results
-from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID, batch_mapping, build_tiny_tokenizer, tiny_model
 from tests.services import (
     SilentServer,
     free_port,
@@ -243,14 +242,7 @@ def corrupted_result(batch: Path, folder: Path) -> dict:
 def run_service_faults() -> None:
     with tempfile.TemporaryDirectory(prefix="secateur-service-faults-") as scratch:
         folder = Path(scratch)
-        model = folder / "tiny-llama"
-        tiny_model("llama").save_pretrained(model)
-        build_tiny_tokenizer().save_pretrained(model)
-        batch = folder / "batch.yaml"
-        mapping = batch_mapping([str(model)], [{"name": "sparsegpt50", "method": "sparsegpt", "sparsity": 0.5}])
-        mapping["calibration"].update(data=str(WIKITEXT_VALID), samples=16, seq_len=128)
-        mapping["evaluation"]["perplexity"] = [str(WIKITEXT_TEST)]
-        batch.write_text(yaml.safe_dump(mapping))
+        _, batch = tiny_batch(folder, [{"name": "sparsegpt50", "method": "sparsegpt", "sparsity": 0.5}])
         scenarios = {
             "prefect": lambda f: prefect_killed(batch, f),
             "s3": lambda f: s3_killed_restarted(batch, f),
