@@ -197,8 +197,10 @@ def evaluate_once(model_path: str, model_fingerprint: str, spec: EvaluationSpec,
 
 
 def _keep(path: Path, text: str) -> None:
-    if not (path.is_file() and path.read_text() == text):
-        write_atomic(path, text)
+    """`text` in `path`, sealed; a reuse of the sealed file itself writes nothing."""
+    if path.is_file() and path.read_text() == text and file_intact(path):
+        return
+    write_atomic(path, text)
     seal(path, [""])
 
 
