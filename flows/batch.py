@@ -121,7 +121,7 @@ def _compress_pair(
             before_recovery = stages.run(
                 "evaluate_before_recovery", evaluate_task, pruned.path, measured_identity(pruned), before_spec
             )
-        recovered = stages.run("recover", stored(recover, settings), pruned, recipe.recovery)
+        recovered = stages.run("recover", stored(recover, settings), pruned, recipe.recovery, snapshot)
         final_path, final_fingerprint = recovered.path, measured_identity(recovered)
     result = stages.run("evaluate", evaluate_task, final_path, final_fingerprint, evaluation)
     record = PairRecord(

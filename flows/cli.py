@@ -30,16 +30,24 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="unstructured ratio in (0, 1), e.g. 0.5")
     target.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4")
-    target.add_argument("--ratio", type=float, help="llm_pruner: fraction of all parameters to remove, e.g. 0.2")
+    target.add_argument("--ratio", type=float, help="llm_pruner, depth: fraction of the parameters to remove, e.g. 0.2")
     parser.add_argument("--allocation", choices=["uniform", "owl"], help="per-block sparsity (owl: from outliers)")
-    structured = parser.add_argument_group("llm_pruner")
+    structured = parser.add_argument_group("structured (llm_pruner: width, depth: whole blocks)")
+    structured.add_argument("--ratio-of", choices=["decoder", "all"], help="what --ratio counts (default decoder)")
+    structured.add_argument(
+        "--widths", choices=["uniform", "per_block"], help="llm_pruner: uniform (stock config, default) | per_block"
+    )
+    structured.add_argument("--depth-importance", choices=["loss", "influence"], help="depth: default loss")
     structured.add_argument("--importance", choices=["element1", "element2", "vector"], help="default element1")
     structured.add_argument("--aggregation", choices=["sum", "mean", "max", "prod"], help="default sum")
-    structured.add_argument("--keep-first", type=int, help="leading blocks kept whole (default 4)")
-    structured.add_argument("--keep-last", type=int, help="trailing blocks kept whole (default 2)")
+    structured.add_argument("--keep-first", type=int, help="widths per_block: leading blocks kept whole (default 4)")
+    structured.add_argument("--keep-last", type=int, help="widths per_block: trailing blocks kept whole (default 2)")
     structured.add_argument("--attention-unit", choices=["q_heads", "kv_groups"], help="default q_heads")
     structured.add_argument("--recovery-steps", type=int, help="LoRA recovery steps after pruning")
-    structured.add_argument("--recovery-data", help="LoRA recovery text (a data spec like --calibration)")
+    structured.add_argument(
+        "--distill-tokens", type=int, help="distillation from the dense model after pruning: training tokens"
+    )
+    structured.add_argument("--recovery-data", help="recovery text (a data spec like --calibration)")
     parser.add_argument(
         "--calibration", required=True, help="text file, jsonl:PATH:FIELD or hf://dataset[/config]:split:field"
     )
@@ -93,9 +101,14 @@ def _recipe_from_args(args: argparse.Namespace):
         "keep_first": args.keep_first,
         "keep_last": args.keep_last,
         "attention_unit": args.attention_unit,
+        "ratio_of": args.ratio_of,
+        "widths": args.widths,
+        "depth_importance": args.depth_importance,
     }
     base = Recipe.read_yaml(args.recipe) if args.recipe is not None else {}
     recovery = {"steps": args.recovery_steps, "data": args.recovery_data}
+    if args.distill_tokens is not None:
+        recovery |= {"kind": "distill", "tokens": args.distill_tokens}
     if any(v is not None for v in recovery.values()):
         flags["recovery"] = {**(base.get("recovery") or {}), **{k: v for k, v in recovery.items() if v is not None}}
     return Recipe.with_overrides(base, flags)
@@ -130,7 +143,7 @@ def _run_prune(args: argparse.Namespace) -> dict:
     pruned = prune_with_checkpoints(snapshot, calibration, recipe.without_recovery(), settings, progress=True)
     final = Path(pruned.path)
     if recipe.recovery is not None:
-        final = Path(recover_with_checkpoints(pruned, recipe.recovery, settings, progress=True).path)
+        final = Path(recover_with_checkpoints(pruned, recipe.recovery, settings, snapshot, progress=True).path)
     deliver_folder(final, args.out)
     report = finished_report(args.out, remember=False)  # hashed in full; no stamp file beside the user's folder
     if report is None:
@@ -193,6 +206,14 @@ def _print_structured(report: PruneReport) -> dict:
     structure = report.structure
     before, after = structure.parameters_before, structure.parameters_after
     print(f"parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)")
+    if structure.counts_before is not None and structure.counts_after is not None:
+        for part in ("decoder", "embeddings"):
+            was, now = getattr(structure.counts_before, part), getattr(structure.counts_after, part)
+            print(f"  {part} {was:,} -> {now:,} ({1 - now / max(was, 1):.1%} removed)")
+    if structure.removed_blocks:
+        print(f"blocks removed: {', '.join(map(str, structure.removed_blocks))}")
+    loads = "stock transformers from_pretrained" if structure.loads_with_from_pretrained else "secateur only"
+    print(f"loads with: {loads}")
     print(
         f"CPU forward latency ({structure.latency_tokens} tokens): "
         f"{structure.latency_ms_before:.1f} ms -> {structure.latency_ms_after:.1f} ms"
@@ -207,7 +228,8 @@ def _print_structured(report: PruneReport) -> dict:
     }
     if report.recovery is not None:
         losses = report.recovery.losses
-        print(f"LoRA recovery: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        kind = "distillation" if report.recovery.spec.get("kind") == "distill" else "LoRA recovery"
+        print(f"{kind}: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         summary["recovery_loss"] = [losses[0], losses[-1]]
     return summary
 

@@ -9,14 +9,21 @@ import torch
 from torch import nn
 
 from pruning_core.data import calibration_windows, tokenize_text
+from pruning_core.distill import DistillSpec, distill
 from pruning_core.engine import BlockResult, prune_model
 from pruning_core.modeling import cast_for_saving, save_model, saved_weight_names, sparsity_report
 from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
 from pruning_core.recovery import RecoveryResult, RecoverySpec, TrainingState, recover
-from pruning_core.report import Provenance, PruneReport, StructureReport
-from pruning_core.structured.llm_pruner import forward_latency_ms, prune_structured
+from pruning_core.report import ParameterCounts, Provenance, PruneReport, StructureReport
+from pruning_core.structured.depth import prune_depth
+from pruning_core.structured.llm_pruner import (
+    embedding_parameter_count,
+    forward_latency_ms,
+    parameter_count,
+    prune_structured,
+)
 from pruning_core.structured.storage import save_structured
 
 
@@ -100,43 +107,67 @@ def prune_structured_to_folder(
     latency_tokens: int = 128,
     save_dtype: torch.dtype | None = None,
 ) -> PruneReport:
-    """LLM-Pruner on `model` in place; save the smaller model with `sparsity.json`; return that report.
+    """Width (llm_pruner) or depth pruning of `model` in place; save the smaller model with `sparsity.json`.
 
-    The report has parameters before/after, each block's widths and the CPU latency of a forward pass.
+    The report has parameters before/after (decoder, embeddings, all), each block's widths or the blocks
+    removed, and the CPU latency of a forward pass. `statistics`: llm_pruner's gradient statistics, or
+    depth's block importance under the key `block_importance`.
     """
     latency_before = forward_latency_ms(model, latency_tokens)
-    result = prune_structured(model, calibration_ids, recipe.structured_settings(), device, progress, statistics)
+    counts_before = parameter_counts(model)
+    if recipe.method == "depth":
+        importance = None if statistics is None else statistics["block_importance"].tolist()
+        depth = prune_depth(model, calibration_ids, recipe.depth_settings(), device, progress, importance)
+        seconds, block_share, shapes = depth.seconds, len(depth.removed) / len(depth.importance), {}
+        removed_blocks, block_importance = depth.removed, depth.importance
+    else:
+        result = prune_structured(model, calibration_ids, recipe.structured_settings(), device, progress, statistics)
+        seconds, block_share = result.seconds, result.block_share
+        shapes = {str(k): v for k, v in result.layer_shapes().items()}
+        removed_blocks, block_importance = [], []
     latency_after = forward_latency_ms(model, latency_tokens)
     with cast_for_saving(model, save_dtype):
         loads_with_from_pretrained = save_structured(model, tokenizer, out_dir)
+    counts_after = parameter_counts(model)
     structure = StructureReport(
-        parameters_before=result.parameters_before,
-        parameters_after=result.parameters_after,
-        block_share=result.block_share,
-        block_shapes={str(k): v for k, v in result.layer_shapes().items()},
+        parameters_before=counts_before.total,
+        parameters_after=counts_after.total,
+        counts_before=counts_before,
+        counts_after=counts_after,
+        ratio_of=recipe.ratio_of,
+        block_share=block_share,
+        block_shapes=shapes,
+        removed_blocks=removed_blocks,
+        block_importance=block_importance,
         latency_ms_before=latency_before,
         latency_ms_after=latency_after,
         latency_tokens=latency_tokens,
         loads_with_from_pretrained=loads_with_from_pretrained,
     )
+    counted = "total" if recipe.ratio_of == "all" else "decoder"
     report = PruneReport(
-        total=result.removed,
-        parameters=result.parameters_after,
+        total=1 - getattr(counts_after, counted) / getattr(counts_before, counted),
+        parameters=counts_after.total,
         recipe=recipe.model_dump(mode="json"),
         recipe_fingerprint=recipe.fingerprint(),
         provenance=provenance,
-        prune_seconds=result.seconds,
+        prune_seconds=seconds,
         structure=structure,
     )
     report.write(out_dir)
     return report
 
 
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    total, embeddings = parameter_count(model), embedding_parameter_count(model)
+    return ParameterCounts(total=total, embeddings=embeddings, decoder=total - embeddings)
+
+
 def recover_to_folder(
     model: nn.Module,
     tokenizer,
     rows: list[str],
-    spec: RecoverySpec,
+    spec: RecoverySpec | DistillSpec,
     out_dir: str | Path,
     device: str = "cpu",
     progress: bool = True,
@@ -144,10 +175,20 @@ def recover_to_folder(
     on_checkpoint: Callable[[TrainingState], None] | None = None,
     checkpoint_every: int = 25,
     save_dtype: torch.dtype | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[nn.Module, RecoveryResult]:
-    """LoRA recovery on the rows of a data spec, merged and saved like any structurally pruned model."""
+    """LoRA or distillation recovery on the rows of a data spec, saved like any structurally pruned model.
+
+    `teacher`: the dense model, which distillation needs.
+    """
     tokens = tokenize_text(tokenizer, rows)
-    merged, result = recover(model, tokens, spec, device, progress, start, on_checkpoint, checkpoint_every)
+    hooks = {"start": start, "on_checkpoint": on_checkpoint, "checkpoint_every": checkpoint_every}
+    if isinstance(spec, DistillSpec):
+        if teacher is None:
+            raise ValueError("distillation needs the dense model as its teacher")
+        merged, result = distill(model, teacher, tokens, spec, device, progress, **hooks)
+    else:
+        merged, result = recover(model, tokens, spec, device, progress, **hooks)
     with cast_for_saving(merged, save_dtype):
         save_structured(merged, tokenizer, out_dir)
     return merged, result

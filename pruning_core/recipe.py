@@ -6,21 +6,26 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from pruning_core.distill import DistillSpec
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods.base import Refit
 from pruning_core.recovery import RecoverySpec
+from pruning_core.structured.depth import DepthImportance, DepthSettings
 from pruning_core.structured.groups import AttentionUnit
 from pruning_core.structured.importance import Aggregation, Importance
-from pruning_core.structured.llm_pruner import StructuredSettings
+from pruning_core.structured.llm_pruner import RatioOf, StructuredSettings, Widths
 
 # Fields added after recipes were first fingerprinted: left out of the canonical JSON while they hold
 # their defaults, so that existing recipes keep their fingerprints (and their cached results).
-_STRUCTURED_FIELDS = ("importance", "aggregation", "keep_first", "keep_last", "attention_unit")
+_WIDTH_FIELDS = ("importance", "aggregation", "keep_first", "keep_last", "attention_unit", "widths")
+# What a structured ratio means changed with them (uniform widths, ratios of the decoder): structured
+# recipes always carry them, so none keeps the fingerprint of a result made under the old meaning.
+_STRUCTURED_MEANING = ("widths", "ratio_of")
 _OWL_FIELDS = ("owl_m", "owl_lambda")
 _LATER_FIELDS = (
     "ratio",
@@ -29,6 +34,9 @@ _LATER_FIELDS = (
     "keep_first",
     "keep_last",
     "attention_unit",
+    "widths",
+    "ratio_of",
+    "depth_importance",
     "recovery",
     "allocation",
     "owl_m",
@@ -36,6 +44,17 @@ _LATER_FIELDS = (
     "refit",
     "dtype",
 )
+
+
+def _recovery_kind(value: Any) -> str:
+    return value.get("kind", "lora") if isinstance(value, dict) else getattr(value, "kind", "lora")
+
+
+# `kind: distill` (from the dense model) or LoRA on next-token loss (`kind: lora`, the default: recipes before
+# distillation had no kind).
+Recovery = Annotated[
+    Annotated[RecoverySpec, Tag("lora")] | Annotated[DistillSpec, Tag("distill")], Discriminator(_recovery_kind)
+]
 
 
 class Recipe(BaseModel):
@@ -66,14 +85,35 @@ class Recipe(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="dtype the variant is saved in; auto: the source's (bfloat16 for a GGUF)"
     )
-    # Structured pruning (llm_pruner)
-    ratio: float | None = Field(default=None, gt=0.0, lt=1.0, description="llm_pruner: fraction of parameters removed")
+    # Structured pruning (llm_pruner: width, depth: whole blocks)
+    ratio: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="llm_pruner, depth: fraction of the parameters removed"
+    )
+    ratio_of: RatioOf = Field(
+        default="decoder",
+        description="llm_pruner, depth: what `ratio` counts: decoder (the blocks, the default: the same meaning "
+        "whatever the vocabulary) | all (embeddings included, as LLM-Pruner's paper counts)",
+    )
+    widths: Widths = Field(
+        default="uniform",
+        description="llm_pruner: uniform (every block the same widths: a stock config) | per_block "
+        "(keep_first/keep_last blocks whole; loads with secateur only)",
+    )
     importance: Importance = Field(default="element1", description="llm_pruner: element1 | element2 | vector")
     aggregation: Aggregation = Field(default="sum", description="llm_pruner: per-group sum | mean | max | prod")
-    keep_first: int = Field(default=4, ge=0, description="llm_pruner: leading blocks kept whole")
-    keep_last: int = Field(default=2, ge=0, description="llm_pruner: trailing blocks kept whole")
+    keep_first: int | None = Field(
+        default=None, ge=0, description="llm_pruner, widths per_block: leading blocks kept whole (default 4)"
+    )
+    keep_last: int | None = Field(
+        default=None, ge=0, description="llm_pruner, widths per_block: trailing blocks kept whole (default 2)"
+    )
     attention_unit: AttentionUnit = Field(default="q_heads", description="llm_pruner: q_heads | kv_groups")
-    recovery: RecoverySpec | None = Field(default=None, description="llm_pruner: LoRA recovery after pruning")
+    depth_importance: DepthImportance = Field(
+        default="loss", description="depth: loss (calibration loss increase when a block is skipped) | influence"
+    )
+    recovery: Recovery | None = Field(
+        default=None, description="llm_pruner, depth: recovery after pruning (distill, or LoRA on next tokens)"
+    )
     # Layer-wise allocation of an unstructured sparsity
     allocation: Literal["uniform", "owl"] = Field(default="uniform", description="uniform | owl")
     owl_m: float = Field(default=5.0, gt=0.0, description="OWL: outlier threshold, times the block's mean score")
@@ -120,9 +160,14 @@ class Recipe(BaseModel):
             if self.layer_sparsity or self.skip or self.true_sequential or self.refit != "cg":
                 raise ValueError(f"{self.method} prunes whole blocks: use keep_first/keep_last, not per-layer fields")
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
+            if self.method == "depth":
+                self._only_defaults(_WIDTH_FIELDS, "llm_pruner (width pruning), not depth")
+            else:
+                self._only_defaults(("depth_importance",), "depth")
+                self.structured_settings()  # widths and kept blocks agree
             return self
         if self.ratio is not None or self.recovery is not None:
-            raise ValueError("'ratio' and 'recovery' belong to structured methods (llm_pruner)")
+            raise ValueError("'ratio' and 'recovery' belong to structured methods (llm_pruner, depth)")
         if (self.sparsity is None) == (self.pattern is None):
             raise ValueError("give exactly one of 'sparsity' (a ratio in (0, 1)) or 'pattern' (N:M such as '2:4')")
         if self.allocation == "owl":
@@ -132,7 +177,9 @@ class Recipe(BaseModel):
                 raise ValueError(f"with owl_lambda {self.owl_lambda} the sparsity must lie in (2λ, 1 - 2λ)")
         else:
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
-        self._only_defaults(_STRUCTURED_FIELDS, "llm_pruner")
+        self._only_defaults(_WIDTH_FIELDS, "llm_pruner")
+        self._only_defaults(("depth_importance",), "depth")
+        self._only_defaults(("ratio_of",), "structured methods (llm_pruner, depth)")
         if self.method != "apt":
             self._only_defaults(("refit",), "apt")
         return self
@@ -146,6 +193,8 @@ class Recipe(BaseModel):
     def structured_settings(self) -> StructuredSettings:
         return StructuredSettings(
             ratio=self.ratio,
+            ratio_of=self.ratio_of,
+            widths=self.widths,
             importance=self.importance,
             aggregation=self.aggregation,
             keep_first=self.keep_first,
@@ -153,13 +202,17 @@ class Recipe(BaseModel):
             attention_unit=self.attention_unit,
         )
 
+    def depth_settings(self) -> DepthSettings:
+        return DepthSettings(ratio=self.ratio, ratio_of=self.ratio_of, importance=self.depth_importance)
+
     def without_recovery(self) -> Recipe:
         """The prune alone: recipes differing only in recovery share one structured prune."""
         return self.model_copy(update={"recovery": None})
 
     def describe(self) -> str:
         if self.structured:
-            return f"{self.ratio:.0%} of parameters"
+            kind = "blocks" if self.method == "depth" else "width"
+            return f"{self.ratio:.0%} of {'all' if self.ratio_of == 'all' else 'decoder'} parameters ({kind})"
         return self.target.describe() + (" (OWL)" if self.allocation == "owl" else "")
 
     @property
@@ -174,7 +227,8 @@ class Recipe(BaseModel):
         data = self.model_dump(mode="json")
         for name in _LATER_FIELDS:
             if getattr(self, name) == type(self).model_fields[name].default:
-                del data[name]
+                if not (self.structured and name in _STRUCTURED_MEANING):
+                    del data[name]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:

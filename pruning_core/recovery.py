@@ -1,4 +1,5 @@
-"""Fast recovery after structured pruning: LoRA on a small text set, merged back into the weights.
+"""Recovery after structured pruning by LoRA on next-token loss, merged back into the weights (the other
+recovery, distillation from the dense model, is `pruning_core.distill`).
 
 Training is deterministic and resumable: the batch of step t is drawn with a generator seeded by
 (seed, t) and dropout is reseeded every step, so a run resumed from the state saved after step t
@@ -11,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,6 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.adapters import LLAMA_PROJECTIONS
+
+if TYPE_CHECKING:
+    from pruning_core.distill import DistillSpec
 
 ALL_PROJECTIONS = LLAMA_PROJECTIONS.leaves
 
@@ -27,6 +32,8 @@ class RecoverySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Left out of dumps: LoRA recoveries predate `kind`, their recipes keep their fingerprints.
+    kind: Literal["lora"] = Field(default="lora", exclude=True)
     data: str = Field(min_length=1, description="data spec of the training text (file, jsonl:PATH:FIELD, hf://)")
     steps: int = Field(ge=1, le=1_000_000)
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
@@ -52,9 +59,10 @@ class TrainingState:
 
     step: int
     losses: list[float]
-    adapter: dict[str, torch.Tensor]
+    adapter: dict[str, torch.Tensor]  # the trained tensors: LoRA adapters, or every weight when distilling all
     optimizer: dict[str, torch.Tensor]
     optimizer_groups: list[dict]
+    heldout: dict[int, float] = field(default_factory=dict)  # step -> held-out perplexity (distillation)
 
 
 @dataclass
@@ -62,9 +70,10 @@ class RecoveryResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from_step: int = 0
+    heldout: dict[int, float] = field(default_factory=dict)  # step -> held-out perplexity (distillation)
 
 
-def step_batch(tokens: torch.Tensor, spec: RecoverySpec, step: int) -> torch.Tensor:
+def step_batch(tokens: torch.Tensor, spec: RecoverySpec | DistillSpec, step: int) -> torch.Tensor:
     """The training windows of step `step` (batch_size x seq_len), the same on every run."""
     if len(tokens) <= spec.seq_len:
         raise ValueError(f"recovery data has {len(tokens)} tokens, fewer than one window of {spec.seq_len}")
@@ -73,7 +82,7 @@ def step_batch(tokens: torch.Tensor, spec: RecoverySpec, step: int) -> torch.Ten
     return torch.stack([tokens[s : s + spec.seq_len] for s in starts.tolist()])
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     state = optimizer.state_dict()
     tensors = {
         f"{index}.{key}": torch.as_tensor(value).detach().cpu().clone()
@@ -84,7 +93,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, groups
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         index, key = name.split(".", 1)
@@ -131,7 +140,7 @@ def recover(
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(start.adapter[name])
-        _restore_optimizer(optimizer, start.optimizer, start.optimizer_groups)
+        restore_optimizer(optimizer, start.optimizer, start.optimizer_groups)
         first, result.losses, result.resumed_from_step = start.step, list(start.losses), start.step
     peft_model.train()
     bar = tqdm(range(first, spec.steps), desc="LoRA recovery", disable=not progress)
@@ -149,7 +158,7 @@ def recover(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
         if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
-            tensors, groups = _optimizer_tensors(optimizer)
+            tensors, groups = optimizer_tensors(optimizer)
             adapter = {name: p.detach().cpu().clone() for name, p in trainable.items()}
             on_checkpoint(TrainingState(done, list(result.losses), adapter, tensors, groups))
     merged = peft_model.merge_and_unload()

@@ -10,15 +10,31 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 REPORT_FILE = "sparsity.json"  # written last into a pruned model folder: its presence means complete
 
 
+class ParameterCounts(BaseModel):
+    """Parameters of a model: the decoder (its blocks and norms), the embeddings (input and output, a tied
+    head counted once), and all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    total: int
+    decoder: int
+    embeddings: int
+
+
 class StructureReport(BaseModel):
-    """What structured pruning changed: sizes, per-block widths, CPU forward latency."""
+    """What structured pruning changed: sizes, per-block widths or the blocks removed, CPU forward latency."""
 
     model_config = ConfigDict(extra="forbid")
 
     parameters_before: int
     parameters_after: int
-    block_share: float  # share of each pruned block's projection parameters removed
+    counts_before: ParameterCounts | None = None
+    counts_after: ParameterCounts | None = None
+    ratio_of: str = "all"  # what the recipe's ratio counted (reports before ratio_of counted all)
+    block_share: float  # width: share of each pruned block's projections removed; depth: of the blocks
     block_shapes: dict[str, dict[str, int]]
+    removed_blocks: list[int] = []  # depth pruning: indices in the dense model
+    block_importance: list[float] = []  # depth pruning: per dense block, larger is more important
     latency_ms_before: float
     latency_ms_after: float
     latency_tokens: int
@@ -26,12 +42,20 @@ class StructureReport(BaseModel):
 
     def metrics(self) -> dict[str, float]:
         """The numeric fields tracked per run."""
+        counts = {
+            f"parameters_{part}_{when}": float(getattr(counted, part))
+            for when, counted in (("before", self.counts_before), ("after", self.counts_after))
+            if counted is not None
+            for part in ("decoder", "embeddings")
+        }
         return {
             "parameters_before": float(self.parameters_before),
             "parameters_after": float(self.parameters_after),
+            **counts,
             "latency_ms_before": self.latency_ms_before,
             "latency_ms_after": self.latency_ms_after,
             "block_share": self.block_share,
+            "blocks_removed": float(len(self.removed_blocks)),
         }
 
 
@@ -43,6 +67,7 @@ class RecoveryReport(BaseModel):
     losses: list[float]
     seconds: float
     resumed_from_step: int = 0
+    heldout: dict[int, float] = {}  # distillation: step -> held-out perplexity
 
 
 class Provenance(BaseModel):

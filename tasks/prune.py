@@ -27,6 +27,7 @@ from pruning_core.methods import method_version
 from pruning_core.modeling import load_for_compute, output_dtype
 from pruning_core.recipe import Recipe
 from pruning_core.report import REPORT_FILE, Provenance, PruneReport
+from pruning_core.structured.depth import block_importance, blocks_to_remove
 from pruning_core.structured.importance import gradient_statistics
 from pruning_core.structured.llm_pruner import statistics_weights
 from tasks.calibrate import CalibrationSet, load_calibration
@@ -225,6 +226,20 @@ def _allocation(model, ids, recipe: Recipe, settings: Settings, run: str, progre
     return block_sparsity
 
 
+def structured_statistics(
+    model: torch.nn.Module, ids: torch.Tensor, recipe: Recipe, device: str, progress: bool
+) -> dict[str, torch.Tensor]:
+    """The slow measurement of a structured prune, checkpointed: gradient sums (width) or block importance (depth)."""
+    if recipe.method == "depth":
+        settings = recipe.depth_settings()
+        blocks_to_remove(model, settings)  # refuse an impossible ratio before the measurement
+        importance = block_importance(model, ids, settings.importance, device, progress)
+        return {"block_importance": torch.tensor(importance, dtype=torch.float64)}
+    structured = recipe.structured_settings()
+    weights = statistics_weights(model, structured)
+    return gradient_statistics(model, weights, ids, structured.importance, device, progress)
+
+
 def _prune_structured(
     snapshot: ModelSnapshot,
     calibration: CalibrationSet,
@@ -234,20 +249,19 @@ def _prune_structured(
     out: Path,
     progress: bool,
 ) -> PruneReport:
-    """LLM-Pruner; its checkpoint is the gradient statistics (the slow part), so a rerun skips that pass."""
+    """Width or depth pruning; its checkpoint is the importance statistics (the slow part), so a rerun skips
+    that pass."""
     started = time.perf_counter()
     checkpoint = StageCheckpoint(settings.root / "work" / run / "gradients", run)
     model, tokenizer = load_for_compute(snapshot.path, settings.device, settings.trust_remote_code)
     ids = load_calibration(calibration)
     saved = checkpoint.read()
     if saved is None:
-        structured = recipe.structured_settings()
-        weights = statistics_weights(model, structured)
-        statistics = gradient_statistics(model, weights, ids, structured.importance, settings.device, progress)
+        statistics = structured_statistics(model, ids, recipe, settings.device, progress)
         checkpoint.write(statistics, {"seconds": time.perf_counter() - started})
     else:
         statistics = saved[0]
-        log.info("resuming %s from checkpointed gradient statistics", snapshot.spec)
+        log.info("resuming %s from checkpointed importance statistics", snapshot.spec)
     staging = staging_folder(out)
     save_dtype = output_dtype(recipe.dtype, snapshot.path)
     report = prune_structured_to_folder(

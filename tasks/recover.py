@@ -1,4 +1,5 @@
-"""recover: LoRA fine-tuning of a structurally pruned model, checkpointed so a rerun continues where it stopped."""
+"""recover: distillation from the dense model (or LoRA on next-token loss) of a structurally pruned model,
+checkpointed so a rerun continues where it stopped."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from infra.locks import exclusive
 from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.data import read_rows
+from pruning_core.distill import DistillSpec
 from pruning_core.job import recover_to_folder
 from pruning_core.modeling import load_for_compute, storage_dtype
 from pruning_core.recovery import RecoverySpec, TrainingState
 from pruning_core.report import PruneReport, RecoveryReport
 from tasks.calibrate import data_identity
+from tasks.fetch import ModelSnapshot
 from tasks.prune import (
     PrunedModel,
     commit_folder,
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 RECOVERY_VERSION = "1"  # bump when recovery's output changes
 CHECKPOINT_EVERY = 25  # steps between training-state checkpoints
 
+RecoveryKind = RecoverySpec | DistillSpec
+
 
 class RecoveredModel(BaseModel):
     path: StatePath
@@ -43,9 +48,11 @@ class RecoveredModel(BaseModel):
     losses: list[float]
     seconds: float
     resumed_from_step: int = 0
+    heldout: dict[int, float] = {}  # distillation: step -> held-out perplexity (step 0: before training)
 
 
-def recovery_fingerprint(pruned: PrunedModel, spec: RecoverySpec) -> str:
+def recovery_fingerprint(pruned: PrunedModel, spec: RecoveryKind) -> str:
+    """The teacher of a distillation is the dense model the pruned one came from: `pruned` names it."""
     return fingerprint(
         {
             "pruned": pruned.fingerprint,
@@ -71,18 +78,21 @@ def _state_from(tensors: dict, meta: dict) -> TrainingState:
     def part(prefix: str) -> dict:
         return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
-    return TrainingState(meta["step"], meta["losses"], part("adapter."), part("optimizer."), meta["optimizer_groups"])
+    heldout = {int(step): value for step, value in meta.get("heldout", {}).items()}
+    return TrainingState(
+        meta["step"], meta["losses"], part("adapter."), part("optimizer."), meta["optimizer_groups"], heldout
+    )
 
 
 def recover_with_checkpoints(
-    pruned: PrunedModel, spec: RecoverySpec, settings: Settings, progress: bool = False
+    pruned: PrunedModel, spec: RecoveryKind, settings: Settings, teacher: ModelSnapshot, progress: bool = False
 ) -> RecoveredModel:
     run = recovery_fingerprint(pruned, spec)
     out = Path(pruned.path).with_name(f"{Path(pruned.path).name}-recovered-{run[:16]}")
     with exclusive(settings.path("locks"), f"recover-{run}"):
         report = finished_report(out) or pull_finished(settings, f"recovered/{run}", out)
         if report is None or report.recovery is None:
-            report = _recover(pruned, spec, settings, run, out, progress)
+            report = _recover(pruned, spec, settings, teacher=teacher, run=run, out=out, progress=progress)
             push_folder(settings, f"recovered/{run}", out)
     recovery = report.recovery
     return RecoveredModel(
@@ -93,11 +103,19 @@ def recover_with_checkpoints(
         losses=recovery.losses,
         seconds=recovery.seconds,
         resumed_from_step=recovery.resumed_from_step,
+        heldout=recovery.heldout,
     )
 
 
 def _recover(
-    pruned: PrunedModel, spec: RecoverySpec, settings: Settings, run: str, out: Path, progress: bool
+    pruned: PrunedModel,
+    spec: RecoveryKind,
+    settings: Settings,
+    *,
+    teacher: ModelSnapshot,
+    run: str,
+    out: Path,
+    progress: bool,
 ) -> PruneReport:
     started = time.perf_counter()
     pruned_report = finished_report(Path(pruned.path), pruned.content)
@@ -111,10 +129,18 @@ def _recover(
         log.info("resuming recovery of %s at step %d of %d", pruned.path, start.step, spec.steps)
 
     def on_checkpoint(state: TrainingState) -> None:
-        meta = {"step": state.step, "losses": state.losses, "optimizer_groups": state.optimizer_groups}
+        meta = {
+            "step": state.step,
+            "losses": state.losses,
+            "optimizer_groups": state.optimizer_groups,
+            "heldout": {str(step): value for step, value in state.heldout.items()},
+        }
         checkpoint.write(_state_tensors(state), meta)
 
     model, tokenizer = load_for_compute(pruned.path, settings.device, settings.trust_remote_code)
+    dense = None
+    if isinstance(spec, DistillSpec):
+        dense, _ = load_for_compute(teacher.path, settings.device, settings.trust_remote_code)
     staging = staging_folder(out)
     _, result = recover_to_folder(
         model,
@@ -128,6 +154,7 @@ def _recover(
         on_checkpoint=on_checkpoint,
         checkpoint_every=CHECKPOINT_EVERY,
         save_dtype=storage_dtype(pruned.path),  # the pruned model's: the recipe chose it
+        teacher=dense,
     )
     recovery = RecoveryReport(
         spec=spec.model_dump(mode="json"),
@@ -135,6 +162,7 @@ def _recover(
         losses=result.losses,
         seconds=time.perf_counter() - started,
         resumed_from_step=result.resumed_from_step,
+        heldout=result.heldout,
     )
     report = commit_folder(staging, out, pruned_report.model_copy(update={"recovery": recovery}))
     checkpoint.clear()
@@ -142,6 +170,6 @@ def _recover(
 
 
 @task(name="recover", cache_key_fn=_cache_key, persist_result=True)
-def recover(pruned: PrunedModel, spec: RecoverySpec) -> RecoveredModel:
+def recover(pruned: PrunedModel, spec: RecoveryKind, teacher: ModelSnapshot) -> RecoveredModel:
     """No retries: the training-state checkpoint already makes a rerun cheap."""
-    return recover_with_checkpoints(pruned, spec, Settings())
+    return recover_with_checkpoints(pruned, spec, Settings(), teacher)

@@ -77,13 +77,14 @@ def test_llm_pruner_with_recovery_reports_parameters_and_saves_a_smaller_model(c
     code, stdout, stderr = run_cli(
         capsys,
         *("prune", tiny_model_dir, "--method", "llm_pruner", "--ratio", 0.1, "--importance", "element2"),
-        *("--keep-first", 1, "--keep-last", 0, "--recovery-steps", 3, "--recovery-data", WIKITEXT_VALID),
+        *("--widths", "per_block", "--ratio-of", "all", "--keep-first", 1, "--keep-last", 0),
+        *("--recovery-steps", 3, "--recovery-data", WIKITEXT_VALID),
         *("--calibration", WIKITEXT_VALID, "--samples", 4, "--seq-len", 32, "--out", out, "--json"),
     )
     assert code == 0, stderr
     result = last_json(stdout)
     assert result["parameters_after"] < result["parameters_before"]
-    assert result["removed"] == pytest.approx(0.1, abs=0.01) and result["target"] == "10% of parameters"
+    assert result["removed"] == pytest.approx(0.1, abs=0.01) and result["target"] == "10% of all parameters (width)"
     assert result["latency_ms_before"] > 0 and result["loads_with_from_pretrained"] is False
     assert len(result["recovery_loss"]) == 2 and "LoRA recovery: 3 steps" in stdout
     report = json.loads((out / "sparsity.json").read_text())
@@ -96,7 +97,7 @@ def test_llm_pruner_with_recovery_reports_parameters_and_saves_a_smaller_model(c
 def test_llm_pruner_with_nothing_to_prune_fails_after_loading_with_one_error_line(capsys, tiny_model_dir, tmp_path):
     code, _stdout, stderr = run_cli(
         capsys,
-        *("prune", tiny_model_dir, "--method", "llm_pruner", "--ratio", 0.1),
+        *("prune", tiny_model_dir, "--method", "llm_pruner", "--ratio", 0.1, "--widths", "per_block"),
         *("--calibration", WIKITEXT_VALID, "--out", tmp_path / "o"),
     )
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]

@@ -16,6 +16,9 @@ from pruning_core.recovery import RecoverySpec, TrainingState, recover
 from pruning_core.structured.llm_pruner import StructuredSettings, prune_structured
 from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID, tiny_model
 
+# LLM-Pruner's own setting: blocks kept whole at the ends, the ratio counting all parameters.
+PER_BLOCK = {"ratio_of": "all", "widths": "per_block"}
+
 IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
 
 
@@ -58,7 +61,7 @@ def test_owl_recipe_validation():
         Recipe(method="llm_pruner", sparsity=0.5)
     with pytest.raises(ValueError, match="unstructured"):
         Recipe(method="llm_pruner", ratio=0.2, allocation="owl")
-    assert Recipe(method="llm_pruner", ratio=0.2).describe() == "20% of parameters"
+    assert Recipe(method="llm_pruner", ratio=0.2).describe() == "20% of decoder parameters (width)"
     with pytest.raises(ValueError, match="2λ"):  # one outlier-heavy block could get a negative sparsity
         Recipe(method="wanda", sparsity=0.15, allocation="owl")
     with pytest.raises(ValueError, match="'keep_first' applies to llm_pruner only"):
@@ -95,7 +98,9 @@ def _pruned(trained_tiny):
     model = tiny_model("llama")
     model.load_state_dict(trained_tiny[0].state_dict())
     calibration = calibration_windows(trained_tiny[1], 8, 64, seed=99)
-    prune_structured(model, calibration, StructuredSettings(ratio=0.2, keep_first=0, keep_last=0), progress=False)
+    prune_structured(
+        model, calibration, StructuredSettings(ratio=0.2, **PER_BLOCK, keep_first=0, keep_last=0), progress=False
+    )
     return model
 
 

@@ -24,7 +24,16 @@ from tests.conftest import SHARED_DATA, WIKITEXT_VALID, batch_mapping, save_tiny
 
 RECOVERY = {"data": str(WIKITEXT_VALID), "steps": 4, "batch_size": 2, "seq_len": 32, "learning_rate": 1e-3}
 RECIPES = [
-    {"name": "llmp", "method": "llm_pruner", "ratio": 0.1, "keep_first": 1, "keep_last": 0, "recovery": RECOVERY},
+    {
+        "name": "llmp",
+        "method": "llm_pruner",
+        "ratio": 0.1,
+        "ratio_of": "all",
+        "widths": "per_block",
+        "keep_first": 1,
+        "keep_last": 0,
+        "recovery": RECOVERY,
+    },
     {"name": "owl", "method": "wanda", "sparsity": 0.5, "allocation": "owl"},
 ]
 
@@ -84,7 +93,16 @@ def test_structured_prune_and_recovery_resume_from_their_checkpoints(
     settings = Settings()
     snapshot = snapshot_model(str(save_tiny(tmp_path / "tiny", tiny_tokenizer)), settings)
     calibration = make_calibration(snapshot, CalibrationSpec(data=str(WIKITEXT_VALID), samples=4, seq_len=32), settings)
-    recipe = Recipe(method="llm_pruner", ratio=0.1, keep_first=1, keep_last=0, calibration_samples=4, seq_len=32)
+    recipe = Recipe(
+        method="llm_pruner",
+        ratio=0.1,
+        ratio_of="all",
+        widths="per_block",
+        keep_first=1,
+        keep_last=0,
+        calibration_samples=4,
+        seq_len=32,
+    )
 
     # Killed after the gradient pass: the rerun reuses the checkpointed statistics.
     original = prune_module.prune_structured_to_folder
@@ -113,10 +131,10 @@ def test_structured_prune_and_recovery_resume_from_their_checkpoints(
 
     monkeypatch.setattr(recover_module.StageCheckpoint, "write", write_then_die)
     with pytest.raises(_Killed):
-        recover_with_checkpoints(resumed, spec, settings)
+        recover_with_checkpoints(resumed, spec, settings, snapshot)
     monkeypatch.setattr(recover_module.StageCheckpoint, "write", write)
-    continued = recover_with_checkpoints(resumed, spec, settings)
-    straight = recover_with_checkpoints(fresh, spec, fresh_settings)
+    continued = recover_with_checkpoints(resumed, spec, settings, snapshot)
+    straight = recover_with_checkpoints(fresh, spec, fresh_settings, snapshot)
     assert continued.resumed_from_step == 2 and straight.resumed_from_step == 0
     assert continued.losses == straight.losses
     a, _ = load_model(continued.path)

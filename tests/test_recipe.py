@@ -20,7 +20,7 @@ def test_invalid_values_name_the_field_and_the_allowed_range():
     )
     line = error_line(method="pruneit", sparsity=0.5)
     assert line.startswith("invalid recipe: method: unknown method 'pruneit'")
-    assert "apt, llm_pruner, magnitude, sparsegpt, wanda" in line
+    assert "apt, depth, llm_pruner, magnitude, sparsegpt, wanda" in line
     assert "N < M" in error_line(method="apt", pattern="4:2")
     assert "exactly one of 'sparsity'" in error_line(method="apt", pattern="2:4", sparsity=0.5)
     assert "exactly one of 'sparsity'" in error_line(method="apt")

@@ -19,6 +19,9 @@ from pruning_core.structured.llm_pruner import (
 from pruning_core.structured.storage import SHAPES_KEY, has_block_shapes, save_structured
 from tests.conftest import tiny_model
 
+# LLM-Pruner's own setting: blocks kept whole at the ends, the ratio counting all parameters.
+PER_BLOCK = {"ratio_of": "all", "widths": "per_block"}
+
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
@@ -94,7 +97,7 @@ def test_fisher_statistics_are_sums_of_squared_per_sample_gradients():
 @pytest.mark.parametrize("importance", ["element1", "element2", "vector"])
 def test_prune_structured_removes_the_ratio_and_drops_the_least_important(importance):
     model = tiny_model("llama")
-    settings = StructuredSettings(ratio=0.1, importance=importance, keep_first=1, keep_last=1)
+    settings = StructuredSettings(ratio=0.1, **PER_BLOCK, importance=importance, keep_first=1, keep_last=1)
     result = prune_structured(model, IDS, settings, progress=False)
     assert [plan.index for plan in result.plans] == [1]
     assert result.parameters_after == parameter_count(model) < result.parameters_before
@@ -108,7 +111,7 @@ def test_importance_picks_channels_with_small_contribution():
     model = tiny_model("llama")
     with torch.no_grad():  # channels 0..9 of block 1 barely matter: tiny down_proj columns
         model.model.layers[1].mlp.down_proj.weight[:, :10] *= 1e-4
-    settings = StructuredSettings(ratio=0.02, keep_first=1, keep_last=1)
+    settings = StructuredSettings(ratio=0.02, **PER_BLOCK, keep_first=1, keep_last=1)
     result = prune_structured(model, IDS, settings, progress=False)
     kept = set(result.plans[0].keep_channels)
     assert 128 - len(kept) >= 10 and not kept & set(range(10))
@@ -119,7 +122,7 @@ def test_without_gqa_a_head_goes_with_its_k_and_v(tiny_tokenizer, tmp_path):
 
     folder = save_tiny(tmp_path / "mha", tiny_tokenizer, num_key_value_heads=4)
     model, _ = load_model(str(folder))
-    settings = StructuredSettings(ratio=0.1, keep_first=1, keep_last=1, attention_unit="q_heads")
+    settings = StructuredSettings(ratio=0.1, **PER_BLOCK, keep_first=1, keep_last=1, attention_unit="q_heads")
     result = prune_structured(model, IDS, settings, progress=False)
     after = result.plans[0].after
     assert after.heads == after.kv_heads < 4  # whole heads, not q heads alone
@@ -129,20 +132,22 @@ def test_without_gqa_a_head_goes_with_its_k_and_v(tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("family", ["phi3", "olmo2", "mixtral", "opt"])
 def test_a_family_llm_pruner_cannot_cut_is_refused_in_one_line(family):
     with pytest.raises(StructuredPruningError, match=f"llm_pruner supports the .* families, not '{family}'$"):
-        prune_structured(tiny_model(family), IDS, StructuredSettings(ratio=0.1, keep_first=0, keep_last=0))
+        prune_structured(tiny_model(family), IDS, StructuredSettings(ratio=0.1, **PER_BLOCK, keep_first=0, keep_last=0))
 
 
 def test_a_ratio_the_pruned_blocks_cannot_give_is_refused():
     with pytest.raises(StructuredPruningError, match="lower the ratio"):
-        prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.5, keep_first=1, keep_last=1))
+        prune_structured(
+            tiny_model("llama"), IDS, StructuredSettings(ratio=0.5, **PER_BLOCK, keep_first=1, keep_last=1)
+        )
     with pytest.raises(StructuredPruningError, match="nothing to prune"):
-        prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.1))
+        prune_structured(tiny_model("llama"), IDS, StructuredSettings(ratio=0.1, **PER_BLOCK))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"])
 def test_uniform_widths_load_with_plain_from_pretrained(tmp_path, tiny_tokenizer, family):
     model = tiny_model(family)
-    settings = StructuredSettings(ratio=0.3, keep_first=0, keep_last=0, attention_unit="kv_groups")
+    settings = StructuredSettings(ratio=0.3, **PER_BLOCK, keep_first=0, keep_last=0, attention_unit="kv_groups")
     prune_structured(model, IDS, settings, progress=False)
     assert save_structured(model, tiny_tokenizer, tmp_path) is True
     assert not has_block_shapes(tmp_path)
@@ -154,7 +159,7 @@ def test_uniform_widths_load_with_plain_from_pretrained(tmp_path, tiny_tokenizer
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_heterogeneous_widths_round_trip_through_our_loader(tmp_path, tiny_tokenizer, family):
     model = tiny_model(family)
-    prune_structured(model, IDS, StructuredSettings(ratio=0.15, keep_first=1, keep_last=0), progress=False)
+    prune_structured(model, IDS, StructuredSettings(ratio=0.15, **PER_BLOCK, keep_first=1, keep_last=0), progress=False)
     assert save_structured(model, tiny_tokenizer, tmp_path) is False
     assert has_block_shapes(tmp_path)
     with pytest.raises(ValueError, match="secateur_structured"):

@@ -13,9 +13,10 @@ METHODS: dict[str, Method] = {
     "apt": Method(prune=prune_apt, needs="hessian", version="2"),  # 2: conjugate-gradient refit
 }
 
-# Structured methods remove whole heads and channels over the whole model (pruning_core.structured);
+# Structured methods remove whole heads and channels, or whole blocks, over the whole model (pruning_core.structured);
 # name -> version (bump when its output changes: it is part of every run fingerprint).
-STRUCTURED_METHODS: dict[str, str] = {"llm_pruner": "1"}
+# llm_pruner 2: uniform widths and ratios of the decoder by default.
+STRUCTURED_METHODS: dict[str, str] = {"llm_pruner": "2", "depth": "1"}
 
 
 def method_version(name: str) -> str:

@@ -1,10 +1,16 @@
-"""LLM-Pruner (Ma, Fang, Wang, NeurIPS 2023): gradient importance of dependency groups, block-wise ratios.
+"""LLM-Pruner (Ma, Fang, Wang, NeurIPS 2023): gradient importance of dependency groups, width pruning.
 
-`ratio` is the fraction of the model's parameters to remove (embeddings included, as the paper counts).
-The first `keep_first` and last `keep_last` blocks stay whole, so the blocks in between lose a larger
-share: `ratio * all parameters / parameters of the pruned blocks' projections`. In each pruned block the
-least important attention units go first (rounded to whole heads), then MLP channels make up the rest
-of the block's share.
+`ratio` is the fraction of the decoder's parameters to remove (`ratio_of: decoder`, the default), or of
+all parameters, embeddings included, as the paper counts (`ratio_of: all`). The embeddings are never
+pruned, so counting them would make the decoder's share depend on the vocabulary: 20% of Gemma 3 270M
+(262k-token embeddings) is 55% of its decoder.
+
+`widths: uniform` (the default) prunes every block to the same widths, each block choosing which heads and
+channels it keeps by importance; the head count divides the hidden size and the MLP width is a multiple of
+8, so the folder is a stock config of the source's own model type. `widths: per_block` keeps the first
+`keep_first` and last `keep_last` blocks whole (LLM-Pruner's setting); the blocks in between then lose a
+larger share and the folder loads with secateur only. In each pruned block the least important attention
+units go first (rounded to whole heads), then MLP channels make up the rest of the block's share.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ from __future__ import annotations
 import statistics as stats
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pruning_core.adapters import STRUCTURED_PROJECTIONS, Projections, adapter_for
@@ -41,17 +48,45 @@ class StructuredPruningError(ValueError):
     pass
 
 
+Widths = Literal["uniform", "per_block"]
+RatioOf = Literal["decoder", "all"]
+PER_BLOCK_KEEP = (4, 2)  # LLM-Pruner's blocks kept whole at each end, with per-block widths
+CHANNEL_MULTIPLE = 8  # uniform MLP widths: kernels run at full speed on multiples of 8
+
+
 class StructuredSettings(BaseModel):
     """What LLM-Pruner needs from a recipe."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ratio: float = Field(gt=0.0, lt=1.0)
+    ratio_of: RatioOf = "decoder"
+    widths: Widths = "uniform"
     importance: Importance = "element1"
     aggregation: Aggregation = "sum"
-    keep_first: int = Field(default=4, ge=0)
-    keep_last: int = Field(default=2, ge=0)
+    keep_first: int | None = Field(default=None, ge=0)
+    keep_last: int | None = Field(default=None, ge=0)
     attention_unit: AttentionUnit = "q_heads"
+
+    @model_validator(mode="after")
+    def _uniform_prunes_every_block(self) -> StructuredSettings:
+        if self.widths == "uniform" and (self.keep_first or self.keep_last):
+            raise ValueError(
+                "keep_first/keep_last keep blocks whole, so the blocks' widths differ: add widths: per_block "
+                "(the folder then loads with secateur only)"
+            )
+        return self
+
+    @property
+    def kept_whole(self) -> tuple[int, int]:
+        """(leading, trailing) blocks left whole."""
+        if self.widths == "uniform":
+            return 0, 0
+        first, last = PER_BLOCK_KEEP
+        return (
+            first if self.keep_first is None else self.keep_first,
+            last if self.keep_last is None else self.keep_last,
+        )
 
 
 @dataclass
@@ -71,11 +106,24 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def embedding_parameter_count(model: nn.Module) -> int:
+    """Input embeddings and output head (a tied head counted once): what width pruning never touches."""
+    tables = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
+    return sum(w.numel() for w in tables.values())
+
+
+def counted_parameters(model: nn.Module, ratio_of: RatioOf) -> int:
+    """The parameters a structured `ratio` is a fraction of."""
+    total = parameter_count(model)
+    return total if ratio_of == "all" else total - embedding_parameter_count(model)
+
+
 def projection_parameters(block: nn.Module, projections: Projections) -> int:
     return sum(p.numel() for name in projections.paths for p in block.get_submodule(name).parameters())
 
 
 def pruned_block_indices(blocks: int, keep_first: int, keep_last: int) -> list[int]:
+    """The blocks that lose heads and channels."""
     indices = list(range(keep_first, blocks - keep_last))
     if not indices:
         raise StructuredPruningError(
@@ -96,14 +144,19 @@ def plan_block(
     share: float,
     unit: AttentionUnit,
     projections: Projections,
+    stock: bool = False,
 ) -> BlockPlan:
-    """Which heads and channels block `index` keeps when it must lose `share` of its projection parameters."""
+    """Which heads and channels block `index` keeps when it must lose `share` of its projection parameters.
+
+    `stock`: widths a stock config can describe (head count dividing the hidden size, MLP width a multiple
+    of 8); the head count nearest the share's is taken and the MLP makes up the difference.
+    """
     shape = block_shape(block, projections)
     hidden = projection(block, "q", projections).in_features
     dim = head_dim(block, projections)
     per_kv = shape.heads // shape.kv_heads
     if effective_unit(shape, unit) == "q_heads":
-        drop_per_kv = min(per_kv - 1, round(share * per_kv))
+        drop_per_kv = _nearest_drop(share, per_kv, shape.kv_heads, hidden if stock else None)
         keep_q = []
         for kv in range(shape.kv_heads):
             members = torch.arange(kv * per_kv, (kv + 1) * per_kv)
@@ -111,7 +164,8 @@ def plan_block(
             keep_q += [int(h) for h in members if int(h) not in dropped]
         keep_kv = list(range(shape.kv_heads))
     else:
-        dropped_kv = _lowest(attention, min(shape.kv_heads - 1, round(share * shape.kv_heads)))
+        drop_kv = _nearest_drop(share, shape.kv_heads, per_kv, hidden if stock else None)
+        dropped_kv = _lowest(attention, drop_kv)
         keep_kv = [kv for kv in range(shape.kv_heads) if kv not in dropped_kv]
         keep_q = [kv * per_kv + i for kv in keep_kv for i in range(per_kv)]
     removed_q, removed_kv = shape.heads - len(keep_q), shape.kv_heads - len(keep_kv)
@@ -119,9 +173,22 @@ def plan_block(
     per_channel = 3 * hidden  # a gate row, an up row, a down column
     wanted = share * projection_parameters(block, projections) - attention_removed
     channels = min(shape.intermediate_size - 1, max(0, round(wanted / per_channel)))
+    if stock and shape.intermediate_size - channels >= CHANNEL_MULTIPLE:
+        channels = shape.intermediate_size - _round_to(shape.intermediate_size - channels, CHANNEL_MULTIPLE)
     dropped_channels = _lowest(mlp, channels)
     keep = [c for c in range(shape.intermediate_size) if c not in dropped_channels]
     return BlockPlan(index, keep_q, keep_kv, keep, shape)
+
+
+def _nearest_drop(share: float, units: int, heads_per_unit: int, hidden: int | None) -> int:
+    """How many of `units` attention units (each `heads_per_unit` q heads) to drop: the count nearest `share`
+    of them (ties: fewer), keeping one, among those whose head count divides `hidden` (when given)."""
+    allowed = [d for d in range(units) if hidden is None or hidden % ((units - d) * heads_per_unit) == 0]
+    return min(allowed, key=lambda d: (abs(d - share * units), d))
+
+
+def _round_to(value: int, multiple: int) -> int:
+    return max(multiple, multiple * round(value / multiple))
 
 
 def apply_plan(block: nn.Module, plan: BlockPlan, projections: Projections) -> None:
@@ -169,14 +236,15 @@ def block_share(model: nn.Module, settings: StructuredSettings) -> float:
     """
     projections = structured_projections(model)
     blocks = adapter_for(model).blocks(model)
-    indices = pruned_block_indices(len(blocks), settings.keep_first, settings.keep_last)
-    share = (
-        settings.ratio * parameter_count(model) / sum(projection_parameters(blocks[i], projections) for i in indices)
-    )
+    indices = pruned_block_indices(len(blocks), *settings.kept_whole)
+    counted = counted_parameters(model, settings.ratio_of)
+    share = settings.ratio * counted / sum(projection_parameters(blocks[i], projections) for i in indices)
     if share >= 0.95:
+        of = "the decoder's parameters" if settings.ratio_of == "decoder" else "all parameters"
         raise StructuredPruningError(
-            f"removing {settings.ratio:.0%} of the parameters from blocks {indices[0]}..{indices[-1]} alone would "
-            f"take {share:.0%} of each; lower the ratio or keep fewer blocks whole (keep_first/keep_last)"
+            f"removing {settings.ratio:.0%} of {of} from blocks {indices[0]}..{indices[-1]} would take {share:.0%} "
+            "of each block's projections; lower the ratio"
+            + (" or keep fewer blocks whole (keep_first/keep_last)" if settings.widths == "per_block" else "")
         )
     return share
 
@@ -199,7 +267,7 @@ def statistics_weights(model: nn.Module, settings: StructuredSettings) -> dict[s
 
 def _pruned_projections(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
     adapter = adapter_for(model)
-    indices = pruned_block_indices(len(adapter.blocks(model)), settings.keep_first, settings.keep_last)
+    indices = pruned_block_indices(len(adapter.blocks(model)), *settings.kept_whole)
     return projection_weights(model, adapter.blocks_path, indices, structured_projections(model))
 
 
@@ -222,7 +290,7 @@ def prune_structured(
         statistics = gradient_statistics(model, weights, calibration, settings.importance, device, progress)
     adapter, projections = adapter_for(model), structured_projections(model)
     blocks = adapter.blocks(model)
-    indices = pruned_block_indices(len(blocks), settings.keep_first, settings.keep_last)
+    indices = pruned_block_indices(len(blocks), *settings.kept_whole)
     before = parameter_count(model)
     plans = []
     for index in indices:
@@ -240,7 +308,16 @@ def prune_structured(
             settings.attention_unit,
             projections,
         )
-        plan = plan_block(index, blocks[index], attention, mlp, share, settings.attention_unit, projections)
+        plan = plan_block(
+            index,
+            blocks[index],
+            attention,
+            mlp,
+            share,
+            settings.attention_unit,
+            projections,
+            stock=settings.widths == "uniform",
+        )
         apply_plan(blocks[index], plan, projections)
         plans.append(plan)
     return StructuredResult(before, parameter_count(model), share, plans, time.perf_counter() - started)

@@ -1,0 +1,217 @@
+"""Recovery by knowledge distillation from the dense model (Minitron, arXiv 2408.11796): the pruned student
+learns the teacher's next-token distribution (KL on temperature-softened logits), optionally its final
+hidden states, training every remaining weight or LoRA adapters.
+
+A token budget sets the steps (tokens / (batch_size x seq_len)); the learning rate follows a warm-up then a
+cosine, linear or constant schedule computed from the step alone, so nothing but the weights, the optimizer
+moments and the curves needs saving. Batches are drawn from the text's head, seeded by (seed, step); the
+tail (`heldout_tokens`) is never trained on and gives the held-out perplexity curve. A run resumed from the
+state saved after step t continues exactly as an uninterrupted one (as LoRA recovery does).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning_core.recovery import (
+    ALL_PROJECTIONS,
+    RecoveryResult,
+    TrainingState,
+    optimizer_tensors,
+    restore_optimizer,
+    step_batch,
+)
+
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+class DistillSpec(BaseModel):
+    """Distillation from the dense model after structured pruning (`kind: distill`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["distill"]
+    data: str = Field(min_length=1, description="data spec of the training text (file, jsonl:PATH:FIELD, hf://)")
+    tokens: int = Field(ge=1, le=10**12, description="training token budget (steps = tokens / batch tokens)")
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    seq_len: int = Field(default=256, ge=8, le=131072)
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0)
+    schedule: Schedule = Field(default="cosine", description="after warm-up: cosine | linear (to 0) | constant")
+    warmup: float = Field(default=0.05, ge=0.0, lt=1.0, description="fraction of the steps warming up linearly")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0, description="softens both distributions in the KL")
+    hidden_weight: float = Field(default=0.0, ge=0.0, description="weight of the final hidden-state MSE")
+    lm_weight: float = Field(default=0.0, ge=0.0, description="weight of next-token cross-entropy on the text")
+    train: Literal["all", "lora"] = Field(default="all", description="all remaining weights | LoRA adapters")
+    r: int = Field(default=8, ge=1, le=1024, description="train lora: adapter rank")
+    alpha: float = Field(default=16.0, gt=0.0, description="train lora: adapter alpha")
+    heldout_tokens: int = Field(default=8192, ge=0, description="tail of the text kept for held-out perplexity")
+    eval_every: int = Field(default=25, ge=1, description="steps between held-out perplexity measurements")
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, value: str) -> str:
+        from pruning_core.data import check_data_spec
+
+        return check_data_spec(value)
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
+
+    def learning_rate_at(self, step: int) -> float:
+        warmup = round(self.warmup * self.steps)
+        if step < warmup:
+            return self.learning_rate * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        if self.schedule == "cosine":
+            return self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.schedule == "linear":
+            return self.learning_rate * (1 - progress)
+        return self.learning_rate
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x KL(teacher || student) of the softened next-token distributions, averaged over tokens."""
+    vocab = student.shape[-1]
+    log_student = F.log_softmax(student.float().reshape(-1, vocab) / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher.float().reshape(-1, vocab) / temperature, dim=-1)
+    return temperature**2 * F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+
+
+def split_heldout(tokens: torch.Tensor, spec: DistillSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training stream, held-out tail); the tail is whole windows of `seq_len`."""
+    windows = spec.heldout_tokens // spec.seq_len
+    cut = len(tokens) - windows * spec.seq_len
+    if cut <= spec.seq_len:
+        raise ValueError(
+            f"distillation data has {len(tokens)} tokens: too few for {spec.heldout_tokens} held out and training "
+            f"windows of {spec.seq_len}"
+        )
+    return tokens[:cut], tokens[cut:]
+
+
+@torch.no_grad()
+def heldout_perplexity(model: nn.Module, heldout: torch.Tensor, seq_len: int, device: str) -> float:
+    windows = heldout[: len(heldout) // seq_len * seq_len].reshape(-1, seq_len)
+    total = 0.0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(windows), 4):
+        batch = windows[start : start + 4].to(device)
+        total += model(input_ids=batch, labels=batch, use_cache=False).loss.item() * len(batch)
+    model.train(was_training)
+    return math.exp(total / len(windows))
+
+
+def _student(model: nn.Module, spec: DistillSpec, device: str) -> nn.Module:
+    if spec.train == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.to(device)
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(spec.seed)  # the adapters' initial A matrices
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        target_modules=list(ALL_PROJECTIONS),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config).to(device)
+
+
+def _step_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, spec: DistillSpec) -> torch.Tensor:
+    wants_hidden = spec.hidden_weight > 0
+    with torch.no_grad():
+        taught = teacher(input_ids=batch, use_cache=False, output_hidden_states=wants_hidden)
+    labels = batch if spec.lm_weight > 0 else None
+    learned = student(input_ids=batch, labels=labels, use_cache=False, output_hidden_states=wants_hidden)
+    loss = distillation_loss(learned.logits, taught.logits, spec.temperature)
+    if spec.lm_weight > 0:
+        loss = loss + spec.lm_weight * learned.loss
+    if wants_hidden:
+        target = taught.hidden_states[-1].float()
+        error = (learned.hidden_states[-1].float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
+        loss = loss + spec.hidden_weight * error
+    return loss
+
+
+def distill(
+    model: nn.Module,
+    teacher: nn.Module,
+    tokens: torch.Tensor,
+    spec: DistillSpec,
+    device: str = "cpu",
+    progress: bool = True,
+    start: TrainingState | None = None,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
+    checkpoint_every: int = 25,
+) -> tuple[nn.Module, RecoveryResult]:
+    """Distil `teacher` into `model` on `tokens` (a 1-D stream) for `spec.steps` steps; return the student.
+
+    The returned model is a plain transformers model (LoRA adapters merged) on the CPU in eval mode;
+    `result.heldout` maps steps to held-out perplexity (step 0: before training).
+    """
+    started = time.perf_counter()
+    train_tokens, heldout = split_heldout(tokens, spec)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = _student(model, spec, device)
+    trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    result = RecoveryResult()
+    first = 0
+    if start is not None:
+        missing = trainable.keys() - start.adapter.keys()
+        if missing:
+            raise ValueError(f"distillation checkpoint lacks trained weights, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(start.adapter[name])
+        restore_optimizer(optimizer, start.optimizer, start.optimizer_groups)
+        first, result.losses, result.resumed_from_step = start.step, list(start.losses), start.step
+        result.heldout = dict(start.heldout)
+    elif len(heldout):
+        result.heldout[0] = heldout_perplexity(student, heldout, spec.seq_len, device)
+    student.train()
+    bar = tqdm(range(first, spec.steps), desc="distillation", disable=not progress)
+    for step in bar:
+        torch.manual_seed(spec.seed * 1_000_003 + step)  # any dropout the model has
+        for group in optimizer.param_groups:
+            group["lr"] = spec.learning_rate_at(step)
+        batch = step_batch(train_tokens, spec, step).to(device)
+        loss = _step_loss(student, teacher, batch, spec)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"distillation loss is {loss.item()} at step {step}; lower learning_rate")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if len(heldout) and (done % spec.eval_every == 0 or done == spec.steps):
+            result.heldout[done] = heldout_perplexity(student, heldout, spec.seq_len, device)
+        if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
+            tensors, groups = optimizer_tensors(optimizer)
+            weights = {name: p.detach().cpu().clone() for name, p in trainable.items()}
+            on_checkpoint(TrainingState(done, list(result.losses), weights, tensors, groups, dict(result.heldout)))
+    trained = student.merge_and_unload() if spec.train == "lora" else student
+    for p in trained.parameters():
+        p.requires_grad_(True)
+    result.seconds = time.perf_counter() - started
+    return trained.to("cpu").eval(), result
