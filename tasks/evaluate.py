@@ -18,6 +18,7 @@ from infra.integrity import file_intact, seal, sealed_text, unsealed_text
 from infra.locks import exclusive
 from infra.settings import Settings
 from pruning_core.data import read_rows, tokenize_text
+from pruning_core.footprint import Footprint, footprint
 from pruning_core.generation import greedy_continuations
 from pruning_core.modeling import load_for_compute, storage_dtype
 from pruning_core.perplexity import perplexity
@@ -28,7 +29,7 @@ from tasks.shared import pull_text, push_text
 log = logging.getLogger(__name__)
 
 # Bump when what an evaluation computes changes: it is part of every evaluation's cache key.
-EVALUATION_VERSION = "3"  # 3: weights as stored (a GGUF in bf16), speed
+EVALUATION_VERSION = "4"  # 3: weights as stored (a GGUF in bf16), speed; 4: footprint
 
 
 class PerplexityDataset(BaseModel):
@@ -142,6 +143,7 @@ class Evaluation(BaseModel):
     speed: dict[str, float] = {}  # prefill_tok_s.b1, decode_tok_s.b8, decode_ms_per_token.b1, ...
     speed_device: str = ""
     speed_notes: dict[str, str] = {}  # why a speed measurement was skipped
+    footprint: Footprint | None = None  # parameters and loaded bytes of the model as evaluated
 
 
 def dataset_label(spec: str) -> str:
@@ -210,6 +212,7 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
     rows = {label: read_rows(d.data) for label, d in datasets.items()}  # a bad spec fails before the model loads
     model, tokenizer = load_for_compute(model_path, settings.device, settings.trust_remote_code)
     model.to(settings.device)
+    loaded = footprint(model)  # as loaded, before anything (the 2:4 kernels' swap) changes its tensors
     perplexities = {
         label: perplexity(
             model, tokenize_text(tokenizer, rows[label]), d.seq_len, spec.max_tokens, settings.device, label, progress
@@ -256,6 +259,7 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
         speed=speed.metrics if speed else {},
         speed_device=speed.device if speed else "",
         speed_notes=speed.notes if speed else {},
+        footprint=loaded,
     )
 
 

@@ -18,6 +18,7 @@ from infra.locks import exclusive
 from infra.plots import line_plot
 from infra.settings import Settings
 from infra.tracking import FLOW_RUN_TAG, Tracker
+from pruning_core.footprint import gains
 from pruning_core.recipe import Recipe
 from pruning_core.report import REPORT_FILE
 from tasks.calibrate import CalibrationSpec
@@ -75,29 +76,49 @@ def folder_mib(path: str | Path) -> float:
 
 
 def evaluation_metrics(evaluation: Evaluation, prefix: str = "") -> dict[str, float]:
-    """ppl.<dataset>, acc.<task>, acc_norm.<task> (and their stderr), speed.<measure>.b<batch>, each under
-    `prefix`."""
+    """ppl.<dataset>, acc.<task>, acc_norm.<task> (and their stderr), speed.<measure>.b<batch>,
+    params.{total,decoder,embeddings} and loaded_mib, each under `prefix`."""
     metrics = {f"{prefix}ppl.{label}": value for label, value in evaluation.perplexity.items()}
     metrics.update({f"{prefix}speed.{key}": value for key, value in evaluation.speed.items()})
     for name, accuracy in evaluation.zero_shot.items():
         metrics.update({f"{prefix}{metric}.{name}": value for metric, value in accuracy.metrics.items()})
+    if evaluation.footprint is not None:
+        metrics.update({f"{prefix}{key}": value for key, value in evaluation.footprint.metrics().items()})
     return metrics
 
 
+def gain_measures(evaluation: Evaluation, size_mib: float) -> dict[str, float]:
+    """What a gain over dense is computed from, by unprefixed name: size on disk, footprint, throughputs."""
+    measures = {"size_mib": size_mib, **evaluation.speed}
+    if evaluation.footprint is not None:
+        measures.update(evaluation.footprint.metrics())
+    return measures
+
+
+def gain_metrics(evaluation: Evaluation, dense: Evaluation, size_mib: float, dense_size_mib: float) -> dict[str, float]:
+    """gain.<measure>: the variant x dense (above 1 it gains), e.g. gain.decode_tok_s.b1 (variant / dense),
+    gain.size_mib, gain.loaded_mib and gain.params.total (dense / variant)."""
+    measured = gains(gain_measures(evaluation, size_mib), gain_measures(dense, dense_size_mib))
+    return {f"gain.{key}": value for key, value in measured.items()}
+
+
 def metrics_of(record: PairRecord) -> dict[str, float]:
+    size_mib = folder_mib(record.model_path)
+    # A GGUF's file is quantized: the dense model's size is its weights as its variants store them.
+    dense_size_mib = record.dense.weights_mib or folder_mib(record.snapshot.path)
     metrics = {
         "sparsity": record.pruned.sparsity,
         "peak_rss_mib": record.pruned.peak_rss_mib,
         "resumed_from_block": float(record.pruned.resumed_from_block),
-        "model_size_mib": folder_mib(record.model_path),
-        # A GGUF's file is quantized: the dense model's size is its weights as its variants store them.
-        "dense_size_mib": record.dense.weights_mib or folder_mib(record.snapshot.path),
+        "model_size_mib": size_mib,
+        "dense_size_mib": dense_size_mib,
         **record.pruned.structure,
     }
     if record.pruned.peak_gpu_mib:
         metrics["peak_gpu_mib"] = record.pruned.peak_gpu_mib
     metrics.update(evaluation_metrics(record.evaluation))
     metrics.update(evaluation_metrics(record.dense, "dense_"))
+    metrics.update(gain_metrics(record.evaluation, record.dense, size_mib, dense_size_mib))
     if record.before_recovery is not None:
         metrics.update(evaluation_metrics(record.before_recovery, "before_recovery_"))
     if record.recovered is not None:

@@ -12,13 +12,21 @@ from pydantic import BaseModel, Field
 
 from infra.plots import bar_plot, line_plot, scatter_plot
 from infra.tracking import Tracker
-from pruning_core.methods import STRUCTURED_METHODS
+from pruning_core.footprint import THROUGHPUT
+from pruning_core.methods import METHODS, STRUCTURED_METHODS
 from tasks.selection import ModelChoice, SelectionSpec, Variant, Verdict, choose, describe_choice, judge
 
 FORMATS = ("table", "csv", "markdown")
 DENSE = "dense"
 SPARSE_RATIO = "semi_structured_ratio."  # speed with the 2:4 sparse kernels / with the dense ones
 SELECTION_PARAM = "selection"  # the batch run's param holding its selection spec (JSON)
+SIZE_GAIN = "size_mib"  # the gain shown first: size on disk, dense / variant
+ZEROS_GAIN_NOTHING = (
+    "zeros gain no speed or size with the runtimes in use today: an unstructured or N:M variant keeps dense "
+    "tensors of the same shapes, dense kernels multiply its zeros, vLLM removed its 2:4 sparse support and "
+    "torchao deleted its sparsity package; only structured variants (whole heads, channels or blocks "
+    "removed) are really smaller and faster (the x dense columns)"
+)
 
 
 class ReportRow(Variant):
@@ -28,6 +36,9 @@ class ReportRow(Variant):
     method: str
     prune_seconds: float | None = None
     dtype: str | None = None
+    parameters: float | None = None  # all of them, tied embeddings once
+    loaded_mib: float | None = None  # parameters and buffers as the evaluation loaded them
+    gain: dict[str, float] = Field(default_factory=dict)  # x dense as logged: size_mib, decode_tok_s.b1, ...
     block_errors: list[float] = Field(default_factory=list)
 
 
@@ -59,6 +70,12 @@ class BatchReport(BaseModel):
         wanted = ("prefill_tok_s.", "decode_tok_s.", f"{SPARSE_RATIO}prefill_tok_s.", f"{SPARSE_RATIO}decode_tok_s.")
         keys = {key for row in self.rows for key in row.speed if key.startswith(wanted)}
         return sorted(keys, key=lambda k: (k.startswith(SPARSE_RATIO), k.split(".")[-2], int(k.rsplit(".b", 1)[1])))
+
+    def gain_keys(self) -> list[str]:
+        """The gains over dense shown: size on disk, then each throughput in the order of speed_keys."""
+        speed = [key for key in self.speed_keys() if not key.startswith(SPARSE_RATIO)]
+        logged = {key for row in self.rows for key in row.gain}
+        return [key for key in [SIZE_GAIN, *speed] if key in logged]
 
     def datasets(self) -> list[str]:
         return sorted({label for row in self.rows for label in row.perplexity})
@@ -97,6 +114,8 @@ def _rows_of(tracker: Tracker, run) -> tuple[ReportRow | None, ReportRow]:
             size_mib=metrics["dense_size_mib"],
             speed=_prefixed(metrics, "dense_speed."),
             dtype=params.get("dense_dtype"),
+            parameters=metrics.get("dense_params.total"),
+            loaded_mib=metrics.get("dense_loaded_mib"),
         )
     row = ReportRow(
         model=model,
@@ -110,6 +129,9 @@ def _rows_of(tracker: Tracker, run) -> tuple[ReportRow | None, ReportRow]:
         size_mib=metrics.get("model_size_mib"),
         speed=_prefixed(metrics, "speed."),
         dtype=params.get("dtype"),
+        parameters=metrics.get("params.total"),
+        loaded_mib=metrics.get("loaded_mib"),
+        gain=_prefixed(metrics, "gain."),
         run_id=run.info.run_id,
         block_errors=tracker.series(run.info.run_id, "block_error") if "block_error" in metrics else [],
     )
@@ -182,12 +204,23 @@ def _speed_header(key: str) -> str:
     return key.replace("_tok_s.", " tok/s ")
 
 
+def _gain_header(key: str) -> str:
+    """size_mib -> 'x dense size'; decode_tok_s.b1 -> 'x dense decode b1'."""
+    return "x dense size" if key == SIZE_GAIN else "x dense " + key.replace(THROUGHPUT, " ")
+
+
+def _millions(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
 def _records(report: BatchReport, with_deltas: bool) -> tuple[list[str], list[list[str]]]:
     datasets, accuracy_keys, speed_keys = report.datasets(), report.accuracy_keys(), report.speed_keys()
+    gain_keys = report.gain_keys()
     chosen = {(c.model, c.chosen) for c in report.choices()}
     header = ["model", "recipe", "status", "sparsity"]
-    header += [f"ppl {d}" for d in datasets] + accuracy_keys + ["prune s", "size MiB", "dtype"]
-    header += [_speed_header(key) for key in speed_keys]
+    header += [f"ppl {d}" for d in datasets] + accuracy_keys
+    header += ["prune s", "size MiB", "params M", "loaded MiB", "dtype"]
+    header += [_speed_header(key) for key in speed_keys] + [_gain_header(key) for key in gain_keys]
     header += ["ships"] if report.selection is not None else []
     if not with_deltas:
         header += [f"delta ppl {d}" for d in datasets] + [f"delta {k}" for k in accuracy_keys]
@@ -204,8 +237,11 @@ def _records(report: BatchReport, with_deltas: bool) -> tuple[list[str], list[li
             ppl = [_number(row.perplexity.get(d), 4) for d in datasets]
             acc = [_number(row.accuracy.get(k), 4) for k in accuracy_keys]
         record = [Path(row.model).name, row.recipe, row.status.lower(), _number(row.sparsity, 3), *ppl, *acc]
-        record += [_number(row.prune_seconds, 1), _number(row.size_mib, 1), row.dtype or "-"]
+        record += [_number(row.prune_seconds, 1), _number(row.size_mib, 1), _number(_millions(row.parameters), 2)]
+        record += [_number(row.loaded_mib, 1), row.dtype or "-"]
         record += [_number(row.speed.get(key), 2 if key.startswith(SPARSE_RATIO) else 1) for key in speed_keys]
+        # dense shows its absolute numbers in the columns before; its gains over itself are blank
+        record += ["" if is_dense else _number(row.gain.get(key), 2) for key in gain_keys]
         record += ["chosen" if (row.model, row.recipe) in chosen else ""] if report.selection is not None else []
         if not with_deltas:
             deltas = [row.perplexity.get(d, math.nan) - dense_ppl.get(d, math.nan) for d in datasets]
@@ -258,6 +294,15 @@ def _notes(report: BatchReport) -> list[str]:
     structured = sorted({r.method for r in report.rows if r.method in STRUCTURED_METHODS})
     if structured:
         notes.append(f"{', '.join(structured)}: sparsity = fraction of all parameters removed (whole heads/channels)")
+    zeroing = sorted({r.method for r in report.rows if r.method in METHODS})
+    if zeroing:
+        notes.append(f"{', '.join(zeroing)}: {ZEROS_GAIN_NOTHING}")
+    if any(key.startswith(SPARSE_RATIO) for key in report.speed_keys()):
+        notes.append("2:4 kernels x: PyTorch's own semi-structured kernels, measured here, not a serving runtime")
+    if report.gain_keys():
+        notes.append("x dense: gain over dense, above 1 a gain (tok/s variant / dense; size dense / variant)")
+    if any(r.loaded_mib is not None for r in report.rows):
+        notes.append("loaded MiB: parameters and buffers as evaluated (on a CPU in float32)")
     return notes
 
 

@@ -108,15 +108,24 @@ class Verdict(BaseModel):
     checks: list[Check] = []
     problem: str | None = None  # why the budget could not be applied (failed run, metric missing)
     objective_value: float | None = None
+    gain: float | None = None  # size or latency objective: x dense (dense / variant; above 1 it gains)
+    no_gain: str | None = None  # why a variant within budget still cannot ship: no real gain over dense
 
     @property
     def within_budget(self) -> bool:
+        """The quality budget alone (what a sparsity search bisects on)."""
         return self.problem is None and all(check.passed for check in self.checks)
+
+    @property
+    def eligible(self) -> bool:
+        """Within budget, its objective measured and, for size or latency, really better than dense."""
+        return self.within_budget and self.objective_value is not None and self.no_gain is None
 
     def why_not(self) -> str:
         if self.problem is not None:
             return self.problem
-        return "; ".join(check.describe() for check in self.checks if not check.passed)
+        failed = [check.describe() for check in self.checks if not check.passed]
+        return "; ".join(failed + ([self.no_gain] if self.no_gain else []))
 
 
 class ModelChoice(BaseModel):
@@ -178,14 +187,34 @@ def budget_checks(variant: Variant, dense: Variant, budget: Budget) -> tuple[lis
     return checks, None
 
 
+def _cost(variant: Variant, objective: Objective) -> float | None:
+    """What a size or latency objective minimizes: MiB on disk, or decode ms per token at batch 1."""
+    return variant.size_mib if objective == "size_mib" else variant.speed.get(LATENCY_METRIC)
+
+
 def objective_value(variant: Variant, objective: Objective) -> float | None:
     """Larger is better: sparsity, or minus size / latency."""
     if objective == "sparsity":
         return variant.sparsity
-    if objective == "size_mib":
-        return None if variant.size_mib is None else -variant.size_mib
-    latency = variant.speed.get(LATENCY_METRIC)
-    return None if latency is None else -latency
+    cost = _cost(variant, objective)
+    return None if cost is None else -cost
+
+
+def gain_over_dense(variant: Variant, dense: Variant, objective: Objective) -> tuple[float | None, str | None]:
+    """For a size or latency objective: (x dense, why that is no gain). Zeros in dense tensors make a
+    variant neither smaller nor faster, so a variant must beat dense by more than a tie to ship on these."""
+    if objective == "sparsity":
+        return None, None
+    value, base = _cost(variant, objective), _cost(dense, objective)
+    if value is None or value <= 0:  # not measured: the objective's own problem says so
+        return None, None
+    if base is None or base <= 0:
+        return None, f"dense {objective} not measured"
+    gain, tie = base / value, TIE[objective]
+    if base - value > tie * base:
+        return gain, None
+    word = "smaller" if objective == "size_mib" else "faster"
+    return gain, f"no {word} than dense ({gain:.2f}x; within {tie:.0%} is a tie)"
 
 
 def judge(variant: Variant, dense: Variant, spec: SelectionSpec) -> Verdict:
@@ -195,7 +224,16 @@ def judge(variant: Variant, dense: Variant, spec: SelectionSpec) -> Verdict:
     value = objective_value(variant, spec.objective)
     if problem is None and value is None:
         problem = f"no {spec.objective} measured (objective)"
-    return Verdict(recipe=variant.recipe, run_id=variant.run_id, checks=checks, problem=problem, objective_value=value)
+    gain, no_gain = gain_over_dense(variant, dense, spec.objective)
+    return Verdict(
+        recipe=variant.recipe,
+        run_id=variant.run_id,
+        checks=checks,
+        problem=problem,
+        objective_value=value,
+        gain=gain,
+        no_gain=no_gain,
+    )
 
 
 def _quality(verdict: Verdict) -> tuple[float, ...]:
@@ -219,7 +257,7 @@ def _tied(value: float, best: float, objective: Objective) -> bool:
 def choose(model: str, dense: Variant, variants: list[Variant], spec: SelectionSpec) -> ModelChoice:
     """The variant within budget with the best objective; among those tied on it, the best quality."""
     verdicts = [judge(variant, dense, spec) for variant in variants]
-    eligible = [v for v in verdicts if v.within_budget and v.objective_value is not None]
+    eligible = [v for v in verdicts if v.eligible]
     if not eligible:
         return ModelChoice(model=model, chosen=None, verdicts=verdicts)
     best = max(v.objective_value for v in eligible if v.objective_value is not None)
@@ -236,6 +274,8 @@ def describe_choice(choice: ModelChoice) -> str:
     measured = ", ".join(
         f"{c.limit} {c.subject} {c.measured:.4f}" for c in verdict.checks if not math.isnan(c.measured)
     )
+    if verdict.gain is not None:
+        measured += f"{', ' if measured else ''}{verdict.gain:.2f}x dense"
     return f"{name}: {choice.chosen}" + (f" ({measured})" if measured else "")
 
 

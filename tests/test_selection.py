@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tasks.selection import LATENCY_METRIC, SelectionSpec, Variant, choose
+from tasks.selection import LATENCY_METRIC, SelectionSpec, Variant, choose, describe_choice
 
 DENSE = Variant(
     recipe="dense",
@@ -192,3 +192,57 @@ def test_search_recipe_probes_are_plain_recipes(tiny_model_dir):
     assert plain.recipes[0].recipe(calibration).fingerprint() == recipe.fingerprint()
     assert probe_name("ws", 0.65) == "ws@0.65" and probe_name("ws", 0.6) == "ws@0.6"
     assert search_of("ws@0.65") == "ws" and search_of("w") == "w"
+
+
+def _costing(recipe: str, objective: str, cost: float, ppl: float) -> Variant:
+    """A variant of the given size (MiB) or latency (ms per token); dense: 100 MiB, 10 ms."""
+    return variant(
+        recipe, ppl=ppl, **({"size_mib": cost} if objective == "size_mib" else {"speed": {LATENCY_METRIC: cost}})
+    )
+
+
+@pytest.mark.parametrize(
+    ("objective", "at_dense", "within_tie", "better", "refusal"),
+    [
+        ("latency", 10.0, 9.6, 8.0, "no faster than dense ({}; within 5% is a tie)"),
+        ("size_mib", 100.0, 99.2, 80.0, "no smaller than dense ({}; within 1% is a tie)"),
+    ],
+)
+def test_size_and_latency_objectives_refuse_a_variant_no_better_than_dense(
+    objective, at_dense, within_tie, better, refusal
+):
+    spec = SelectionSpec(max_ppl_increase=0.10, objective=objective)
+    candidates = [
+        _costing("unstructured", objective, at_dense, ppl=10.1),  # zeros: dense's shapes, dense's kernels
+        _costing("barely", objective, within_tie, ppl=10.1),
+        _costing("structured", objective, better, ppl=10.8),  # worse quality, really better on the objective
+    ]
+    choice = choose("m", DENSE, candidates, spec)
+    assert choice.chosen == "structured"
+    verdicts = {v.recipe: v for v in choice.verdicts}
+    assert verdicts["unstructured"].within_budget and not verdicts["unstructured"].eligible
+    assert verdicts["unstructured"].why_not() == refusal.format("1.00x")
+    assert verdicts["barely"].why_not() == refusal.format(f"{at_dense / within_tie:.2f}x")
+    assert verdicts["structured"].gain == pytest.approx(1.25)
+    assert describe_choice(choice) == "m: structured (max_ppl_increase c4 0.0800, 1.25x dense)"
+    alone = choose("m", DENSE, candidates[:2], spec)
+    assert alone.chosen is None
+    assert alone.why_none() == f"unstructured: {refusal.format('1.00x')}; barely: {verdicts['barely'].why_not()}"
+
+
+def test_a_gain_needs_dense_measured_and_a_budget_failure_says_both():
+    no_dense_speed = DENSE.model_copy(update={"speed": {}})
+    faster = variant("v", speed={LATENCY_METRIC: 5.0})
+    choice = choose("m", no_dense_speed, [faster], SelectionSpec(max_ppl_increase=0.10, objective="latency"))
+    assert choice.chosen is None and choice.why_none() == "v: dense latency not measured"
+    over = variant("over", ppl=12.0, size_mib=100.0)
+    choice = choose("m", DENSE, [over], SelectionSpec(max_ppl_increase=0.10, objective="size_mib"))
+    assert choice.why_none() == (
+        "over: max_ppl_increase c4: 0.2000 > 0.1 (over by 0.1000); no smaller than dense (1.00x; within 1% is a tie)"
+    )
+
+
+def test_sparsity_objective_takes_a_variant_at_dense_size_and_speed():
+    zeros = variant("w50", size_mib=100.0, speed={LATENCY_METRIC: 10.0})
+    choice = choose("m", DENSE, [zeros], SelectionSpec(max_ppl_increase=0.10))
+    assert choice.chosen == "w50" and choice.verdicts[0].gain is None
