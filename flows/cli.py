@@ -42,7 +42,9 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     structured.add_argument("--aggregation", choices=["sum", "mean", "max", "prod"], help="default sum")
     structured.add_argument("--keep-first", type=int, help="widths per_block: leading blocks kept whole (default 4)")
     structured.add_argument("--keep-last", type=int, help="widths per_block: trailing blocks kept whole (default 2)")
-    structured.add_argument("--attention-unit", choices=["q_heads", "kv_groups"], help="default q_heads")
+    structured.add_argument(
+        "--attention-unit", choices=["q_heads", "kv_groups", "none"], help="default q_heads; none: MLP only"
+    )
     structured.add_argument("--recovery-steps", type=int, help="LoRA recovery steps after pruning")
     structured.add_argument(
         "--distill-tokens", type=int, help="distillation from the dense model after pruning: training tokens"

@@ -103,16 +103,18 @@ class Tracker:
         run_id: str,
         params: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
-        series: dict[str, list[float]] | None = None,
+        series: dict[str, list[float] | dict[int, float]] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        """Params (nested dicts flattened with dots), metrics, and series logged with step = index."""
+        """Params (nested dicts flattened with dots), metrics, and series logged with step = index (a list)
+        or step = key (a dict, e.g. training step -> held-out perplexity)."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         for key, values in (series or {}).items():
-            metric_list.extend(Metric(key, float(v), now, step) for step, v in enumerate(values))
+            steps = values.items() if isinstance(values, dict) else enumerate(values)
+            metric_list.extend(Metric(key, float(v), now, int(step)) for step, v in steps)
         param_list = [Param(k, redact(v)) for k, v in flatten_params(params or {}).items()]
         tag_list = [RunTag(k, redact(str(v))) for k, v in (tags or {}).items()]
         # MLflow's per-request limits: 1000 metrics, 100 params, 100 tags.

@@ -11,6 +11,7 @@ from torch import nn
 from pruning_core.data import calibration_windows, tokenize_text
 from pruning_core.distill import DistillSpec, distill
 from pruning_core.engine import BlockResult, prune_model
+from pruning_core.footprint import footprint
 from pruning_core.modeling import cast_for_saving, save_model, saved_weight_names, sparsity_report
 from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
@@ -18,12 +19,7 @@ from pruning_core.recipe import Recipe
 from pruning_core.recovery import RecoveryResult, RecoverySpec, TrainingState, recover
 from pruning_core.report import ParameterCounts, Provenance, PruneReport, StructureReport
 from pruning_core.structured.depth import prune_depth
-from pruning_core.structured.llm_pruner import (
-    embedding_parameter_count,
-    forward_latency_ms,
-    parameter_count,
-    prune_structured,
-)
+from pruning_core.structured.llm_pruner import forward_latency_ms, prune_structured
 from pruning_core.structured.storage import save_structured
 
 
@@ -159,8 +155,10 @@ def prune_structured_to_folder(
 
 
 def parameter_counts(model: nn.Module) -> ParameterCounts:
-    total, embeddings = parameter_count(model), embedding_parameter_count(model)
-    return ParameterCounts(total=total, embeddings=embeddings, decoder=total - embeddings)
+    counts = footprint(model)
+    return ParameterCounts(
+        total=counts.parameters, embeddings=counts.embedding_parameters, decoder=counts.decoder_parameters
+    )
 
 
 def recover_to_folder(

@@ -107,7 +107,11 @@ class Recipe(BaseModel):
     keep_last: int | None = Field(
         default=None, ge=0, description="llm_pruner, widths per_block: trailing blocks kept whole (default 2)"
     )
-    attention_unit: AttentionUnit = Field(default="q_heads", description="llm_pruner: q_heads | kv_groups")
+    attention_unit: AttentionUnit | None = Field(
+        default=None,
+        description="llm_pruner: q_heads | kv_groups | none (attention kept whole; the default with uniform "
+        "widths, q_heads with per_block)",
+    )
     depth_importance: DepthImportance = Field(
         default="loss", description="depth: loss (calibration loss increase when a block is skipped) | influence"
     )

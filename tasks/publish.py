@@ -127,8 +127,14 @@ def metrics_of(record: PairRecord) -> dict[str, float]:
                 "recovery.steps": float(record.recovered.steps),
                 "recovery.final_loss": record.recovered.losses[-1],
                 "recovery.resumed_from_step": float(record.recovered.resumed_from_step),
+                "recovery.seconds": record.recovered.seconds,
             }
         )
+        if record.recovered.heldout:
+            last = max(record.recovered.heldout)
+            metrics["recovery.heldout_ppl_before"] = record.recovered.heldout.get(0, float("nan"))
+            metrics["recovery.heldout_ppl"] = record.recovered.heldout[last]
+            metrics["recovery.tokens"] = float(record.recovered.tokens)
     metrics.update({f"seconds.{stage}": s for stage, s in record.stage_seconds.items()})
     return metrics
 
@@ -249,6 +255,8 @@ def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, 
     series = {"block_error": record.pruned.block_errors, "block_sparsity": record.pruned.block_sparsity}
     if record.recovered is not None:
         series["recovery_loss"] = record.recovered.losses
+        if record.recovered.heldout:  # distillation: held-out perplexity against training steps
+            series["recovery_heldout_ppl"] = record.recovered.heldout
     try:
         tracker.log(run_id, params=params_of(record), metrics=metrics_of(record), series=series)
         (report_dir / "model_uri.txt").write_text(publication.model_uri + "\n")

@@ -45,6 +45,7 @@ class RecoveredModel(BaseModel):
     fingerprint: str  # of (pruned model, recovery spec, data, code version)
     content: str = ""  # sha256 of the folder's report (which holds every file's sha256)
     steps: int
+    tokens: int = 0  # trained on: steps x batch_size x seq_len
     losses: list[float]
     seconds: float
     resumed_from_step: int = 0
@@ -100,6 +101,7 @@ def recover_with_checkpoints(
         fingerprint=run,
         content=report_digest(out),
         steps=spec.steps,
+        tokens=spec.steps * spec.batch_size * spec.seq_len,
         losses=recovery.losses,
         seconds=recovery.seconds,
         resumed_from_step=recovery.resumed_from_step,

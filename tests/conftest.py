@@ -272,3 +272,20 @@ def s3_bucket(s3_server, monkeypatch, request):
     bucket = "bkt-" + request.node.name.lower().replace("_", "-")[:40]
     boto3.client("s3").create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_tokenizer):
+    """A tiny Llama trained briefly on real WikiText so that pruning hurts and recovery can help."""
+    from pruning_core.data import calibration_windows, read_rows, tokenize_text
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").train()
+    tokens = tokenize_text(tiny_tokenizer, read_rows(str(WIKITEXT_VALID))[:3000])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        batch = calibration_windows(tokens, 8, 64, seed=step)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokens

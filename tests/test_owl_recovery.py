@@ -75,21 +75,6 @@ def test_owl_recipe_validation():
     )
 
 
-@pytest.fixture(scope="module")
-def trained_tiny(tiny_tokenizer):
-    """A tiny Llama trained briefly on real WikiText so that pruning hurts and recovery can help."""
-    torch.manual_seed(0)
-    model = tiny_model("llama").train()
-    tokens = tokenize_text(tiny_tokenizer, read_rows(str(WIKITEXT_VALID))[:3000])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(150):
-        batch = calibration_windows(tokens, 8, 64, seed=step)
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval(), tokens
-
-
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from pruning_core.adapters import LLAMA_PROJECTIONS, Projections
 
-AttentionUnit = Literal["q_heads", "kv_groups"]
+AttentionUnit = Literal["q_heads", "kv_groups", "none"]  # none: attention kept whole, the MLP pruned alone
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ def effective_unit(shape: BlockShape, unit: AttentionUnit) -> AttentionUnit:
     the whole head (q, k, v rows and o columns), i.e. a kv group. With a single kv head (MQA) there is no
     kv group to spare: only q heads can go.
     """
+    if unit == "none":
+        return unit
     if shape.heads == shape.kv_heads:
         return "kv_groups"
     if shape.kv_heads == 1:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pruning_core.adapters import STRUCTURED_PROJECTIONS, Projections, adapter_for
+from pruning_core.footprint import footprint
 from pruning_core.structured.groups import (
     AttentionUnit,
     BlockShape,
@@ -66,7 +67,16 @@ class StructuredSettings(BaseModel):
     aggregation: Aggregation = "sum"
     keep_first: int | None = Field(default=None, ge=0)
     keep_last: int | None = Field(default=None, ge=0)
-    attention_unit: AttentionUnit = "q_heads"
+    attention_unit: AttentionUnit | None = None  # None: none with uniform widths, q_heads per block
+
+    @property
+    def unit(self) -> AttentionUnit:
+        """Uniform widths keep attention whole by default: measured on SmolLM2-135M at 20% of all parameters,
+        removing a third of every block's heads gave 590 WikiText-2 perplexity before recovery, the MLP alone 114
+        (dense 37). Per-block widths keep LLM-Pruner's q heads."""
+        if self.attention_unit is not None:
+            return self.attention_unit
+        return "none" if self.widths == "uniform" else "q_heads"
 
     @model_validator(mode="after")
     def _uniform_prunes_every_block(self) -> StructuredSettings:
@@ -106,16 +116,10 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def embedding_parameter_count(model: nn.Module) -> int:
-    """Input embeddings and output head (a tied head counted once): what width pruning never touches."""
-    tables = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}
-    return sum(w.numel() for w in tables.values())
-
-
 def counted_parameters(model: nn.Module, ratio_of: RatioOf) -> int:
-    """The parameters a structured `ratio` is a fraction of."""
-    total = parameter_count(model)
-    return total if ratio_of == "all" else total - embedding_parameter_count(model)
+    """The parameters a structured `ratio` is a fraction of (the embeddings are never pruned)."""
+    counts = footprint(model)
+    return counts.parameters if ratio_of == "all" else counts.decoder_parameters
 
 
 def projection_parameters(block: nn.Module, projections: Projections) -> int:
@@ -155,7 +159,9 @@ def plan_block(
     hidden = projection(block, "q", projections).in_features
     dim = head_dim(block, projections)
     per_kv = shape.heads // shape.kv_heads
-    if effective_unit(shape, unit) == "q_heads":
+    if effective_unit(shape, unit) == "none":
+        keep_q, keep_kv = list(range(shape.heads)), list(range(shape.kv_heads))
+    elif effective_unit(shape, unit) == "q_heads":
         drop_per_kv = _nearest_drop(share, per_kv, shape.kv_heads, hidden if stock else None)
         keep_q = []
         for kv in range(shape.kv_heads):
@@ -305,7 +311,7 @@ def prune_structured(
             block_statistics,
             settings.importance,
             settings.aggregation,
-            settings.attention_unit,
+            settings.unit,
             projections,
         )
         plan = plan_block(
@@ -314,7 +320,7 @@ def prune_structured(
             attention,
             mlp,
             share,
-            settings.attention_unit,
+            settings.unit,
             projections,
             stock=settings.widths == "uniform",
         )

@@ -1,0 +1,109 @@
+"""Distillation from the dense model after structured pruning: the loss, the schedule, resume, the gain."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from pruning_core.data import read_rows, tokenize_text
+from pruning_core.distill import DistillSpec, distill, distillation_loss, split_heldout
+from pruning_core.job import recover_to_folder
+from pruning_core.perplexity import perplexity
+from pruning_core.recipe import Recipe
+from pruning_core.recovery import TrainingState
+from pruning_core.structured.llm_pruner import StructuredSettings, prune_structured
+from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID, tiny_model
+
+SPEC = {"kind": "distill", "data": str(WIKITEXT_VALID), "batch_size": 4, "seq_len": 64, "heldout_tokens": 2048}
+
+
+def _pruned(trained_tiny, ratio: float = 0.3):
+    model = tiny_model("llama")
+    model.load_state_dict(trained_tiny[0].state_dict())
+    prune_structured(model, trained_tiny[1][:2048].reshape(-1, 64)[:8], StructuredSettings(ratio=ratio), progress=False)
+    return model
+
+
+def test_the_loss_is_the_temperature_scaled_kl_divergence_of_teacher_and_student():
+    student, teacher = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    t = 2.0
+    p = torch.softmax(teacher / t, -1)
+    expected = t**2 * (p * (torch.log(p) - torch.log_softmax(student / t, -1))).sum(-1).mean()
+    assert distillation_loss(student, teacher, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_schedule_warms_up_then_decays_to_zero_and_the_budget_sets_the_steps():
+    spec = DistillSpec(**SPEC, tokens=4 * 64 * 100, learning_rate=1e-3, warmup=0.1)
+    assert spec.steps == 100
+    rates = [spec.learning_rate_at(step) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-5
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
+    constant = spec.model_copy(update={"schedule": "constant", "warmup": 0.0})
+    assert {constant.learning_rate_at(s) for s in range(100)} == {1e-3}
+
+
+def test_recipes_take_distillation_or_lora_recovery_and_lora_keeps_its_fingerprint():
+    distilled = Recipe(method="depth", ratio=0.3, recovery={**SPEC, "tokens": 1000})
+    assert isinstance(distilled.recovery, DistillSpec)
+    lora = {"data": str(WIKITEXT_VALID), "steps": 5}
+    old = Recipe(method="llm_pruner", ratio=0.2, recovery=lora)
+    assert '"kind"' not in old.canonical_json()  # recipes from before distillation keep their keys
+    assert Recipe(method="llm_pruner", ratio=0.2, recovery={**lora, "kind": "lora"}) == old
+    with pytest.raises(ValueError, match="tokens"):
+        Recipe(method="depth", ratio=0.3, recovery=SPEC)
+
+
+def test_heldout_tail_is_never_trained_on():
+    tokens = torch.arange(10_000)
+    spec = DistillSpec(**SPEC, tokens=1000)
+    train, heldout = split_heldout(tokens, spec)
+    assert len(heldout) == 2048 and torch.equal(torch.cat([train, heldout]), tokens)
+    with pytest.raises(ValueError, match="too few"):
+        split_heldout(torch.arange(2100), spec)
+
+
+@pytest.mark.parametrize("train", ["all", "lora"])
+def test_distillation_lowers_the_heldout_loss_of_a_pruned_model(trained_tiny, tiny_tokenizer, tmp_path, train):
+    teacher = trained_tiny[0]
+    test_ids = tokenize_text(tiny_tokenizer, read_rows(str(WIKITEXT_TEST))[:400])
+    dense = perplexity(teacher, test_ids, 64, progress=False).perplexity
+    model = _pruned(trained_tiny)
+    before = perplexity(model, test_ids, 64, progress=False).perplexity
+    lr = 2e-3 if train == "all" else 5e-3
+    spec = DistillSpec(**SPEC, tokens=4 * 64 * 40, learning_rate=lr, eval_every=10, train=train)
+    rows = read_rows(str(WIKITEXT_VALID))[:3000]
+    student, result = recover_to_folder(model, tiny_tokenizer, rows, spec, tmp_path, progress=False, teacher=teacher)
+    after = perplexity(student, test_ids, 64, progress=False).perplexity
+    assert dense < before and after - dense < 0.5 * (before - dense), (dense, before, after)  # half the gap closed
+    assert sorted(result.heldout) == [0, 10, 20, 30, 40] and result.heldout[40] < result.heldout[0]
+    assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 40
+    assert not [name for name, _ in student.named_modules() if "lora" in name.lower()]
+    assert type(student).__name__ == "LlamaForCausalLM" and list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("train", ["all", "lora"])
+def test_a_distillation_killed_mid_way_resumes_to_the_same_weights(trained_tiny, train):
+    teacher, tokens = trained_tiny
+    spec = DistillSpec(**SPEC, tokens=4 * 64 * 6, learning_rate=1e-3, eval_every=2, hidden_weight=0.5, train=train)
+    straight, straight_result = distill(_pruned(trained_tiny), teacher, tokens, spec, progress=False)
+    saved: list[TrainingState] = []
+    distill(
+        _pruned(trained_tiny), teacher, tokens, spec, progress=False, on_checkpoint=saved.append, checkpoint_every=4
+    )
+    assert [s.step for s in saved] == [4] and sorted(saved[0].heldout) == [0, 2, 4]
+    resumed, result = distill(_pruned(trained_tiny), teacher, tokens, spec, progress=False, start=saved[0])
+    assert result.resumed_from_step == 4 and result.losses == straight_result.losses
+    assert result.heldout == straight_result.heldout
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_distillation_without_a_teacher_is_refused(trained_tiny, tiny_tokenizer, tmp_path):
+    spec = DistillSpec(**SPEC, tokens=256)
+    with pytest.raises(ValueError, match="teacher"):
+        recover_to_folder(_pruned(trained_tiny), tiny_tokenizer, ["text"], spec, tmp_path, progress=False)

@@ -1,0 +1,165 @@
+"""Width (uniform) and depth pruning give stock configs: plain transformers loads them, without secateur."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pruning_core.job import prune_structured_to_folder
+from pruning_core.recipe import Recipe
+from pruning_core.structured.depth import DepthSettings, block_importance, prune_depth
+from pruning_core.structured.llm_pruner import StructuredPruningError
+from tests.conftest import tiny_config, tiny_model
+
+IDS = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
+FAMILIES = ["llama", "qwen3", "gemma3_text"]
+
+# Run by a bare interpreter (-I: no cwd, no PYTHONPATH) in which secateur's packages cannot be imported.
+STOCK_LOADER = """
+import sys
+for name in ("pruning_core", "tasks", "flows", "infra"):
+    sys.modules[name] = None
+import torch
+from transformers import AutoModelForCausalLM
+folder, ids = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=ids, use_cache=False).logits, sys.argv[3])
+print(model.config.model_type, model.config.num_hidden_layers)
+"""
+
+
+def _stock_logits(folder: Path, tmp_path: Path) -> tuple[torch.Tensor, str]:
+    torch.save(IDS, tmp_path / "ids.pt")
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", STOCK_LOADER, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp_path / "out.pt", weights_only=True), done.stdout.strip()
+
+
+def _prune(family: str, recipe: Recipe, folder: Path, tokenizer):
+    model = tiny_model(family)
+    report = prune_structured_to_folder(model, tokenizer, IDS, recipe, folder, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=IDS, use_cache=False).logits
+    return model, report, logits
+
+
+def _saved_parameters(folder: Path) -> int:
+    with safe_open(folder / "model.safetensors", framework="pt") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe(method="llm_pruner", ratio=0.3),
+        Recipe(method="llm_pruner", ratio=0.3, attention_unit="q_heads"),
+        Recipe(method="depth", ratio=0.3),
+    ],
+    ids=["width", "width-heads", "depth"],
+)
+def test_structured_folders_load_with_stock_transformers_and_give_the_same_logits(
+    family, recipe, tmp_path, tiny_tokenizer
+):
+    folder = tmp_path / "pruned"
+    model, report, logits = _prune(family, recipe, folder, tiny_tokenizer)
+    assert report.structure.loads_with_from_pretrained
+    stock, printed = _stock_logits(folder, tmp_path)
+    torch.testing.assert_close(stock, logits, atol=1e-5, rtol=0)
+    model_type, layers = printed.split()
+    assert model_type == tiny_config(family).model_type  # the source's own type, not secateur's
+    saved = json.loads((folder / "config.json").read_text())
+    assert int(layers) == saved["num_hidden_layers"] == len(model.model.layers)
+    if "layer_types" in saved:
+        assert len(saved["layer_types"]) == saved["num_hidden_layers"]
+
+
+def test_width_pruning_gives_every_block_the_same_stock_widths(tmp_path, tiny_tokenizer):
+    _, report, _ = _prune("llama", Recipe(method="llm_pruner", ratio=0.3), tmp_path / "w", tiny_tokenizer)
+    shapes = list(report.structure.block_shapes.values())
+    assert len(shapes) == 3 and all(shape == shapes[0] for shape in shapes)
+    assert 64 % shapes[0]["heads"] == 0 and shapes[0]["intermediate_size"] % 8 == 0
+    assert shapes[0]["intermediate_size"] < 128
+
+
+@pytest.mark.parametrize("ratio_of", ["decoder", "all"])
+@pytest.mark.parametrize("method", ["llm_pruner", "depth"])
+def test_ratio_of_counts_match_the_saved_tensors(method, ratio_of, tmp_path, tiny_tokenizer):
+    recipe = Recipe(method=method, ratio=0.3, ratio_of=ratio_of)
+    _, report, _ = _prune("llama", recipe, tmp_path / "p", tiny_tokenizer)
+    before, after = report.structure.counts_before, report.structure.counts_after
+    assert before.total == before.decoder + before.embeddings and after.total == after.decoder + after.embeddings
+    assert after.embeddings == before.embeddings == 256 * 64 * 2  # untied input and output tables, never pruned
+    assert _saved_parameters(tmp_path / "p") == after.total == report.parameters
+    counted = (before.decoder, after.decoder) if ratio_of == "decoder" else (before.total, after.total)
+    removed = 1 - counted[1] / counted[0]
+    assert removed == pytest.approx(report.total)
+    # Whole heads, channels (multiples of 8) or blocks: near the ratio, not exactly on it.
+    assert removed == pytest.approx(0.3, abs=0.12 if method == "depth" else 0.05)
+
+
+def test_depth_removes_the_blocks_whose_loss_increase_is_least(tmp_path, tiny_tokenizer):
+    model = tiny_model("gemma3_text")
+    importance = block_importance(model, IDS, "loss", progress=False)
+    result = prune_depth(model, IDS, DepthSettings(ratio=0.3), progress=False)
+    assert result.importance == importance and len(result.removed) == 1
+    assert result.removed == [min(range(4), key=importance.__getitem__)]
+    kept = [i for i in range(4) if i not in result.removed]
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    assert model.config.layer_types == [types[i] for i in kept] and model.config.num_hidden_layers == 3
+    assert [block.self_attn.layer_idx for block in model.model.layers] == [0, 1, 2]
+
+
+def test_depth_influence_is_one_minus_the_cosine_of_block_input_and_output():
+    model = tiny_model("llama")
+    scores = block_importance(model, IDS, "influence", progress=False)
+    captured = {}
+    def capture(module, args, kwargs, output):
+        captured.update(x=args[0] if args else kwargs["hidden_states"], y=output)
+
+    handle = model.model.layers[1].register_forward_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        cosines = []
+        for row in IDS:
+            model(input_ids=row.unsqueeze(0), use_cache=False)
+            y = captured["y"] if isinstance(captured["y"], torch.Tensor) else captured["y"][0]
+            cosines.append(torch.nn.functional.cosine_similarity(captured["x"], y, dim=-1).flatten())
+    handle.remove()
+    assert scores[1] == pytest.approx(float((1 - torch.cat(cosines)).mean()), rel=1e-5)
+
+
+def test_depth_refuses_a_ratio_of_no_block_or_every_block():
+    with pytest.raises(StructuredPruningError, match="at least one block"):
+        prune_depth(tiny_model("llama"), IDS, DepthSettings(ratio=0.05), progress=False)
+    with pytest.raises(StructuredPruningError, match="keeps at least one"):
+        prune_depth(tiny_model("llama"), IDS, DepthSettings(ratio=0.95), progress=False)
+
+
+def test_structured_recipes_refuse_fields_of_the_other_kind_and_keep_their_meaning_in_the_fingerprint():
+    with pytest.raises(ValueError, match="add widths: per_block"):
+        Recipe(method="llm_pruner", ratio=0.2, keep_first=2)
+    with pytest.raises(ValueError, match="'attention_unit' applies to llm_pruner"):
+        Recipe(method="depth", ratio=0.2, attention_unit="kv_groups")
+    with pytest.raises(ValueError, match="'depth_importance' applies to depth"):
+        Recipe(method="llm_pruner", ratio=0.2, depth_importance="influence")
+    with pytest.raises(ValueError, match="'ratio_of' applies to structured"):
+        Recipe(method="wanda", sparsity=0.5, ratio_of="all")
+    canonical = json.loads(Recipe(method="llm_pruner", ratio=0.2).canonical_json())
+    assert canonical["widths"] == "uniform" and canonical["ratio_of"] == "decoder"
+    assert "widths" not in Recipe(method="wanda", sparsity=0.5).canonical_json()
+    per_block = Recipe(method="llm_pruner", ratio=0.2, widths="per_block", ratio_of="all")
+    assert per_block.structured_settings().kept_whole == (4, 2)
+    assert per_block.fingerprint() != Recipe(method="llm_pruner", ratio=0.2).fingerprint()
