@@ -52,6 +52,11 @@ class DistillSpec(BaseModel):
     hidden_weight: float = Field(default=0.0, ge=0.0, description="weight of the final hidden-state MSE")
     lm_weight: float = Field(default=0.0, ge=0.0, description="weight of next-token cross-entropy on the text")
     train: Literal["all", "lora"] = Field(default="all", description="all remaining weights | LoRA adapters")
+    precision: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="forward passes in float32, or under bfloat16 autocast (weights and optimizer stay float32): "
+        "1.5x the tokens per second on 2 AMX CPU cores, more on GPUs",
+    )
     r: int = Field(default=8, ge=1, le=1024, description="train lora: adapter rank")
     alpha: float = Field(default=16.0, gt=0.0, description="train lora: adapter alpha")
     heldout_tokens: int = Field(default=8192, ge=0, description="tail of the text kept for held-out perplexity")
@@ -135,10 +140,11 @@ def _student(model: nn.Module, spec: DistillSpec, device: str) -> nn.Module:
 
 def _step_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, spec: DistillSpec) -> torch.Tensor:
     wants_hidden = spec.hidden_weight > 0
-    with torch.no_grad():
-        taught = teacher(input_ids=batch, use_cache=False, output_hidden_states=wants_hidden)
     labels = batch if spec.lm_weight > 0 else None
-    learned = student(input_ids=batch, labels=labels, use_cache=False, output_hidden_states=wants_hidden)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bfloat16"):
+        with torch.no_grad():
+            taught = teacher(input_ids=batch, use_cache=False, output_hidden_states=wants_hidden)
+        learned = student(input_ids=batch, labels=labels, use_cache=False, output_hidden_states=wants_hidden)
     loss = distillation_loss(learned.logits, taught.logits, spec.temperature)
     if spec.lm_weight > 0:
         loss = loss + spec.lm_weight * learned.loss

@@ -89,7 +89,10 @@ def test_distillation_lowers_the_heldout_loss_of_a_pruned_model(trained_tiny, ti
 @pytest.mark.parametrize("train", ["all", "lora"])
 def test_a_distillation_killed_mid_way_resumes_to_the_same_weights(trained_tiny, train):
     teacher, tokens = trained_tiny
-    spec = DistillSpec(**SPEC, tokens=4 * 64 * 6, learning_rate=1e-3, eval_every=2, hidden_weight=0.5, train=train)
+    precision = "bfloat16" if train == "all" else "float32"
+    spec = DistillSpec(
+        **SPEC, tokens=4 * 64 * 6, learning_rate=1e-3, eval_every=2, hidden_weight=0.5, train=train, precision=precision
+    )
     straight, straight_result = distill(_pruned(trained_tiny), teacher, tokens, spec, progress=False)
     saved: list[TrainingState] = []
     distill(

@@ -1,164 +1,275 @@
-"""Benchmark (run on demand): LLM-Pruner on SmolLM2-135M, without and with LoRA recovery.
+"""Benchmark (run on demand): structured pruning that pays off when served, with distillation recovery.
 
-    .venv/bin/python -m tests.benchmarks.bench_structured                       # ratio 0.2, element1, 200 steps
-    .venv/bin/python -m tests.benchmarks.bench_structured --importances element1 element2 vector
-    .venv/bin/python -m tests.benchmarks.bench_structured --latency-of /tmp/secateur-bench-structured/element1
-    .venv/bin/python -m tests.benchmarks.bench_structured --model gemma3 --steps 0 --samples 8 --seq-len 256 \
-        --eval-seq-lens 1024 --eval-tokens 4096 --latency-repeats 3     # Gemma 3 270M (embeddings: 168M of 268M)
+    .venv/bin/python -m tests.benchmarks.bench_structured                  # SmolLM2-135M: width 20% of all, depth
+    .venv/bin/python -m tests.benchmarks.bench_structured --model gemma3 --ratio 0.2 --ratio-of decoder \
+        --variants width --eval-seq-len 1024 --distill-seq-len 256 --distill-batch 2 --no-lora
 
-For each importance: prune 20% of the parameters (first 4 and last 2 blocks kept whole), then LoRA
-recovery (r=8, alpha=16, dropout 0.05, all projections) on exllamav2's c4 text. Reports WikiText-2 raw
-test perplexity at seq 128 and 512 (all tokens unless --eval-tokens), parameters, size on disk and the
-CPU latency of one forward pass, against the dense model. Writes results/structured-<timestamp>.json.
+For the dense model and each variant: WikiText-2 raw test perplexity (the first --eval-tokens tokens at
+--eval-seq-len), perplexity on a second text never trained on (exllamav2's C4 text), parameters (decoder,
+embeddings, all), size on disk, prefill and decode tokens/s at batch 1 and 8 (`pruning_core.speed`, the
+pipeline's own measurement), and whether plain `from_pretrained` loads the folder. Variants:
+- width: llm_pruner, uniform widths (a stock config), `--ratio` of `--ratio-of`;
+- depth: whole blocks removed, as many parameters as width removes (equal parameter count), chosen by
+  calibration-loss increase; block influence (1 - cos) is measured beside it, before recovery.
+Each is distilled from the dense model (KL on logits, all weights, cosine schedule) on exllamav2's Wikipedia
+text for `--distill-tokens` tokens; the held-out curve goes to the results and a plot. With LoRA on (default
+for SmolLM2), the width variant is also recovered by LoRA on next-token loss for the same wall time.
+Writes results/structured-<timestamp>.json and structured-<timestamp>-curve.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from tests.benchmarks.bench_pruning import C4_CALIBRATION, GEMMA3, WIKITEXT_TEST, gemma3_folder
-from tests.benchmarks.common import RESULTS, SMOLLM2
+from tests.benchmarks.bench_pruning import C4_CALIBRATION, GEMMA3, gemma3_folder
+from tests.benchmarks.common import RESULTS, SMOLLM2, WIKITEXT_TEST, write_results
+
+DISTILL_TEXT = "wiki.utf8"  # exllamav2's Wikipedia text: not WikiText-2, not the C4 text scored beside it
 
 
 def _folder_mib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
 
 
-def _measure(model, tokenizer, rows: list[str], args: argparse.Namespace) -> dict:
+def _quality(model, tokenizer, texts: dict[str, list[str]], args: argparse.Namespace) -> dict:
+    """WikiText-2 on its first --eval-tokens tokens, the second text on its first --second-text-tokens."""
     from pruning_core.job import evaluate_perplexities
-    from pruning_core.structured.llm_pruner import forward_latency_ms, parameter_count
 
-    row = {"parameters": parameter_count(model)}
-    for seq_len in args.eval_seq_lens:
-        result = evaluate_perplexities(model, tokenizer, {"w": rows}, seq_len, args.eval_tokens, progress=False)["w"]
-        row[f"ppl_{seq_len}"] = result.perplexity
-        row[f"tokens_{seq_len}"] = result.tokens_scored
-    for tokens in (128, 512):
-        row[f"latency_ms_{tokens}"] = forward_latency_ms(model, tokens, repeats=args.latency_repeats)
+    limits = {"wikitext2": args.eval_tokens, "c4": args.second_text_tokens}
+    return {
+        f"ppl.{name}": evaluate_perplexities(
+            model, tokenizer, {name: rows}, args.eval_seq_len, limits[name], progress=False
+        )[name].perplexity
+        for name, rows in texts.items()
+    }
+
+
+def _speed(model, args: argparse.Namespace) -> dict:
+    from pruning_core.speed import SpeedProtocol, throughput
+
+    protocol = SpeedProtocol(
+        prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batch_sizes=(1, 8), repeats=3
+    )
+    return throughput(model, protocol)
+
+
+def _stock_load(folder: Path):
+    """The folder as plain transformers loads it (no secateur code in the path)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _row(name: str, model, tokenizer, texts, args, folder: Path | None = None, **extra) -> dict:
+    from pruning_core.footprint import footprint
+
+    counts = footprint(model)
+    row = {
+        "variant": name,
+        **extra,
+        "parameters": counts.parameters,
+        "decoder_parameters": counts.decoder_parameters,
+        "embedding_parameters": counts.embedding_parameters,
+        "loaded_mib": counts.loaded_mib,
+        **_quality(model, tokenizer, texts, args),
+    }
+    if folder is not None:
+        row["size_mib"] = _folder_mib(folder)
     print(json.dumps(row), flush=True)
     return row
 
 
-def interleaved_latency(folders: list[str], repeats: int) -> dict:
-    """CPU latency of the dense model and saved pruned folders, measured in alternation so drift hits all alike."""
-    from infra.assets import smollm2_gguf
-    from pruning_core.modeling import load_model
-    from pruning_core.structured.llm_pruner import forward_latency_ms, parameter_count
+def _distill(model, teacher, tokenizer, args, out: Path):
+    from pruning_core.data import read_rows
+    from pruning_core.distill import DistillSpec
+    from pruning_core.job import recover_to_folder
 
-    models = {"dense": load_model(str(smollm2_gguf()))[0]}
-    models |= {folder: load_model(folder)[0] for folder in folders}
-    times: dict[str, dict[int, list[float]]] = {name: {128: [], 512: []} for name in models}
-    for _ in range(repeats):
-        for tokens in (128, 512):
-            for name, model in models.items():
-                times[name][tokens].append(forward_latency_ms(model, tokens, repeats=1))
-    result = {
-        name: {
-            "parameters": parameter_count(models[name]),
-            **{f"latency_ms_{t}": sorted(v)[len(v) // 2] for t, v in per_tokens.items()},
-        }
-        for name, per_tokens in times.items()
-    }
-    print(json.dumps(result, indent=2))
-    return result
+    spec = DistillSpec(
+        kind="distill",
+        data=args.distill_data,
+        tokens=args.distill_tokens,
+        batch_size=args.distill_batch,
+        seq_len=args.distill_seq_len,
+        learning_rate=args.distill_lr,
+        eval_every=args.eval_every,
+        heldout_tokens=args.heldout_tokens,
+        precision=args.precision,
+    )
+    started = time.perf_counter()
+    student, result = recover_to_folder(
+        model, tokenizer, read_rows(spec.data), spec, out, args.device, False, teacher=teacher
+    )
+    seconds = time.perf_counter() - started
+    tokens_per_step = spec.batch_size * spec.seq_len
+    curve = {str(step * tokens_per_step): ppl for step, ppl in result.heldout.items()}
+    return student, {"recovery": "distill", "recovery_seconds": seconds, "steps": spec.steps, "heldout_curve": curve}
+
+
+def _lora_for(seconds: float, model, tokenizer, args, out: Path):
+    """LoRA on next-token loss, its steps sized from a 3-step pilot to take `seconds`."""
+    from pruning_core.data import read_rows, tokenize_text
+    from pruning_core.job import recover_to_folder
+    from pruning_core.recovery import RecoverySpec, recover
+
+    lora = {"data": args.distill_data, "batch_size": args.distill_batch, "seq_len": args.distill_seq_len}
+    pilot = RecoverySpec(**lora, steps=3, learning_rate=args.lora_lr)
+    tokens = tokenize_text(tokenizer, read_rows(args.distill_data))
+    started = time.perf_counter()
+    recover(_copy(model), tokens, pilot, args.device, False)
+    steps = max(1, round(seconds / ((time.perf_counter() - started) / 3)))
+    spec = RecoverySpec(**lora, steps=steps, learning_rate=args.lora_lr)
+    started = time.perf_counter()
+    merged, _ = recover_to_folder(model, tokenizer, read_rows(args.distill_data), spec, out, args.device, False)
+    return merged, {"recovery": "lora", "recovery_seconds": time.perf_counter() - started, "steps": steps}
+
+
+def _influence_quality(source: str, removed: list[int], tokenizer, texts, args: argparse.Namespace) -> dict:
+    """Perplexity with the blocks block influence would remove (the measure depth pruning did not choose)."""
+    from pruning_core.modeling import load_model
+    from pruning_core.structured.depth import remove_blocks
+
+    model, _ = load_model(source)
+    remove_blocks(model, removed)
+    return _quality(model, tokenizer, texts, args)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from infra.plots import _figure
+
+    with _figure(path, "held-out perplexity while distilling", "distillation tokens", "perplexity") as axes:
+        for row in rows:
+            if row.get("heldout_curve"):
+                points = sorted((int(k), v) for k, v in row["heldout_curve"].items())
+                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=row["variant"])
+        axes.set_yscale("log")
 
 
 def main() -> None:
     from infra.assets import smollm2_gguf, text_asset
     from pruning_core.data import read_rows
-    from pruning_core.job import calibration_set, prune_structured_to_folder, recover_to_folder
+    from pruning_core.job import calibration_set, prune_structured_to_folder
     from pruning_core.modeling import load_model
-    from pruning_core.recipe import Recipe
+    from pruning_core.structured.depth import block_importance
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    parser.add_argument("--variants", nargs="+", choices=["width", "depth"], default=["width", "depth"])
     parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--importances", nargs="+", default=["element1"])
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows for the gradients")
+    parser.add_argument("--ratio-of", choices=["decoder", "all"], default="all")
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows for the importance")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=200, help="LoRA recovery steps (0: none)")
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--recovery-seq-len", type=int, default=128)
-    parser.add_argument("--eval-seq-lens", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--eval-tokens", type=int, default=None, help="score only the first N tokens (default all)")
-    parser.add_argument("--latency-repeats", type=int, default=10)
+    parser.add_argument("--distill-tokens", type=int, default=160 * 1024)
+    parser.add_argument("--distill-batch", type=int, default=2)
+    parser.add_argument("--distill-seq-len", type=int, default=512)
+    parser.add_argument("--distill-lr", type=float, default=5e-4)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="bfloat16", help="distillation")
+    parser.add_argument("--heldout-tokens", type=int, default=4096)
+    parser.add_argument("--no-lora", action="store_true", help="skip LoRA at equal time")
+    parser.add_argument("--lora-lr", type=float, default=3e-4)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--second-text-tokens", type=int, default=8192)
+    parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="/tmp/secateur-bench-structured")
-    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
-    parser.add_argument("--latency-of", nargs="+", metavar="FOLDER", help="only: dense vs these folders' latency")
     args = parser.parse_args()
-    if args.latency_of:
-        result = interleaved_latency(args.latency_of, args.latency_repeats)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"latency-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
-        return
+    args.distill_data = str(text_asset(DISTILL_TEXT))
 
-    rows = read_rows(str(WIKITEXT_TEST))
     c4 = str(text_asset(C4_CALIBRATION))
+    texts = {"wikitext2": read_rows(str(WIKITEXT_TEST)), "c4": read_rows(c4)}
     source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
-    model, tokenizer = load_model(source)
-    results = {
+    out = Path(args.out) / args.model
+    teacher, tokenizer = load_model(source)
+    header = {
         "model": GEMMA3 if args.model == "gemma3" else SMOLLM2,
         "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
-        "recovery": f"LoRA r=8 alpha=16 dropout 0.05, all projections, {args.steps} steps x {args.batch_size} x "
-        f"{args.recovery_seq_len} tokens of exllamav2 {C4_CALIBRATION}, AdamW lr {args.learning_rate}",
-        "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_lens}, tokens {args.eval_tokens or 'all'}",
-        "latency": f"CPU forward pass, batch 1, median of {args.latency_repeats}, {torch.get_num_threads()} threads",
-        "device": args.device,
-        "machine": platform.processor() or platform.machine(),
-        "runs": [{"model": "dense", **_measure(model, tokenizer, rows, args)}],
+        "recovery": f"distillation (KL on logits, T=1, all weights, {args.precision} autocast, AdamW lr "
+        f"{args.distill_lr} cosine, warm-up 5%) "
+        f"on exllamav2 {DISTILL_TEXT}, {args.distill_tokens} tokens in windows of {args.distill_batch} x "
+        f"{args.distill_seq_len}; LoRA (r=8, alpha=16) for the same wall time",
+        "evaluation": f"WikiText-2 raw test, first {args.eval_tokens} tokens at seq_len {args.eval_seq_len}; "
+        f"exllamav2 {C4_CALIBRATION} (first {args.second_text_tokens} tokens, never trained on)",
+        "speed": f"prefill {args.prefill_tokens} tokens, decode {args.decode_tokens}, batch 1 and 8, median of 3, "
+        f"{torch.get_num_threads()} threads, {args.device}",
     }
-    RESULTS.mkdir(exist_ok=True)
-    out_file = RESULTS / f"structured-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    for importance in args.importances:
-        model, tokenizer = load_model(source)
-        recipe = Recipe(
-            method="llm_pruner",
-            ratio=args.ratio,
-            importance=importance,
-            calibration_samples=args.samples,
-            seq_len=args.seq_len,
-        )
+    rows = [_row("dense", teacher, tokenizer, texts, args, speed=_speed(teacher, args))]
+
+    def save() -> Path:
+        return write_results("structured", {**header, **vars(args)}, rows, folder=RESULTS)
+
+    width_removed = None
+    for variant in args.variants:
+        model, _ = load_model(source)
+        recipe = _recipe(variant, args, model, width_removed)
         calibration = calibration_set(tokenizer, read_rows(c4), recipe)
-        folder = Path(args.out) / importance
         started = time.perf_counter()
+        folder = out / variant
+        extra = {}
+        if variant == "depth":
+            extra["influence"] = block_importance(_copy(model), calibration, "influence", args.device, False)
         report = prune_structured_to_folder(model, tokenizer, calibration, recipe, folder, args.device, False)
-        row = {"model": f"llm_pruner {importance}", "prune_seconds": time.perf_counter() - started}
-        row |= {"size_mib": _folder_mib(folder), "block_share": report.structure.block_share}
-        row |= _measure(model, tokenizer, rows, args)
-        results["runs"].append(row)
-        out_file.write_text(json.dumps(results, indent=2))
-        if args.steps:
-            spec = recipe.model_validate(
-                {
-                    **recipe.model_dump(),
-                    "recovery": {
-                        "data": c4,
-                        "steps": args.steps,
-                        "learning_rate": args.learning_rate,
-                        "batch_size": args.batch_size,
-                        "seq_len": args.recovery_seq_len,
-                    },
-                }
-            ).recovery
-            started = time.perf_counter()
-            merged, result = recover_to_folder(
-                model, tokenizer, read_rows(c4), spec, f"{folder}-lora", args.device, False
-            )
-            row = {"model": f"llm_pruner {importance} + LoRA", "recovery_seconds": time.perf_counter() - started}
-            row |= {"loss_first": result.losses[0], "loss_last": sum(result.losses[-10:]) / 10}
-            row |= {"size_mib": _folder_mib(Path(f"{folder}-lora"))}
-            row |= _measure(merged, tokenizer, rows, args)
-            results["runs"].append(row)
-            out_file.write_text(json.dumps(results, indent=2))
-    out_file.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out_file}")
+        extra |= {"prune_seconds": time.perf_counter() - started, "recipe": recipe.model_dump(mode="json")}
+        if variant == "depth":
+            removed = report.structure.removed_blocks
+            extra |= {"removed_blocks": removed, "loss_importance": report.structure.block_importance}
+            by_influence = sorted(range(len(extra["influence"])), key=extra["influence"].__getitem__)
+            extra["influence_would_remove"] = sorted(by_influence[: len(removed)])
+            extra["influence_ppl"] = _influence_quality(source, extra["influence_would_remove"], tokenizer, texts, args)
+        stock = _stock_load(folder)
+        extra["loads_with_from_pretrained"] = report.structure.loads_with_from_pretrained
+        rows.append(_row(f"{variant} (no recovery)", stock, tokenizer, texts, args, folder, **extra))
+        if variant == "width":
+            width_removed = report.structure.counts_before.total - report.structure.counts_after.total
+        save()
+        pruned = _copy(stock)
+        distilled_folder = out / f"{variant}-distilled"
+        _, info = _distill(stock, teacher, tokenizer, args, distilled_folder)
+        distilled = _stock_load(distilled_folder)
+        info["speed"] = _speed(distilled, args)
+        rows.append(_row(f"{variant} + distill", distilled, tokenizer, texts, args, distilled_folder, **info))
+        save()
+        if variant == "width" and not args.no_lora:
+            merged, info = _lora_for(rows[-1]["recovery_seconds"], pruned, tokenizer, args, out / "width-lora")
+            rows.append(_row("width + LoRA (same time)", merged, tokenizer, texts, args, out / "width-lora", **info))
+            save()
+    _gains(rows)
+    results_file = save()
+    _plot(rows, results_file.with_name(results_file.stem + "-curve.png"))
+
+
+def _recipe(variant: str, args: argparse.Namespace, model, width_removed: int | None):
+    """The width recipe as asked; depth removing as many parameters as width did (equal parameter count)."""
+    from pruning_core.recipe import Recipe
+    from pruning_core.structured.llm_pruner import counted_parameters
+
+    common = {"calibration_samples": args.samples, "seq_len": args.seq_len}
+    if variant == "width":
+        return Recipe(method="llm_pruner", ratio=args.ratio, ratio_of=args.ratio_of, **common)
+    ratio = args.ratio if width_removed is None else width_removed / counted_parameters(model, args.ratio_of)
+    return Recipe(method="depth", ratio=ratio, ratio_of=args.ratio_of, **common)
+
+
+def _gains(rows: list[dict]) -> None:
+    """x dense beside each row that was timed: tokens/s ratios, size and parameters dense / variant."""
+    dense = rows[0]
+    for row in rows[1:]:
+        if "speed" in row:
+            row["gain"] = {key: value / dense["speed"][key] for key, value in row["speed"].items() if "tok_s" in key}
+        row["ppl_x_dense"] = {k: row[k] / dense[k] for k in row if k.startswith("ppl.")}
+        row["parameters_x_dense"] = dense["parameters"] / row["parameters"]
 
 
 if __name__ == "__main__":
