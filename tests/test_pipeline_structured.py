@@ -141,3 +141,41 @@ def test_structured_prune_and_recovery_resume_from_their_checkpoints(
     b, _ = load_model(straight.path)
     for name, tensor in a.state_dict().items():
         assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+def test_a_latency_batch_ships_the_depth_pruned_distilled_variant_with_its_curves(
+    prefect_api, pipeline_home, tmp_path, trained_tiny_dir
+):
+    distill = {"kind": "distill", "data": str(WIKITEXT_VALID), "tokens": 8 * 2 * 32, "batch_size": 2}
+    distill |= {"seq_len": 32, "heldout_tokens": 256, "eval_every": 4, "learning_rate": 1e-3}
+    recipes = [
+        {"name": "w50", "method": "wanda", "sparsity": 0.5},
+        {"name": "depth", "method": "depth", "ratio": 0.5, "recovery": distill},  # 2 of 3 blocks go
+    ]
+    config = batch_mapping([str(trained_tiny_dir)], recipes, name="latency-batch")
+    speed = {"prefill_tokens": 32, "decode_tokens": 32, "batch_sizes": [1], "repeats": 5, "warmup": 1}
+    config["evaluation"] |= {"speed": speed, "generation_tokens": 0}
+    config["selection"] = {"max_ppl_increase": 100.0, "objective": "latency"}
+    results = compress_batch(config)
+    assert [r.status for r in results] == ["completed", "completed"]
+    by_name = {r.recipe_name: r for r in results}
+    assert by_name["depth"].task_states["recover"] == "Completed"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("trained-tiny", "champion")
+    run = client.get_run(by_name["depth"].mlflow_run_id)
+    metrics = run.data.metrics
+    wanda = client.get_run(by_name["w50"].mlflow_run_id).data.metrics
+    gains = {name: m["gain.decode_tok_s.b1"] for name, m in (("depth", metrics), ("w50", wanda))}
+    assert champion.tags["recipe_name"] == "depth", gains  # faster than dense; wanda's zeros are not
+    assert metrics["blocks_removed"] == 2 and metrics["parameters_decoder_after"] < metrics["parameters_decoder_before"]
+    assert metrics["gain.decode_tok_s.b1"] > 1.05 and metrics["gain.params.total"] > 1.0
+    assert wanda["gain.params.total"] == 1.0 and wanda["gain.size_mib"] == pytest.approx(1.0, abs=0.1)
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "recovery_heldout_ppl"))
+    assert [step for step, _ in curve] == [0, 4, 8] and curve[-1][1] < curve[0][1]
+    assert metrics["recovery.heldout_ppl"] == curve[-1][1] and metrics["recovery.tokens"] == 8 * 2 * 32
+    assert len(client.get_metric_history(run.info.run_id, "recovery_loss")) == 8
+    # The shipped folder is a stock Llama with one block.
+    folder = Path(champion.source.removeprefix("file://"))
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_type"] == "llama" and saved["num_hidden_layers"] == 1
