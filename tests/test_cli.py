@@ -94,6 +94,23 @@ def test_llm_pruner_with_recovery_reports_parameters_and_saves_a_smaller_model(c
     assert sum(p.numel() for p in model.parameters()) == result["parameters_after"]
 
 
+def test_depth_pruning_with_distillation_from_the_cli_gives_a_stock_folder(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "shallower"
+    code, stdout, stderr = run_cli(
+        capsys,
+        *("prune", tiny_model_dir, "--method", "depth", "--ratio", 0.34, "--distill-tokens", 2048),
+        *("--recovery-data", WIKITEXT_VALID, "--calibration", WIKITEXT_VALID, "--samples", 4, "--seq-len", 32),
+        *("--out", out, "--json"),
+    )
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert result["target"] == "34% of decoder parameters (blocks)" and result["loads_with_from_pretrained"] is True
+    assert "blocks removed: " in stdout and "loads with: stock transformers from_pretrained" in stdout
+    assert "distillation: 2 steps" in stdout  # 2048 tokens in batches of 4 x 256
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
+
+
 def test_llm_pruner_with_nothing_to_prune_fails_after_loading_with_one_error_line(capsys, tiny_model_dir, tmp_path):
     code, _stdout, stderr = run_cli(
         capsys,
