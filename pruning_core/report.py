@@ -56,6 +56,7 @@ class StructureReport(BaseModel):
             "latency_ms_after": self.latency_ms_after,
             "block_share": self.block_share,
             "blocks_removed": float(len(self.removed_blocks)),
+            "loads_with_from_pretrained": float(self.loads_with_from_pretrained),
         }
 
 

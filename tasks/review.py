@@ -39,6 +39,7 @@ class ReportRow(Variant):
     parameters: float | None = None  # all of them, tied embeddings once
     loaded_mib: float | None = None  # parameters and buffers as the evaluation loaded them
     gain: dict[str, float] = Field(default_factory=dict)  # x dense as logged: size_mib, decode_tok_s.b1, ...
+    secateur_only: bool = False  # a structured folder with per-block widths: stock runtimes cannot load it
     block_errors: list[float] = Field(default_factory=list)
 
 
@@ -132,6 +133,7 @@ def _rows_of(tracker: Tracker, run) -> tuple[ReportRow | None, ReportRow]:
         parameters=metrics.get("params.total"),
         loaded_mib=metrics.get("loaded_mib"),
         gain=_prefixed(metrics, "gain."),
+        secateur_only=metrics.get("loads_with_from_pretrained") == 0.0,
         run_id=run.info.run_id,
         block_errors=tracker.series(run.info.run_id, "block_error") if "block_error" in metrics else [],
     )
@@ -293,7 +295,13 @@ def _notes(report: BatchReport) -> list[str]:
         notes.append("tasks: " + "; ".join(f"{t} ({s})" for t, s in sorted(report.task_splits.items())))
     structured = sorted({r.method for r in report.rows if r.method in STRUCTURED_METHODS})
     if structured:
-        notes.append(f"{', '.join(structured)}: sparsity = fraction of all parameters removed (whole heads/channels)")
+        notes.append(
+            f"{', '.join(structured)}: sparsity = fraction of the parameters its ratio counts removed (the decoder's "
+            "unless ratio_of: all), whole channels, heads or blocks: really smaller and faster"
+        )
+    secateur_only = sorted({r.recipe for r in report.rows if r.secateur_only})
+    if secateur_only:
+        notes.append(f"{', '.join(secateur_only)}: per-block widths, loads with secateur only (not stock runtimes)")
     zeroing = sorted({r.method for r in report.rows if r.method in METHODS})
     if zeroing:
         notes.append(f"{', '.join(zeroing)}: {ZEROS_GAIN_NOTHING}")

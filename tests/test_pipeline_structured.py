@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.batch import compress_batch
 from infra.settings import Settings
+from infra.tracking import Tracker
 from pruning_core.modeling import load_model
 from pruning_core.recipe import Recipe
 from pruning_core.structured.groups import block_shape
@@ -20,6 +21,7 @@ from tasks.calibrate import CalibrationSpec, make_calibration
 from tasks.fetch import snapshot_model
 from tasks.prune import prune_with_checkpoints
 from tasks.recover import recover_with_checkpoints
+from tasks.review import batch_report, render
 from tests.conftest import SHARED_DATA, WIKITEXT_VALID, batch_mapping, save_tiny
 
 RECOVERY = {"data": str(WIKITEXT_VALID), "steps": 4, "batch_size": 2, "seq_len": 32, "learning_rate": 1e-3}
@@ -75,6 +77,8 @@ def test_structured_and_owl_recipes_run_through_the_batch(prefect_api, pipeline_
     assert max(sparsities) - min(sparsities) == pytest.approx(0.16, abs=1e-6)
     assert owl.sparsity == pytest.approx(0.5, abs=0.01)
 
+    report = render(batch_report(Tracker(Settings()), run.data.tags["mlflow.parentRunId"]))
+    assert "llmp: per-block widths, loads with secateur only" in report and metrics["loads_with_from_pretrained"] == 0
     assert "acc.piqa" in metrics and "acc.piqa" not in {
         k.removeprefix("before_recovery_") for k in metrics if k.startswith("before_")
     }
