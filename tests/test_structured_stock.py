@@ -21,31 +21,34 @@ from tests.conftest import tiny_config, tiny_model
 IDS = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
 FAMILIES = ["llama", "qwen3", "gemma3_text"]
 
-# Run by a bare interpreter (-I: no cwd, no PYTHONPATH) in which secateur's packages cannot be imported.
+# Run by a bare interpreter (-I: no cwd, no PYTHONPATH) in which secateur's packages cannot be imported;
+# one process loads every folder (an interpreter start and transformers' import cost seconds each).
 STOCK_LOADER = """
-import sys
+import json, sys
 for name in ("pruning_core", "tasks", "flows", "infra"):
     sys.modules[name] = None
 import torch
 from transformers import AutoModelForCausalLM
-folder, ids = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
-model = AutoModelForCausalLM.from_pretrained(folder).eval()
-with torch.no_grad():
-    torch.save(model(input_ids=ids, use_cache=False).logits, sys.argv[3])
-print(model.config.model_type, model.config.num_hidden_layers)
+ids, loaded = torch.load(sys.argv[1], weights_only=True), {}
+for folder in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=ids, use_cache=False).logits, folder + "/stock-logits.pt")
+    loaded[folder] = [model.config.model_type, model.config.num_hidden_layers]
+print(json.dumps(loaded))
 """
 
 
-def _stock_logits(folder: Path, tmp_path: Path) -> tuple[torch.Tensor, str]:
-    torch.save(IDS, tmp_path / "ids.pt")
+def _load_with_stock_transformers(folders: list[Path], scratch: Path) -> dict[str, list]:
+    torch.save(IDS, scratch / "ids.pt")
     done = subprocess.run(
-        [sys.executable, "-I", "-c", STOCK_LOADER, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-I", "-c", STOCK_LOADER, str(scratch / "ids.pt"), *map(str, folders)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    return torch.load(tmp_path / "out.pt", weights_only=True), done.stdout.strip()
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _prune(family: str, recipe: Recipe, folder: Path, tokenizer):
@@ -61,28 +64,39 @@ def _saved_parameters(folder: Path) -> int:
         return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        Recipe(method="llm_pruner", ratio=0.3),
-        Recipe(method="llm_pruner", ratio=0.3, attention_unit="q_heads"),
-        Recipe(method="depth", ratio=0.3),
-    ],
-    ids=["width", "width-heads", "depth"],
-)
-def test_structured_folders_load_with_stock_transformers_and_give_the_same_logits(
-    family, recipe, tmp_path, tiny_tokenizer
-):
-    folder = tmp_path / "pruned"
-    model, report, logits = _prune(family, recipe, folder, tiny_tokenizer)
+RECIPES = {
+    "width": Recipe(method="llm_pruner", ratio=0.3),
+    "width-heads": Recipe(method="llm_pruner", ratio=0.3, attention_unit="q_heads"),
+    "depth": Recipe(method="depth", ratio=0.3),
+}
+# Every recipe on the three families the issue names first; width and depth on the other stock families.
+CASES = [(family, name) for family in FAMILIES for name in RECIPES] + [
+    (family, name) for family in ("mistral", "qwen2-sliding", "gemma2") for name in ("width", "depth")
+]
+
+
+@pytest.fixture(scope="module")
+def stock_loaded(tmp_path_factory, tiny_tokenizer) -> dict:
+    """Every case pruned in memory and saved; then loaded by stock transformers in one bare process."""
+    scratch = tmp_path_factory.mktemp("stock")
+    made = {}
+    for family, name in CASES:
+        folder = scratch / f"{family}-{name}"
+        model, report, logits = _prune(family, RECIPES[name], folder, tiny_tokenizer)
+        made[(family, name)] = (folder, model, report, logits)
+    loaded = _load_with_stock_transformers([folder for folder, *_ in made.values()], scratch)
+    return {case: (*parts, loaded[str(parts[0])]) for case, parts in made.items()}
+
+
+@pytest.mark.parametrize(("family", "recipe_name"), CASES)
+def test_structured_folders_load_with_stock_transformers_and_give_the_same_logits(stock_loaded, family, recipe_name):
+    folder, model, report, logits, (model_type, layers) = stock_loaded[(family, recipe_name)]
     assert report.structure.loads_with_from_pretrained
-    stock, printed = _stock_logits(folder, tmp_path)
+    stock = torch.load(folder / "stock-logits.pt", weights_only=True)
     torch.testing.assert_close(stock, logits, atol=1e-5, rtol=0)
-    model_type, layers = printed.split()
     assert model_type == tiny_config(family).model_type  # the source's own type, not secateur's
     saved = json.loads((folder / "config.json").read_text())
-    assert int(layers) == saved["num_hidden_layers"] == len(model.model.layers)
+    assert layers == saved["num_hidden_layers"] == len(model.model.layers)
     if "layer_types" in saved:
         assert len(saved["layer_types"]) == saved["num_hidden_layers"]
 
@@ -127,6 +141,7 @@ def test_depth_influence_is_one_minus_the_cosine_of_block_input_and_output():
     model = tiny_model("llama")
     scores = block_importance(model, IDS, "influence", progress=False)
     captured = {}
+
     def capture(module, args, kwargs, output):
         captured.update(x=args[0] if args else kwargs["hidden_states"], y=output)
 
