@@ -1,6 +1,7 @@
 """Benchmark (run on demand): structured pruning that pays off when served, with distillation recovery.
 
     .venv/bin/python -m tests.benchmarks.bench_structured                  # SmolLM2-135M: width 20% of all, depth
+    .venv/bin/python -m tests.benchmarks.bench_structured --speed-of /tmp/secateur-bench-structured/smollm2/*-distilled
     .venv/bin/python -m tests.benchmarks.bench_structured --model gemma3 --ratio 0.2 --ratio-of decoder \
         --variants width --eval-seq-len 1024 --distill-seq-len 256 --distill-batch 2 --no-lora
 
@@ -56,6 +57,31 @@ def _speed(model, args: argparse.Namespace) -> dict:
         prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batch_sizes=(1, 8), repeats=3
     )
     return throughput(model, protocol)
+
+
+def interleaved_speed(source: str, folders: list[str], rounds: int, args: argparse.Namespace) -> dict:
+    """Throughput of dense and saved variants measured in alternation (one repeat each per round, the median of
+    `rounds`), so that whatever else the machine does hits every model alike."""
+    import statistics
+
+    from pruning_core.modeling import load_model
+    from pruning_core.speed import SpeedProtocol, throughput
+
+    protocol = SpeedProtocol(
+        prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batch_sizes=(1, 8), repeats=1
+    )
+    models = {"dense": load_model(source)[0], **{folder: _stock_load(Path(folder)) for folder in folders}}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            samples[name].append(throughput(model, protocol))
+    medians = {
+        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
+    }
+    return {
+        name: {**speed, "gain": {k: v / medians["dense"][k] for k, v in speed.items() if "tok_s" in k}}
+        for name, speed in medians.items()
+    }
 
 
 def _stock_load(folder: Path):
@@ -185,8 +211,16 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="/tmp/secateur-bench-structured")
+    parser.add_argument("--speed-of", nargs="+", metavar="FOLDER", help="only: dense vs these folders, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="--speed-of: alternating rounds")
     args = parser.parse_args()
     args.distill_data = str(text_asset(DISTILL_TEXT))
+    if args.speed_of:
+        source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
+        speeds = interleaved_speed(source, args.speed_of, args.rounds, args)
+        header = {"speed": f"interleaved, median of {args.rounds} rounds, {torch.get_num_threads()} threads"}
+        write_results("structured-speed", {**header, **vars(args)}, [{"model": k, **v} for k, v in speeds.items()])
+        return
 
     c4 = str(text_asset(C4_CALIBRATION))
     texts = {"wikitext2": read_rows(str(WIKITEXT_TEST)), "c4": read_rows(c4)}
