@@ -70,7 +70,7 @@ def test_heldout_tail_is_never_trained_on():
 @pytest.mark.parametrize("train", ["all", "lora"])
 def test_distillation_lowers_the_heldout_loss_of_a_pruned_model(trained_tiny, tiny_tokenizer, tmp_path, train):
     teacher = trained_tiny[0]
-    test_ids = tokenize_text(tiny_tokenizer, read_rows(str(WIKITEXT_TEST))[:400])
+    test_ids = tokenize_text(tiny_tokenizer, read_rows(str(WIKITEXT_TEST))[:400])[:8192]
     dense = perplexity(teacher, test_ids, 64, progress=False).perplexity
     model = _pruned(trained_tiny)
     before = perplexity(model, test_ids, 64, progress=False).perplexity
