@@ -26,9 +26,9 @@ from pruning_core.recovery import (
     ALL_PROJECTIONS,
     RecoveryResult,
     TrainingState,
-    optimizer_tensors,
-    restore_optimizer,
+    resumed,
     step_batch,
+    training_state,
 )
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -179,19 +179,9 @@ def distill(
     student = _student(model, spec, device)
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    result = RecoveryResult()
-    first = 0
-    if start is not None:
-        missing = trainable.keys() - start.adapter.keys()
-        if missing:
-            raise ValueError(f"distillation checkpoint lacks trained weights, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(start.adapter[name])
-        restore_optimizer(optimizer, start.optimizer, start.optimizer_groups)
-        first, result.losses, result.resumed_from_step = start.step, list(start.losses), start.step
-        result.heldout = dict(start.heldout)
-    elif len(heldout):
+    result = resumed(trainable, optimizer, start)
+    first = result.resumed_from_step
+    if start is None and len(heldout):
         result.heldout[0] = heldout_perplexity(student, heldout, spec.seq_len, device)
     student.train()
     bar = tqdm(range(first, spec.steps), desc="distillation", disable=not progress)
@@ -213,9 +203,7 @@ def distill(
         if len(heldout) and (done % spec.eval_every == 0 or done == spec.steps):
             result.heldout[done] = heldout_perplexity(student, heldout, spec.seq_len, device)
         if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
-            tensors, groups = optimizer_tensors(optimizer)
-            weights = {name: p.detach().cpu().clone() for name, p in trainable.items()}
-            on_checkpoint(TrainingState(done, list(result.losses), weights, tensors, groups, dict(result.heldout)))
+            on_checkpoint(training_state(done, result, trainable, optimizer))
     trained = student.merge_and_unload() if spec.train == "lora" else student
     for p in trained.parameters():
         p.requires_grad_(True)

@@ -102,6 +102,33 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": restored})
 
 
+def resumed(
+    trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, start: TrainingState | None
+) -> RecoveryResult:
+    """The result so far: empty, or `start`'s after its weights and optimizer moments are put back."""
+    result = RecoveryResult()
+    if start is None:
+        return result
+    missing = trainable.keys() - start.adapter.keys()
+    if missing:
+        raise ValueError(f"recovery checkpoint lacks trained weights, e.g. {sorted(missing)[0]}")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(start.adapter[name])
+    restore_optimizer(optimizer, start.optimizer, start.optimizer_groups)
+    result.losses, result.resumed_from_step, result.heldout = list(start.losses), start.step, dict(start.heldout)
+    return result
+
+
+def training_state(
+    done: int, result: RecoveryResult, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
+) -> TrainingState:
+    """What a resumed run needs after `done` steps (copied to the CPU)."""
+    tensors, groups = optimizer_tensors(optimizer)
+    weights = {name: p.detach().cpu().clone() for name, p in trainable.items()}
+    return TrainingState(done, list(result.losses), weights, tensors, groups, dict(result.heldout))
+
+
 def recover(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -131,17 +158,8 @@ def recover(
     peft_model = get_peft_model(model, config).to(device)
     trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=spec.learning_rate, weight_decay=0.0)
-    result = RecoveryResult()
-    first = 0
-    if start is not None:
-        missing = trainable.keys() - start.adapter.keys()
-        if missing:
-            raise ValueError(f"recovery checkpoint lacks adapter weights, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(start.adapter[name])
-        restore_optimizer(optimizer, start.optimizer, start.optimizer_groups)
-        first, result.losses, result.resumed_from_step = start.step, list(start.losses), start.step
+    result = resumed(trainable, optimizer, start)
+    first = result.resumed_from_step
     peft_model.train()
     bar = tqdm(range(first, spec.steps), desc="LoRA recovery", disable=not progress)
     for step in bar:
@@ -158,9 +176,7 @@ def recover(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
         if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
-            tensors, groups = optimizer_tensors(optimizer)
-            adapter = {name: p.detach().cpu().clone() for name, p in trainable.items()}
-            on_checkpoint(TrainingState(done, list(result.losses), adapter, tensors, groups))
+            on_checkpoint(training_state(done, result, trainable, optimizer))
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(True)
