@@ -272,11 +272,16 @@ def describe_validation_error(error: Exception, what: str = "recipe") -> str:
     problems = error.errors()
     parts = []
     for item in problems[:MAX_LISTED_PROBLEMS]:
-        field = ".".join(str(p) for p in item["loc"]) or "recipe"
+        field = ".".join(str(p) for p in _without_union_tags(item["loc"])) or "recipe"
         message = item["msg"].removeprefix("Value error, ")
         parts.append(cut(f"{field}: {message}", MAX_PROBLEM_CHARS))
     more = len(problems) - len(parts)
     return f"invalid {what}: " + "; ".join(parts) + (f"; and {more:,} more problems" if more > 0 else "")
+
+
+def _without_union_tags(loc: tuple) -> list:
+    """`recovery.lora.data` -> `recovery.data`: the recovery kind is a union tag, not a field the user wrote."""
+    return [part for i, part in enumerate(loc) if not (i and loc[i - 1] == "recovery" and part in ("lora", "distill"))]
 
 
 # One error line stays readable: a batch of 10,000 bad recipes lists its first few problems, each cut short.
