@@ -38,7 +38,11 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
         "--widths", choices=["uniform", "per_block"], help="llm_pruner: uniform (stock config, default) | per_block"
     )
     structured.add_argument("--depth-importance", choices=["loss", "influence"], help="depth: default loss")
-    structured.add_argument("--importance", choices=["element1", "element2", "vector"], help="default element1")
+    structured.add_argument(
+        "--importance",
+        choices=["activation", "element1", "element2", "vector"],
+        help="default activation (uniform widths), element1 (per_block)",
+    )
     structured.add_argument("--aggregation", choices=["sum", "mean", "max", "prod"], help="default sum")
     structured.add_argument("--keep-first", type=int, help="widths per_block: leading blocks kept whole (default 4)")
     structured.add_argument("--keep-last", type=int, help="widths per_block: trailing blocks kept whole (default 2)")

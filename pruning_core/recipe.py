@@ -18,11 +18,11 @@ from pruning_core.recovery import RecoverySpec
 from pruning_core.structured.depth import DepthImportance, DepthSettings
 from pruning_core.structured.groups import AttentionUnit
 from pruning_core.structured.importance import Aggregation, Importance
-from pruning_core.structured.llm_pruner import RatioOf, StructuredSettings, Widths
+from pruning_core.structured.llm_pruner import RatioOf, StructuredSettings, WidthRefit, Widths
 
 # Fields added after recipes were first fingerprinted: left out of the canonical JSON while they hold
 # their defaults, so that existing recipes keep their fingerprints (and their cached results).
-_WIDTH_FIELDS = ("importance", "aggregation", "keep_first", "keep_last", "attention_unit", "widths")
+_WIDTH_FIELDS = ("importance", "aggregation", "keep_first", "keep_last", "attention_unit", "widths", "channel_refit")
 # What a structured ratio means changed with them (uniform widths, ratios of the decoder): structured
 # recipes always carry them, so none keeps the fingerprint of a result made under the old meaning.
 _STRUCTURED_MEANING = ("widths", "ratio_of")
@@ -35,6 +35,7 @@ _LATER_FIELDS = (
     "keep_last",
     "attention_unit",
     "widths",
+    "channel_refit",
     "ratio_of",
     "depth_importance",
     "recovery",
@@ -99,7 +100,16 @@ class Recipe(BaseModel):
         description="llm_pruner: uniform (every block the same widths: a stock config) | per_block "
         "(keep_first/keep_last blocks whole; loads with secateur only)",
     )
-    importance: Importance = Field(default="element1", description="llm_pruner: element1 | element2 | vector")
+    importance: Importance | None = Field(
+        default=None,
+        description="llm_pruner: activation | element1 | element2 | vector (default: activation with uniform "
+        "widths, element1 with per_block)",
+    )
+    channel_refit: WidthRefit = Field(
+        default="least_squares",
+        description="llm_pruner: least_squares (down_proj/o_proj refit to the dense outputs on the calibration "
+        "inputs) | none",
+    )
     aggregation: Aggregation = Field(default="sum", description="llm_pruner: per-group sum | mean | max | prod")
     keep_first: int | None = Field(
         default=None, ge=0, description="llm_pruner, widths per_block: leading blocks kept whole (default 4)"
@@ -204,6 +214,7 @@ class Recipe(BaseModel):
             keep_first=self.keep_first,
             keep_last=self.keep_last,
             attention_unit=self.attention_unit,
+            refit=self.channel_refit,
         )
 
     def depth_settings(self) -> DepthSettings:

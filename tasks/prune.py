@@ -28,8 +28,7 @@ from pruning_core.modeling import load_for_compute, output_dtype
 from pruning_core.recipe import Recipe
 from pruning_core.report import REPORT_FILE, Provenance, PruneReport
 from pruning_core.structured.depth import block_importance, blocks_to_remove
-from pruning_core.structured.importance import gradient_statistics
-from pruning_core.structured.llm_pruner import statistics_weights
+from pruning_core.structured.llm_pruner import importance_statistics
 from tasks.calibrate import CalibrationSet, load_calibration
 from tasks.common import numeric_environment, peak_gpu_mib, peak_rss_mib
 from tasks.fetch import ModelSnapshot
@@ -229,15 +228,14 @@ def _allocation(model, ids, recipe: Recipe, settings: Settings, run: str, progre
 def structured_statistics(
     model: torch.nn.Module, ids: torch.Tensor, recipe: Recipe, device: str, progress: bool
 ) -> dict[str, torch.Tensor]:
-    """The slow measurement of a structured prune, checkpointed: gradient sums (width) or block importance (depth)."""
+    """The slow measurement of a structured prune, checkpointed: Grams and gradient sums (width) or
+    block importance (depth)."""
     if recipe.method == "depth":
         settings = recipe.depth_settings()
         blocks_to_remove(model, settings)  # refuse an impossible ratio before the measurement
         importance = block_importance(model, ids, settings.importance, device, progress)
         return {"block_importance": torch.tensor(importance, dtype=torch.float64)}
-    structured = recipe.structured_settings()
-    weights = statistics_weights(model, structured)
-    return gradient_statistics(model, weights, ids, structured.importance, device, progress)
+    return importance_statistics(model, ids, recipe.structured_settings(), device, progress)
 
 
 def _prune_structured(

@@ -173,3 +173,70 @@ def test_heterogeneous_widths_round_trip_through_our_loader(tmp_path, tiny_token
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=0)
     generated = loaded.generate(IDS[:1, :5], max_new_tokens=4, do_sample=False)  # cache path works too
     assert generated.shape == (1, 9)
+
+
+def test_activation_importance_drops_the_channels_that_never_fire():
+    model = tiny_model("llama")
+    with torch.no_grad():  # channels 0..7 of every block's MLP output exactly zero: gate rows of zeros
+        for block in model.model.layers:
+            block.mlp.gate_proj.weight[:8] = 0
+    result = prune_structured(model, IDS, StructuredSettings(ratio=0.05, refit="none"), progress=False)
+    assert StructuredSettings(ratio=0.05).scores == "activation"
+    for plan in result.plans:
+        assert len(plan.keep_channels) == 120 and not set(plan.keep_channels) & set(range(8))
+
+
+
+@pytest.mark.parametrize("unit", ["none", "q_heads"])
+def test_the_refit_lowers_each_cut_layers_output_error_on_the_calibration(unit):
+    from pruning_core.structured.refit import InputGrams
+
+    dense = tiny_model("llama")
+    ids = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(2))
+    pruned = {}
+    for refit in ("none", "least_squares"):
+        model = tiny_model("llama")
+        settings = StructuredSettings(ratio=0.3, attention_unit=unit, refit=refit)
+        pruned[refit] = prune_structured(model, ids, settings, progress=False), model
+    (plain_result, plain), (refit_result, refitted) = pruned["none"], pruned["least_squares"]
+    assert [p.keep_channels for p in plain_result.plans] == [p.keep_channels for p in refit_result.plans]
+    assert plain_result.parameters_after == refit_result.parameters_after
+    # the dense model's own down_proj inputs, sliced to the kept channels, are what the refit was fitted on
+    layer = 1
+    inputs = {}
+    grams = InputGrams({"down": dense.model.layers[layer].mlp.down_proj})
+    handle = dense.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: inputs.setdefault("x", []).append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for row in ids:
+            dense(input_ids=row.unsqueeze(0), use_cache=False)
+    handle.remove()
+    grams.remove()
+    x = torch.cat(inputs["x"])
+    keep = torch.tensor(plain_result.plans[layer].keep_channels)
+    target = x @ dense.model.layers[layer].mlp.down_proj.weight.T
+
+    def error(model):
+        return (x[:, keep] @ model.model.layers[layer].mlp.down_proj.weight.T - target).square().sum().item()
+
+    assert error(refitted) < 0.9 * error(plain)
+    if unit == "q_heads":  # o_proj reads the cut heads: refitted too
+        assert not torch.equal(
+            plain.model.layers[layer].self_attn.o_proj.weight, refitted.model.layers[layer].self_attn.o_proj.weight
+        )
+    assert _logits(refitted).isfinite().all()
+
+
+def test_a_huge_refit_damping_gives_the_plain_slice():
+    from pruning_core.structured.refit import refit_kept_columns
+
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(50, 10, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([0, 2, 3, 7])
+    sliced = refit_kept_columns(weight, x.T @ x, keep, damp=1e9)
+    torch.testing.assert_close(sliced, weight[:, keep], atol=1e-5, rtol=0)
+    # undamped it is the least-squares solution
+    exact = refit_kept_columns(weight, x.T @ x, keep, damp=1e-12)
+    expected = torch.linalg.lstsq(x[:, keep].double(), (x @ weight.T).double()).solution.T.float()
+    torch.testing.assert_close(exact, expected, atol=1e-4, rtol=0)

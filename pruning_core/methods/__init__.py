@@ -15,8 +15,9 @@ METHODS: dict[str, Method] = {
 
 # Structured methods remove whole heads and channels, or whole blocks, over the whole model (pruning_core.structured);
 # name -> version (bump when its output changes: it is part of every run fingerprint).
-# llm_pruner 2: uniform widths and ratios of the decoder by default.
-STRUCTURED_METHODS: dict[str, str] = {"llm_pruner": "2", "depth": "1"}
+# llm_pruner 2: uniform widths and ratios of the decoder by default; 3: activation importance and the
+# least-squares refit of down_proj/o_proj by default with uniform widths.
+STRUCTURED_METHODS: dict[str, str] = {"llm_pruner": "3", "depth": "1"}
 
 
 def method_version(name: str) -> str:

@@ -1,9 +1,15 @@
-"""Importance of dependency groups from calibration-loss gradients (LLM-Pruner, section 3.2).
+"""Importance of dependency groups: from activations (Minitron) or calibration-loss gradients (LLM-Pruner).
 
-Per weight element: first order `|W * g|` (element1), second order with the Fisher diagonal
-`1/2 * W * F * W` (element2); per weight vector: `|sum(W * g)|` over the group's slice (vector).
-Each coupled layer gives one score per unit (summed over the unit's slice); the layers' scores are
-aggregated per unit by sum, mean, max or prod.
+`activation` (forward passes only): an MLP channel's mean squared activation at down_proj's input, an
+attention head's at o_proj's input, i.e. the diagonals of those layers' input Gram matrices (Minitron,
+arXiv 2407.14679, ranks width by activations). Measured on SmolLM2-135M at 20% of all parameters (MLP
+channels, 32 x 128 calibration tokens, WikiText-2 before recovery): activation 71.7, element1 81.6, Wanda's
+|x| * |w| 76.7; it also needs no backward pass, so it is the default with uniform widths.
+
+From gradients (LLM-Pruner, section 3.2), per weight element: first order `|W * g|` (element1), second
+order with the Fisher diagonal `1/2 * W * F * W` (element2); per weight vector: `|sum(W * g)|` over the
+group's slice (vector). Each coupled layer gives one score per unit (summed over the unit's slice); the
+layers' scores are aggregated per unit by sum, mean, max or prod.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from tqdm.auto import tqdm
 
 from pruning_core.adapters import LLAMA_PROJECTIONS, Projections
 from pruning_core.structured.groups import AttentionUnit, block_shape, effective_unit
+from pruning_core.structured.refit import InputGrams, gram_key
 
-Importance = Literal["element1", "element2", "vector"]
+Importance = Literal["activation", "element1", "element2", "vector"]
 Aggregation = Literal["sum", "mean", "max", "prod"]
 
 
@@ -39,10 +46,13 @@ def gradient_statistics(
     importance: Importance,
     device: str = "cpu",
     progress: bool = True,
+    gram_layers: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Sum of per-sample gradients (element1, vector) or of their squares (element2, the Fisher diagonal).
 
     The whole model runs forward and backward once per calibration row; only `weights` keep gradients.
+    The same forwards accumulate the input Gram matrices of the linears named in `gram_layers` (module
+    paths), under `refit.gram_key`, for the least-squares refit of the layers that read pruned channels.
     """
     home = next(model.parameters()).device
     model.to(device)
@@ -53,6 +63,7 @@ def gradient_statistics(
     totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in weights.items()}
     was_training = model.training
     model.eval()  # no dropout: the gradients are of the deployed model
+    grams = InputGrams({name: model.get_submodule(name) for name in gram_layers})
     try:
         for row in tqdm(calibration, desc="gradients", leave=False, disable=not progress):
             ids = row.unsqueeze(0).to(device)
@@ -62,12 +73,37 @@ def gradient_statistics(
                 grad = p.grad.detach().to(torch.float32)
                 totals[name] += grad.square() if importance == "element2" else grad
     finally:
+        gram_totals = grams.remove()
         model.zero_grad(set_to_none=True)
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         model.train(was_training)
         model.to(home)
-    return {name: t.cpu() for name, t in totals.items()}
+    return {name: t.cpu() for name, t in totals.items()} | gram_totals
+
+
+@torch.no_grad()
+def activation_statistics(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    gram_layers: tuple[str, ...],
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Input Gram matrices of the linears named in `gram_layers`, over one forward pass per calibration row."""
+    home = next(model.parameters()).device
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    grams = InputGrams({name: model.get_submodule(name) for name in gram_layers})
+    try:
+        for row in tqdm(calibration, desc="activations", leave=False, disable=not progress):
+            model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        totals = grams.remove()
+        model.train(was_training)
+        model.to(home)
+    return totals
 
 
 def _scores(weight: torch.Tensor, statistic: torch.Tensor, importance: Importance) -> torch.Tensor:
@@ -118,6 +154,8 @@ def unit_importance(
     the o columns of those q heads).
     """
     shape = block_shape(block, projections)
+    if importance == "activation":
+        return _activation_importance(block, statistics, attention_unit, projections)
 
     def element(part: str) -> torch.Tensor:
         name = projections.path(part)
@@ -139,3 +177,16 @@ def unit_importance(
         [_finish(_unit_sum(element(name), channels, dim), importance) for name, dim in mlp_layers], aggregation
     )
     return attention, mlp
+
+
+def _activation_importance(
+    block: nn.Module, statistics: dict[str, torch.Tensor], attention_unit: AttentionUnit, projections: Projections
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = block_shape(block, projections)
+    mlp = statistics[gram_key(projections.path("down"))].diagonal().to(torch.float64)
+    unit = effective_unit(shape, attention_unit)
+    if unit == "none":
+        return torch.zeros(shape.heads, dtype=torch.float64), mlp
+    per_head = statistics[gram_key(projections.path("o"))].diagonal().to(torch.float64).reshape(shape.heads, -1)
+    heads = per_head.sum(1)
+    return (heads if unit == "q_heads" else heads.reshape(shape.kv_heads, -1).sum(1)), mlp

@@ -32,6 +32,7 @@ from pruning_core.structured.groups import (
     block_shape,
     effective_unit,
     head_dim,
+    head_rows,
     keep_attention,
     keep_channels,
     projection,
@@ -39,10 +40,12 @@ from pruning_core.structured.groups import (
 from pruning_core.structured.importance import (
     Aggregation,
     Importance,
+    activation_statistics,
     gradient_statistics,
     projection_weights,
     unit_importance,
 )
+from pruning_core.structured.refit import gram_key, refit_kept_columns
 
 
 class StructuredPruningError(ValueError):
@@ -52,6 +55,7 @@ class StructuredPruningError(ValueError):
 Widths = Literal["uniform", "per_block"]
 RatioOf = Literal["decoder", "all"]
 PER_BLOCK_KEEP = (4, 2)  # LLM-Pruner's blocks kept whole at each end, with per-block widths
+WidthRefit = Literal["least_squares", "none"]
 CHANNEL_MULTIPLE = 8  # uniform MLP widths: kernels run at full speed on multiples of 8
 
 
@@ -63,11 +67,13 @@ class StructuredSettings(BaseModel):
     ratio: float = Field(gt=0.0, lt=1.0)
     ratio_of: RatioOf = "decoder"
     widths: Widths = "uniform"
-    importance: Importance = "element1"
+    importance: Importance | None = None  # None: activation with uniform widths, element1 per block
     aggregation: Aggregation = "sum"
     keep_first: int | None = Field(default=None, ge=0)
     keep_last: int | None = Field(default=None, ge=0)
     attention_unit: AttentionUnit | None = None  # None: none with uniform widths, q_heads per block
+    refit: WidthRefit = "least_squares"
+    refit_damp: float = Field(default=0.3, gt=0.0)  # measured, see refit.py
 
     @property
     def unit(self) -> AttentionUnit:
@@ -77,6 +83,14 @@ class StructuredSettings(BaseModel):
         if self.attention_unit is not None:
             return self.attention_unit
         return "none" if self.widths == "uniform" else "q_heads"
+
+    @property
+    def scores(self) -> Importance:
+        """What ranks heads and channels: activations with uniform widths (measured better, see importance.py,
+        and forward passes only), LLM-Pruner's first-order gradients per block."""
+        if self.importance is not None:
+            return self.importance
+        return "activation" if self.widths == "uniform" else "element1"
 
     @model_validator(mode="after")
     def _uniform_prunes_every_block(self) -> StructuredSettings:
@@ -197,9 +211,24 @@ def _round_to(value: int, multiple: int) -> int:
     return max(multiple, multiple * round(value / multiple))
 
 
-def apply_plan(block: nn.Module, plan: BlockPlan, projections: Projections) -> None:
+def apply_plan(
+    block: nn.Module,
+    plan: BlockPlan,
+    projections: Projections,
+    grams: dict[str, torch.Tensor] | None = None,
+    damp: float = 0.3,
+) -> None:
+    """Cut the block to `plan`; with `grams` (input Gram per consumer part, "o"/"down"), refit what reads the
+    cut channels so that it reproduces the dense outputs on the calibration inputs."""
+    dense = {part: projection(block, part, projections).weight.detach().clone() for part in grams or {}}
     keep_attention(block, plan.keep_q, plan.keep_kv, projections)
     keep_channels(block, plan.keep_channels, projections)
+    kept_columns = {"o": head_rows(plan.keep_q, head_dim(block, projections)), "down": torch.tensor(plan.keep_channels)}
+    for part, gram in (grams or {}).items():
+        if len(kept_columns[part]) == dense[part].shape[1]:
+            continue  # nothing cut: the layer already computes the dense output
+        weight = projection(block, part, projections).weight
+        weight.data.copy_(refit_kept_columns(dense[part], gram, kept_columns[part], damp))
 
 
 @torch.no_grad()
@@ -265,16 +294,59 @@ def structured_projections(model: nn.Module) -> Projections:
     return adapter.projections
 
 
-def statistics_weights(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
-    """The projection weights whose gradients LLM-Pruner needs (those of the blocks it prunes)."""
-    block_share(model, settings)  # fail before any work
-    return _pruned_projections(model, settings)
-
-
 def _pruned_projections(model: nn.Module, settings: StructuredSettings) -> dict[str, nn.Parameter]:
     adapter = adapter_for(model)
     indices = pruned_block_indices(len(adapter.blocks(model)), *settings.kept_whole)
     return projection_weights(model, adapter.blocks_path, indices, structured_projections(model))
+
+
+def _consumer_parts(settings: StructuredSettings) -> tuple[str, ...]:
+    """The projections that read cut channels (down_proj always, o_proj when heads go), whose input Grams
+    the activation importance and the refit need."""
+    if settings.refit == "none" and settings.scores != "activation":
+        return ()
+    return ("down",) if settings.unit == "none" else ("o", "down")
+
+
+def _refit_parts(settings: StructuredSettings) -> tuple[str, ...]:
+    return () if settings.refit == "none" else _consumer_parts(settings)
+
+
+def gram_layers(model: nn.Module, settings: StructuredSettings) -> tuple[str, ...]:
+    """Module paths whose input Grams are accumulated during the statistics pass."""
+    adapter, projections = adapter_for(model), structured_projections(model)
+    indices = pruned_block_indices(len(adapter.blocks(model)), *settings.kept_whole)
+    parts = _consumer_parts(settings)
+    return tuple(f"{adapter.block_prefix(i)}.{projections.path(part)}" for i in indices for part in parts)
+
+
+def importance_statistics(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    settings: StructuredSettings,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The slow measurement of a width prune: input Grams (forward only) for activation importance, else
+    gradient sums (forward and backward) with the Grams the refit needs."""
+    block_share(model, settings)  # refuse an impossible ratio before any work
+    grams = gram_layers(model, settings)
+    if settings.scores == "activation":
+        return activation_statistics(model, calibration, grams, device, progress)
+    weights = _pruned_projections(model, settings)
+    return gradient_statistics(model, weights, calibration, settings.scores, device, progress, grams)
+
+
+def _block_grams(
+    statistics: dict[str, torch.Tensor], prefix: str, settings: StructuredSettings, projections: Projections
+) -> dict[str, torch.Tensor]:
+    grams = {}
+    for part in _refit_parts(settings):
+        key = gram_key(f"{prefix}{projections.path(part)}")
+        if key not in statistics:
+            raise StructuredPruningError(f"the statistics have no input Gram {key!r} for the refit (refit: none?)")
+        grams[part] = statistics[key]
+    return grams
 
 
 def prune_structured(
@@ -292,8 +364,7 @@ def prune_structured(
     started = time.perf_counter()
     share = block_share(model, settings)  # refuses an impossible ratio before the gradient pass
     if statistics is None:
-        weights = _pruned_projections(model, settings)
-        statistics = gradient_statistics(model, weights, calibration, settings.importance, device, progress)
+        statistics = importance_statistics(model, calibration, settings, device, progress)
     adapter, projections = adapter_for(model), structured_projections(model)
     blocks = adapter.blocks(model)
     indices = pruned_block_indices(len(blocks), *settings.kept_whole)
@@ -309,7 +380,7 @@ def prune_structured(
         attention, mlp = unit_importance(
             blocks[index],
             block_statistics,
-            settings.importance,
+            settings.scores,
             settings.aggregation,
             settings.unit,
             projections,
@@ -324,6 +395,7 @@ def prune_structured(
             projections,
             stock=settings.widths == "uniform",
         )
-        apply_plan(blocks[index], plan, projections)
+        grams = _block_grams(statistics, prefix, settings, projections)
+        apply_plan(blocks[index], plan, projections, grams, settings.refit_damp)
         plans.append(plan)
     return StructuredResult(before, parameter_count(model), share, plans, time.perf_counter() - started)
