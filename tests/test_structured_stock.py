@@ -178,3 +178,18 @@ def test_structured_recipes_refuse_fields_of_the_other_kind_and_keep_their_meani
     per_block = Recipe(method="llm_pruner", ratio=0.2, widths="per_block", ratio_of="all")
     assert per_block.structured_settings().kept_whole == (4, 2)
     assert per_block.fingerprint() != Recipe(method="llm_pruner", ratio=0.2).fingerprint()
+
+
+def test_width_recipes_default_to_activation_importance_and_the_refit_and_changed_their_method_version():
+    from pruning_core.methods import method_version
+
+    recipe = Recipe(method="llm_pruner", ratio=0.2)
+    settings = recipe.structured_settings()
+    assert (settings.scores, settings.refit) == ("activation", "least_squares")
+    assert Recipe(method="llm_pruner", ratio=0.2, widths="per_block").structured_settings().scores == "element1"
+    assert method_version("llm_pruner") == "3"  # part of every prune fingerprint: no result of version 2 reused
+    without = Recipe(method="llm_pruner", ratio=0.2, channel_refit="none")
+    assert json.loads(without.canonical_json())["channel_refit"] == "none"
+    assert "channel_refit" not in json.loads(recipe.canonical_json())
+    with pytest.raises(ValueError, match="'channel_refit' applies to llm_pruner"):
+        Recipe(method="depth", ratio=0.2, channel_refit="none")
