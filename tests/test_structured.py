@@ -186,7 +186,6 @@ def test_activation_importance_drops_the_channels_that_never_fire():
         assert len(plan.keep_channels) == 120 and not set(plan.keep_channels) & set(range(8))
 
 
-
 @pytest.mark.parametrize("unit", ["none", "q_heads"])
 def test_the_refit_lowers_each_cut_layers_output_error_on_the_calibration(unit):
     from pruning_core.structured.refit import InputGrams
