@@ -14,7 +14,8 @@ layers' scores are aggregated per unit by sum, mean, max or prod.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -54,32 +55,25 @@ def gradient_statistics(
     The same forwards accumulate the input Gram matrices of the linears named in `gram_layers` (module
     paths), under `refit.gram_key`, for the least-squares refit of the layers that read pruned channels.
     """
-    home = next(model.parameters()).device
-    model.to(device)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     wanted = {id(p) for p in weights.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
     totals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in weights.items()}
-    was_training = model.training
-    model.eval()  # no dropout: the gradients are of the deployed model
-    grams = InputGrams({name: model.get_submodule(name) for name in gram_layers})
-    try:
-        for row in tqdm(calibration, desc="gradients", leave=False, disable=not progress):
-            ids = row.unsqueeze(0).to(device)
+    with _measuring(model, device, gram_layers) as grams:
+        try:
+            for row in tqdm(calibration, desc="gradients", leave=False, disable=not progress):
+                ids = row.unsqueeze(0).to(device)
+                model.zero_grad(set_to_none=True)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                for name, p in weights.items():
+                    grad = p.grad.detach().to(torch.float32)
+                    totals[name] += grad.square() if importance == "element2" else grad
+        finally:
             model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            for name, p in weights.items():
-                grad = p.grad.detach().to(torch.float32)
-                totals[name] += grad.square() if importance == "element2" else grad
-    finally:
-        gram_totals = grams.remove()
-        model.zero_grad(set_to_none=True)
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-        model.train(was_training)
-        model.to(home)
-    return {name: t.cpu() for name, t in totals.items()} | gram_totals
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+    return {name: t.cpu() for name, t in totals.items()} | grams.totals_cpu
 
 
 @torch.no_grad()
@@ -91,19 +85,26 @@ def activation_statistics(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Input Gram matrices of the linears named in `gram_layers`, over one forward pass per calibration row."""
-    home = next(model.parameters()).device
+    with _measuring(model, device, gram_layers) as grams:
+        for row in tqdm(calibration, desc="activations", leave=False, disable=not progress):
+            model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+    return grams.totals_cpu
+
+
+@contextmanager
+def _measuring(model: nn.Module, device: str, gram_layers: tuple[str, ...]) -> Iterator[InputGrams]:
+    """The model on `device` in eval mode (no dropout: statistics of the deployed model) with Gram hooks on
+    `gram_layers`; afterwards the hooks are gone and the model is back where and as it was."""
+    home, was_training = next(model.parameters()).device, model.training
     model.to(device)
-    was_training = model.training
     model.eval()
     grams = InputGrams({name: model.get_submodule(name) for name in gram_layers})
     try:
-        for row in tqdm(calibration, desc="activations", leave=False, disable=not progress):
-            model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+        yield grams
     finally:
-        totals = grams.remove()
+        grams.remove()
         model.train(was_training)
         model.to(home)
-    return totals
 
 
 def _scores(weight: torch.Tensor, statistic: torch.Tensor, importance: Importance) -> torch.Tensor:

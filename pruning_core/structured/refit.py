@@ -41,9 +41,13 @@ class InputGrams:
 
         return accumulate
 
-    def remove(self) -> dict[str, torch.Tensor]:
+    def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+    @property
+    def totals_cpu(self) -> dict[str, torch.Tensor]:
+        """The Grams under their statistics keys (`gram_key`), on the CPU."""
         return {gram_key(name): total.cpu() for name, total in self.totals.items()}
 
 
