@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,6 +57,12 @@ class DistillSpec(BaseModel):
         description="forward passes in float32, or under bfloat16 autocast (weights and optimizer stay float32): "
         "1.5x the tokens per second on 2 AMX CPU cores, more on GPUs",
     )
+    embeddings: Literal["train", "freeze"] = Field(
+        default="train",
+        description="train all: train the token embeddings and output layer too, or freeze them (pruning leaves them "
+        "whole; freezing saves the output layer's weight gradient and its optimizer state, the larger part of a "
+        "large-vocabulary model's step)",
+    )
     r: int = Field(default=8, ge=1, le=1024, description="train lora: adapter rank")
     alpha: float = Field(default=16.0, gt=0.0, description="train lora: adapter alpha")
     heldout_tokens: int = Field(default=8192, ge=0, description="tail of the text kept for held-out perplexity")
@@ -69,6 +75,19 @@ class DistillSpec(BaseModel):
         from pruning_core.data import check_data_spec
 
         return check_data_spec(value)
+
+    @model_validator(mode="after")
+    def _embeddings_need_all(self) -> DistillSpec:
+        if self.embeddings == "freeze" and self.train != "all":
+            raise ValueError("embeddings: freeze applies to train: all (LoRA adapters never touch the embeddings)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict:
+        data = handler(self)
+        if self.embeddings == "train":  # added later: recipes written before it keep their fingerprints
+            data.pop("embeddings", None)
+        return data
 
     @property
     def steps(self) -> int:
@@ -123,6 +142,10 @@ def _student(model: nn.Module, spec: DistillSpec, device: str) -> nn.Module:
     if spec.train == "all":
         for p in model.parameters():
             p.requires_grad_(True)
+        if spec.embeddings == "freeze":
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if layer is not None:
+                    layer.weight.requires_grad_(False)
         return model.to(device)
     from peft import LoraConfig, get_peft_model
 

@@ -110,3 +110,21 @@ def test_distillation_without_a_teacher_is_refused(trained_tiny, tiny_tokenizer,
     spec = DistillSpec(**SPEC, tokens=256)
     with pytest.raises(ValueError, match="teacher"):
         recover_to_folder(_pruned(trained_tiny), tiny_tokenizer, ["text"], spec, tmp_path, progress=False)
+
+
+def test_frozen_embeddings_stay_exactly_as_pruned_while_the_rest_trains(trained_tiny):
+    teacher, tokens = trained_tiny
+    spec = DistillSpec(**SPEC, tokens=4 * 64 * 3, learning_rate=1e-3, embeddings="freeze")
+    pruned = _pruned(trained_tiny)
+    before = {name: tensor.clone() for name, tensor in pruned.state_dict().items()}
+    student, _ = distill(pruned, teacher, tokens, spec, progress=False)
+    after = student.state_dict()
+    frozen = {"model.embed_tokens.weight", "lm_head.weight"} & set(after)
+    assert frozen and all(torch.equal(after[name], before[name]) for name in frozen)
+    assert not torch.equal(after["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"])
+    assert all(p.requires_grad for p in student.parameters())  # handed back ready for any later training
+    # The option came later: a spec at the default keeps the fingerprint it had before.
+    assert "embeddings" not in DistillSpec(**SPEC, tokens=256).model_dump()
+    assert DistillSpec(**SPEC, tokens=256, embeddings="freeze").model_dump()["embeddings"] == "freeze"
+    with pytest.raises(ValueError, match="train: all"):
+        DistillSpec(**SPEC, tokens=256, embeddings="freeze", train="lora")

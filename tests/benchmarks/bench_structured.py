@@ -125,6 +125,7 @@ def _distill(model, teacher, tokenizer, args, out: Path):
         eval_every=args.eval_every,
         heldout_tokens=args.heldout_tokens,
         precision=args.precision,
+        embeddings=args.embeddings,
     )
     started = time.perf_counter()
     student, result = recover_to_folder(
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--distill-lr", type=float, default=5e-4)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="bfloat16", help="distillation")
+    parser.add_argument("--embeddings", choices=["train", "freeze"], default="train", help="distillation")
     parser.add_argument("--heldout-tokens", type=int, default=4096)
     parser.add_argument("--no-lora", action="store_true", help="skip LoRA at equal time")
     parser.add_argument("--lora-lr", type=float, default=3e-4)
@@ -230,7 +232,8 @@ def main() -> None:
     header = {
         "model": GEMMA3 if args.model == "gemma3" else SMOLLM2,
         "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
-        "recovery": f"distillation (KL on logits, T=1, all weights, {args.precision} autocast, AdamW lr "
+        "recovery": f"distillation (KL on logits, T=1, all weights, embeddings {args.embeddings}, "
+        f"{args.precision} autocast, AdamW lr "
         f"{args.distill_lr} cosine, warm-up 5%) "
         f"on exllamav2 {DISTILL_TEXT}, {args.distill_tokens} tokens in windows of {args.distill_batch} x "
         f"{args.distill_seq_len}; LoRA (r=8, alpha=16) for the same wall time",
