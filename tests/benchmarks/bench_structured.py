@@ -3,7 +3,8 @@
     .venv/bin/python -m tests.benchmarks.bench_structured                  # SmolLM2-135M: width 20% of all, depth
     .venv/bin/python -m tests.benchmarks.bench_structured --speed-of /tmp/secateur-bench-structured/smollm2/*-distilled
     .venv/bin/python -m tests.benchmarks.bench_structured --model gemma3 --ratio 0.2 --ratio-of decoder \
-        --variants width --eval-seq-len 1024 --distill-seq-len 256 --distill-batch 2 --no-lora
+        --variants width --eval-seq-len 1024 --distill-seq-len 256 --distill-batch 2 --no-lora \
+        --embeddings freeze --distill-seconds 900
 
 For the dense model and each variant: WikiText-2 raw test perplexity (the first --eval-tokens tokens at
 --eval-seq-len), perplexity on a second text never trained on (exllamav2's C4 text), parameters (decoder,
@@ -13,7 +14,8 @@ pipeline's own measurement), and whether plain `from_pretrained` loads the folde
 - depth: whole blocks removed, as many parameters as width removes (equal parameter count), chosen by
   calibration-loss increase; block influence (1 - cos) is measured beside it, before recovery.
 Each is distilled from the dense model (KL on logits, all weights, cosine schedule) on exllamav2's Wikipedia
-text for `--distill-tokens` tokens; the held-out curve goes to the results and a plot. With LoRA on (default
+text for `--distill-tokens` tokens (or as many as a pilot says fit in `--distill-seconds`), embeddings
+trained or frozen (`--embeddings`); the held-out curve goes to the results and a plot. With LoRA on (default
 for SmolLM2), the width variant is also recovered by LoRA on next-token loss for the same wall time.
 Writes results/structured-<timestamp>.json and structured-<timestamp>-curve.png.
 """
@@ -127,6 +129,8 @@ def _distill(model, teacher, tokenizer, args, out: Path):
         precision=args.precision,
         embeddings=args.embeddings,
     )
+    if args.distill_seconds:
+        spec = _sized_to(args.distill_seconds, spec, model, teacher, tokenizer, args)
     started = time.perf_counter()
     student, result = recover_to_folder(
         model, tokenizer, read_rows(spec.data), spec, out, args.device, False, teacher=teacher
@@ -134,7 +138,28 @@ def _distill(model, teacher, tokenizer, args, out: Path):
     seconds = time.perf_counter() - started
     tokens_per_step = spec.batch_size * spec.seq_len
     curve = {str(step * tokens_per_step): ppl for step, ppl in result.heldout.items()}
-    return student, {"recovery": "distill", "recovery_seconds": seconds, "steps": spec.steps, "heldout_curve": curve}
+    return student, {
+        "recovery": "distill",
+        "recovery_seconds": seconds,
+        "steps": spec.steps,
+        "tokens": spec.steps * tokens_per_step,
+        "heldout_curve": curve,
+    }
+
+
+def _sized_to(seconds: float, spec, model, teacher, tokenizer, args):
+    """`spec` with the token budget a 3-step pilot (on a copy, no held-out passes) says fits in `seconds`
+    of training; the held-out measurements come on top."""
+    from pruning_core.data import read_rows, tokenize_text
+    from pruning_core.distill import distill
+
+    batch_tokens = spec.batch_size * spec.seq_len
+    pilot = spec.model_copy(update={"tokens": 3 * batch_tokens, "heldout_tokens": 0})
+    tokens = tokenize_text(tokenizer, read_rows(spec.data))
+    started = time.perf_counter()
+    distill(_copy(model), teacher, tokens, pilot, args.device, progress=False)
+    steps = max(1, int(seconds / ((time.perf_counter() - started) / 3)))
+    return spec.model_copy(update={"tokens": steps * batch_tokens})
 
 
 def _lora_for(seconds: float, model, tokenizer, args, out: Path):
@@ -197,6 +222,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="calibration windows for the importance")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--distill-tokens", type=int, default=160 * 1024)
+    parser.add_argument("--distill-seconds", type=float, help="size the token budget to this training time")
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-seq-len", type=int, default=512)
     parser.add_argument("--distill-lr", type=float, default=5e-4)
@@ -229,13 +255,14 @@ def main() -> None:
     source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
     out = Path(args.out) / args.model
     teacher, tokenizer = load_model(source)
+    budget = f"{args.distill_seconds:.0f} s of training" if args.distill_seconds else f"{args.distill_tokens} tokens"
     header = {
         "model": GEMMA3 if args.model == "gemma3" else SMOLLM2,
         "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
         "recovery": f"distillation (KL on logits, T=1, all weights, embeddings {args.embeddings}, "
         f"{args.precision} autocast, AdamW lr "
         f"{args.distill_lr} cosine, warm-up 5%) "
-        f"on exllamav2 {DISTILL_TEXT}, {args.distill_tokens} tokens in windows of {args.distill_batch} x "
+        f"on exllamav2 {DISTILL_TEXT}, {budget} in windows of {args.distill_batch} x "
         f"{args.distill_seq_len}; LoRA (r=8, alpha=16) for the same wall time",
         "evaluation": f"WikiText-2 raw test, first {args.eval_tokens} tokens at seq_len {args.eval_seq_len}; "
         f"exllamav2 {C4_CALIBRATION} (first {args.second_text_tokens} tokens, never trained on)",
