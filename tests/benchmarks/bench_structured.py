@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--distill-seconds", type=float, help="size the token budget to this training time")
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-seq-len", type=int, default=512)
-    parser.add_argument("--distill-lr", type=float, default=5e-4)
+    parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="bfloat16", help="distillation")
     parser.add_argument("--embeddings", choices=["train", "freeze"], default="train", help="distillation")
