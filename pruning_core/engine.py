@@ -29,7 +29,8 @@ from pruning_core.experts import EXPERT_SIDES, ExpertObserver, prune_experts
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import METHODS, LayerProblem
 from pruning_core.recipe import Recipe
-from pruning_core.report import ExpertUsage
+from pruning_core.reconstruct import reconstruct_block
+from pruning_core.report import BlockReconstructionReport, ExpertUsage
 from pruning_core.stats import InputStatistics, relative_output_error
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class BlockResult:
     errors: dict[str, float]
     seconds: float
     experts: dict[str, ExpertUsage] = field(default_factory=dict)  # fused experts weights of the block
+    reconstruction: BlockReconstructionReport | None = None  # with the recipe's `block_reconstruction`
 
 
 @dataclass
@@ -81,8 +83,9 @@ class PruneSummary:
     errors: dict[str, float] = field(default_factory=dict)
     experts: dict[str, ExpertUsage] = field(default_factory=dict)
     seconds: float = 0.0
-    phase_seconds: dict[str, float] = field(default_factory=dict)  # statistics, solve, forward
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # statistics, solve, reconstruct, forward
     linear_seconds: dict[str, float] = field(default_factory=dict)  # the solve of each linear
+    reconstruction: dict[int, BlockReconstructionReport] = field(default_factory=dict)  # block -> its refit
 
 
 @contextlib.contextmanager
@@ -108,7 +111,7 @@ class PhaseClock:
 
     def __init__(self, device: torch.device | str) -> None:
         self.cuda = torch.device(device).type == "cuda"
-        self.phases: dict[str, float] = {"statistics": 0.0, "solve": 0.0, "forward": 0.0}
+        self.phases: dict[str, float] = {"statistics": 0.0, "solve": 0.0, "reconstruct": 0.0, "forward": 0.0}
         self.linears: dict[str, float] = {}
 
     def _now(self) -> float:
@@ -386,7 +389,23 @@ def prune_model(
             block = blocks[index].to(device)
             batch = samples_per_forward(block, inputs, forward_budget_mib)
             block_kwargs = to_device(captured.kwargs[index], device, memo)
+            reconstruction = recipe.block_reconstruction
+            if reconstruction is not None:
+                with clock.phase("reconstruct"):
+                    targets = block_outputs(block, inputs, block_kwargs, f"block {index} dense", progress, batch)
             errors, experts = pruner.prune(index, block, inputs, block_kwargs, progress, batch)
+            if reconstruction is not None:
+                with clock.phase("reconstruct"):
+                    summary.reconstruction[index] = reconstruct_block(
+                        block,
+                        inputs,
+                        targets,
+                        block_kwargs,
+                        spec=reconstruction,
+                        seed=recipe.seed * 1_000_003 + index,
+                        forward_batch=batch,
+                    )
+                del targets
             with clock.phase("forward"):
                 inputs = block_outputs(block, inputs, block_kwargs, f"block {index} outputs", progress, batch)
             block.to(home)
@@ -395,7 +414,8 @@ def prune_model(
             if on_block is not None:
                 state = {k: v.detach().cpu() for k, v in blocks[index].state_dict().items()}
                 seconds = time.perf_counter() - block_started
-                on_block(BlockResult(index, state, inputs.cpu(), errors, seconds, experts))
+                refit = summary.reconstruction.get(index)
+                on_block(BlockResult(index, state, inputs.cpu(), errors, seconds, experts, refit))
             log.info("block %d: mean relative error %.4g", index, sum(errors.values()) / max(len(errors), 1))
     summary.seconds = time.perf_counter() - started
     summary.phase_seconds = dict(clock.phases)

@@ -75,6 +75,7 @@ def prune_to_folder(
         prune_seconds=summary.seconds,
         phase_seconds=summary.phase_seconds,
         block_sparsity=block_sparsity,
+        block_reconstruction=summary.reconstruction,
     )
     report.write(out_dir)
     return report

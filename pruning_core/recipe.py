@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from pruning_core.distill import DistillSpec
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods.base import Refit
+from pruning_core.reconstruct import BlockReconstruction
 from pruning_core.recovery import RecoverySpec
 from pruning_core.structured.depth import DepthImportance, DepthSettings
 from pruning_core.structured.groups import AttentionUnit
@@ -42,6 +43,7 @@ _LATER_FIELDS = (
     "allocation",
     "owl_m",
     "owl_lambda",
+    "block_reconstruction",
     "refit",
     "dtype",
 )
@@ -132,6 +134,11 @@ class Recipe(BaseModel):
     allocation: Literal["uniform", "owl"] = Field(default="uniform", description="uniform | owl")
     owl_m: float = Field(default=5.0, gt=0.0, description="OWL: outlier threshold, times the block's mean score")
     owl_lambda: float = Field(default=0.08, gt=0.0, lt=0.25, description="OWL: block sparsities spread over 2λ")
+    block_reconstruction: BlockReconstruction | None = Field(
+        default=None,
+        description="unstructured methods: after each block's layer-wise prune, refit its kept weights to the "
+        "dense block's outputs (masks fixed)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -179,6 +186,8 @@ class Recipe(BaseModel):
             else:
                 self._only_defaults(("depth_importance",), "depth")
                 self.structured_settings()  # widths and kept blocks agree
+            if self.block_reconstruction is not None:
+                raise ValueError(f"block_reconstruction is for unstructured methods, not {self.method}")
             return self
         if self.ratio is not None or self.recovery is not None:
             raise ValueError("'ratio' and 'recovery' belong to structured methods (llm_pruner, depth)")

@@ -89,6 +89,15 @@ class ExpertUsage(BaseModel):
     fallback: list[int] = []  # experts pruned by magnitude: too few routed tokens for the method
 
 
+class BlockReconstructionReport(BaseModel):
+    """One block's refit to the dense block's outputs (`block_reconstruction`), errors on the calibration set."""
+
+    error_before: float  # relative output error of the block after the layer-wise prune
+    error_after: float  # ... after the refit (equal to error_before when it was undone)
+    steps: int
+    kept: bool  # False: the refit did not lower the error and the layer-wise weights were restored
+
+
 class PruneReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,9 +111,10 @@ class PruneReport(BaseModel):
     reconstruction_error: dict[str, float] = {}  # relative output error per linear
     block_errors: list[float] = []  # mean of the above per block
     block_sparsity: list[float] | None = None  # per block, when the recipe allocates it (OWL)
+    block_reconstruction: dict[int, BlockReconstructionReport] = {}  # per block, with `block_reconstruction`
     experts: dict[str, ExpertUsage] = {}  # per fused experts weight (mixture-of-experts models)
     prune_seconds: float
-    phase_seconds: dict[str, float] = {}  # statistics, solve, forward
+    phase_seconds: dict[str, float] = {}  # statistics, solve, reconstruct, forward
     resumed_from_block: int = 0
     resumed_gradients: bool = False  # structured: gradient statistics came from a checkpoint
     environment: dict[str, str] = {}  # device, torch version, threads: results differ across them

@@ -26,7 +26,7 @@ from pruning_core.job import allocate_sparsity, prune_structured_to_folder, prun
 from pruning_core.methods import method_version
 from pruning_core.modeling import load_for_compute, output_dtype
 from pruning_core.recipe import Recipe
-from pruning_core.report import REPORT_FILE, Provenance, PruneReport
+from pruning_core.report import REPORT_FILE, BlockReconstructionReport, Provenance, PruneReport
 from pruning_core.structured.depth import block_importance, blocks_to_remove
 from pruning_core.structured.llm_pruner import importance_statistics
 from tasks.calibrate import CalibrationSet, load_calibration
@@ -329,6 +329,7 @@ def _prune(
             "seconds": result.seconds,
             "environment": environment,
             "experts": {name: usage.model_dump() for name, usage in result.experts.items()},
+            "reconstruction": result.reconstruction.model_dump() if result.reconstruction else None,
         }
         checkpoints.write(result.index, result.state_dict, result.next_inputs, meta)
 
@@ -336,6 +337,11 @@ def _prune(
     save_dtype = output_dtype(recipe.dtype, snapshot.path)
     earlier_errors = {k: v for meta in resume.meta for k, v in meta["errors"].items()}
     earlier_experts = {k: v for meta in resume.meta for k, v in meta.get("experts", {}).items()}
+    earlier_refits = {
+        index: BlockReconstructionReport(**meta["reconstruction"])
+        for index, meta in enumerate(resume.meta)  # blocks 0 .. start_block - 1, in order
+        if meta.get("reconstruction") is not None
+    }
     adapter = adapter_for(model)
     report = prune_to_folder(
         model,
@@ -358,6 +364,7 @@ def _prune(
         update={
             "reconstruction_error": errors,
             "experts": {**earlier_experts, **report.experts},
+            "block_reconstruction": {**earlier_refits, **report.block_reconstruction},
             "block_errors": _block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
             "resumed_from_block": resume.start_block,
             "prune_seconds": time.perf_counter() - started,
