@@ -12,6 +12,11 @@
 dequantized once into a safetensors folder that every run loads.
 
 `apt-exact` is APT with the exact per-row refit (`refit: exact`), the reference for the default CG refit.
+A `+block` suffix (`sparsegpt+block`, `apt+block`) adds block reconstruction (`block_reconstruction` with
+`--block-epochs`, `--block-batch`, `--block-lr`) after each block's layer-wise prune.
+
+Perplexity is scored on WikiText-2 and on a second text never used for calibration: the 30 C4 documents of
+../shared/data/c4 (so that a gain on one text is not mistaken for a gain in the model).
 
 Each (method, target) runs in its own process so that its peak resident memory is its own.
 Writes tests/benchmarks/results/pruning-<timestamp>.json and prints a table.
@@ -30,6 +35,14 @@ import torch
 from tests.benchmarks.common import SMOLLM2, WIKITEXT_TEST, run_child, write_results
 
 C4_CALIBRATION = "c4.utf8"  # exllamav2 standard_cal_data, as in the demo
+C4_DOCUMENTS = sorted((Path(__file__).resolve().parents[3] / "shared" / "data" / "c4").glob("c4-sample.*.json.gz"))
+
+
+def second_text() -> list[str]:
+    """The shared C4 documents (json lines, field `text`): real C4 text that no calibration set draws from."""
+    from pruning_core.data import read_rows
+
+    return [row for path in C4_DOCUMENTS for row in read_rows(f"jsonl:{path}:text")]
 
 
 def one_run(args: argparse.Namespace) -> dict:
@@ -41,14 +54,21 @@ def one_run(args: argparse.Namespace) -> dict:
     from pruning_core.recipe import Recipe
 
     model, tokenizer = load_model(args.model_path or str(smollm2_gguf()))
-    evaluation = {"wikitext2": read_rows(str(WIKITEXT_TEST))}
+    evaluation = {"wikitext2": read_rows(str(WIKITEXT_TEST)), "c4": second_text()}
     if args.method == "dense":
         result = {"prune_seconds": 0.0, "sparsity": 0.0}
     else:
         target = {"pattern": args.target} if ":" in args.target else {"sparsity": float(args.target)}
-        method, _, refit = args.method.partition("-")  # apt-exact: APT with the exact per-row refit
+        name, plus, _ = args.method.partition("+")  # sparsegpt+block: with block reconstruction
+        method, _, refit = name.partition("-")  # apt-exact: APT with the exact per-row refit
         if refit:
             target["refit"] = refit
+        if plus:
+            target["block_reconstruction"] = {
+                "epochs": args.block_epochs,
+                "batch_size": args.block_batch,
+                "learning_rate": args.block_lr,
+            }
         recipe = Recipe(
             method=method,
             calibration_samples=args.samples,
@@ -69,10 +89,16 @@ def one_run(args: argparse.Namespace) -> dict:
         }
         if blocks is not None:
             result["block_sparsity"] = blocks
+        if report.block_reconstruction:
+            result["block_error"] = {
+                "before": [r.error_before for r in report.block_reconstruction.values()],
+                "after": [r.error_after for r in report.block_reconstruction.values()],
+            }
     ppl = evaluate_perplexities(model, tokenizer, evaluation, args.eval_seq_len, args.eval_tokens, progress=False)
     result.update(
         perplexity=ppl["wikitext2"].perplexity,
         tokens_scored=ppl["wikitext2"].tokens_scored,
+        perplexity_c4=ppl["c4"].perplexity,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     return result
@@ -103,6 +129,9 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=None, help="score only the first N tokens (default all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--block-epochs", type=int, default=2, help="+block: epochs per block")
+    parser.add_argument("--block-batch", type=int, default=4, help="+block: samples per step")
+    parser.add_argument("--block-lr", type=float, default=1e-5, help="+block: Adam learning rate")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "ALLOCATION"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/secateur-bench", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
@@ -122,6 +151,8 @@ def main() -> None:
     for method, target, allocation in runs:
         arguments = ["--child", method, target, allocation, "--samples", str(args.samples)]
         arguments += ["--seq-len", str(args.seq_len), "--device", args.device, "--eval-seq-len", str(args.eval_seq_len)]
+        arguments += ["--block-epochs", str(args.block_epochs), "--block-batch", str(args.block_batch)]
+        arguments += ["--block-lr", str(args.block_lr)]
         arguments += ["--out", f"{args.out}/{method}-{target}-{allocation}"]
         arguments += ["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []
         arguments += ["--model-path", args.model_path] if args.model_path else []
@@ -134,14 +165,17 @@ def main() -> None:
         rows.append({**row, "wall_seconds": time.perf_counter() - started, **result})
         print(
             f"{method:<10} {target:>5} {allocation:<7} sparsity {result['sparsity']:.3f} "
-            f"ppl {result['perplexity']:>10.2f} prune {result['prune_seconds']:>7.1f} s  "
+            f"ppl {result['perplexity']:>10.2f} c4 {result['perplexity_c4']:>10.2f} "
+            f"prune {result['prune_seconds']:>7.1f} s  "
             f"peak RSS {result['peak_rss_mib']:>6.0f} MiB",
             flush=True,
         )
     header = {
         "model": SMOLLM2 if args.model == "smollm2" else GEMMA3,
         "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
-        "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, tokens {args.eval_tokens or 'all'}",
+        "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, tokens {args.eval_tokens or 'all'}; "
+        f"second text: the {len(C4_DOCUMENTS)} files of C4 documents in ../shared/data/c4 (same windows)",
+        "block_reconstruction": {"epochs": args.block_epochs, "batch_size": args.block_batch, "lr": args.block_lr},
         "device": args.device,
     }
     write_results("pruning", header, rows)
