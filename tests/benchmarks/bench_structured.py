@@ -151,33 +151,39 @@ def _distill(model, teacher, tokenizer, args, out: Path):
     }
 
 
+PILOT_STEPS = 3
+
+
+def _steps_in(seconds: float, pilot) -> int:
+    """How many steps fit in `seconds`, timed from `pilot()` (which runs PILOT_STEPS steps on a copy)."""
+    started = time.perf_counter()
+    pilot()
+    return max(1, round(seconds / ((time.perf_counter() - started) / PILOT_STEPS)))
+
+
 def _sized_to(seconds: float, spec, model, teacher, tokenizer, args):
-    """`spec` with the token budget a 3-step pilot (on a copy, no held-out passes) says fits in `seconds`
+    """`spec` with the token budget a pilot (on a copy, no held-out passes) says fits in `seconds`
     of training; the held-out measurements come on top."""
     from pruning_core.data import read_rows, tokenize_text
     from pruning_core.distill import distill
 
     batch_tokens = spec.batch_size * spec.seq_len
-    pilot = spec.model_copy(update={"tokens": 3 * batch_tokens, "heldout_tokens": 0})
+    pilot = spec.model_copy(update={"tokens": PILOT_STEPS * batch_tokens, "heldout_tokens": 0})
     tokens = tokenize_text(tokenizer, read_rows(spec.data))
-    started = time.perf_counter()
-    distill(_copy(model), teacher, tokens, pilot, args.device, progress=False)
-    steps = max(1, int(seconds / ((time.perf_counter() - started) / 3)))
+    steps = _steps_in(seconds, lambda: distill(_copy(model), teacher, tokens, pilot, args.device, progress=False))
     return spec.model_copy(update={"tokens": steps * batch_tokens})
 
 
 def _lora_for(seconds: float, model, tokenizer, args, out: Path):
-    """LoRA on next-token loss, its steps sized from a 3-step pilot to take `seconds`."""
+    """LoRA on next-token loss, its steps sized from a pilot to take `seconds`."""
     from pruning_core.data import read_rows, tokenize_text
     from pruning_core.job import recover_to_folder
     from pruning_core.recovery import RecoverySpec, recover
 
     lora = {"data": args.distill_data, "batch_size": args.distill_batch, "seq_len": args.distill_seq_len}
-    pilot = RecoverySpec(**lora, steps=3, learning_rate=args.lora_lr)
+    pilot = RecoverySpec(**lora, steps=PILOT_STEPS, learning_rate=args.lora_lr)
     tokens = tokenize_text(tokenizer, read_rows(args.distill_data))
-    started = time.perf_counter()
-    recover(_copy(model), tokens, pilot, args.device, False)
-    steps = max(1, round(seconds / ((time.perf_counter() - started) / 3)))
+    steps = _steps_in(seconds, lambda: recover(_copy(model), tokens, pilot, args.device, False))
     spec = RecoverySpec(**lora, steps=steps, learning_rate=args.lora_lr)
     started = time.perf_counter()
     merged, _ = recover_to_folder(model, tokenizer, read_rows(args.distill_data), spec, out, args.device, False)
