@@ -28,9 +28,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests -m "not long" --durations=15
 
-# Real models that take minutes each on 2 cores (Gemma 3 270M past its sliding window).
+# Real models that take minutes each on 2 cores (Gemma 3 270M past its sliding window), the work pool,
+# services killed under whole batches. .ci/run runs it after `make test`.
 test-long: setup
-	$(PY) -m pytest tests -m long -s
+	$(PY) -m pytest tests -m long -s --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks pruning_core infra tests

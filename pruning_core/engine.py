@@ -31,7 +31,7 @@ from pruning_core.methods import METHODS, LayerProblem
 from pruning_core.recipe import Recipe
 from pruning_core.reconstruct import reconstruct_block
 from pruning_core.report import BlockReconstructionReport, ExpertUsage
-from pruning_core.stats import InputStatistics, relative_output_error
+from pruning_core.stats import InputStatistics, StatisticsPlan, relative_output_error
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,11 @@ def _matches(name: str, patterns: list[str] | dict[str, float]) -> str | None:
     return None
 
 
+HESSIAN = StatisticsPlan()
+# The share of every statistics batch's tokens that judges a ridge-regularised refit (refit_ridge: heldout).
+HELDOUT_FRACTION = 0.25
+
+
 def layer_target(recipe: Recipe, name: str, block_sparsity: float | None = None) -> SparsityTarget | None:
     """The target of one linear (full module name), or None when it is skipped.
 
@@ -161,7 +166,7 @@ class GroupObserver(StageMember):
         block: nn.Module,
         tap: InputTap,
         device: torch.device | str,
-        with_hessian: bool,
+        statistics: StatisticsPlan,
         stage: list[bool] | None,
         sample_tokens: int,
     ) -> None:
@@ -170,7 +175,7 @@ class GroupObserver(StageMember):
         self.stats: InputStatistics | None = None
         self.sample: torch.Tensor | None = None
         self.device = device
-        self.with_hessian = with_hessian
+        self.statistics = statistics
         self.join(stage)
         self.handle = block.get_submodule(tap.module).register_forward_hook(self._observe)
 
@@ -180,7 +185,7 @@ class GroupObserver(StageMember):
             x = x[..., self.tap.columns[0] : self.tap.columns[1]]
         x = x.detach().reshape(-1, x.shape[-1])  # some families flatten tokens before a linear
         if self.stats is None:
-            self.stats = InputStatistics(x.shape[-1], self.device, self.with_hessian)
+            self.stats = self.statistics.start(x.shape[-1], self.device)
             # The first calibration sample's tokens: the reconstruction-error probe.
             self.sample = x[: self.sample_tokens].to(torch.float32, copy=True)
         self.stats.add_batch(x)
@@ -195,7 +200,7 @@ def observe_groups(
     block_kwargs: dict[str, Any],
     device: torch.device | str,
     batch: int,
-    with_hessian: bool = True,
+    statistics: StatisticsPlan = HESSIAN,
     label: str = "",
     progress: bool = False,
     outputs: torch.Tensor | None = None,
@@ -210,7 +215,7 @@ def observe_groups(
     sample_tokens = inputs[0].numel() // inputs.shape[-1]
     observers = [
         (ExpertObserver if g.tap.side in EXPERT_SIDES else GroupObserver)(
-            block, g.tap, device, with_hessian, stage, sample_tokens
+            block, g.tap, device, statistics, stage, sample_tokens
         )
         for g in groups
     ]
@@ -249,6 +254,11 @@ class BlockPruner:
         self.adapter = adapter
         self.device = device
 
+    def statistics_plan(self) -> StatisticsPlan:
+        """The method's statistics; a held-out split of the tokens for an APT refit whose ridge they choose."""
+        heldout = HELDOUT_FRACTION if self.recipe.refit_ridge == "heldout" else 0.0
+        return StatisticsPlan(hessian=self.method.needs == "hessian", heldout_fraction=heldout)
+
     def prune(
         self,
         index: int,
@@ -279,7 +289,7 @@ class BlockPruner:
                     observed,
                     block_kwargs,
                     device=self.device,
-                    with_hessian=self.method.needs == "hessian",
+                    statistics=self.statistics_plan(),
                     label=f"block {index} statistics",
                     progress=progress,
                     batch=batch,
@@ -316,6 +326,8 @@ class BlockPruner:
             block_size=self.recipe.block_size,
             damping=self.recipe.damping,
             refit=self.recipe.refit,
+            refit_ridge=self.recipe.refit_ridge,
+            mask_refinement=self.recipe.mask_refinement,
         )
 
     def _prune_linear(

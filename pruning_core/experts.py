@@ -19,7 +19,7 @@ from torch.nn import functional
 from pruning_core.blocks import InputTap, StageMember
 from pruning_core.methods import METHODS, LayerProblem, Method
 from pruning_core.report import ExpertUsage
-from pruning_core.stats import InputStatistics, relative_output_error
+from pruning_core.stats import InputStatistics, StatisticsPlan, relative_output_error
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ class ExpertObserver(StageMember):
         block: nn.Module,
         tap: InputTap,
         device: torch.device | str,
-        with_hessian: bool,
+        statistics: StatisticsPlan,
         stage: list[bool] | None,
         sample_tokens: int,
     ) -> None:
-        self.tap, self.device, self.with_hessian = tap, device, with_hessian
+        self.tap, self.device, self.statistics = tap, device, statistics
         self.experts = block.get_submodule(tap.module)
         count = self.experts.gate_up_proj.shape[0]
         self.expert_stats: list[InputStatistics | None] = [None] * count
@@ -62,7 +62,7 @@ class ExpertObserver(StageMember):
                 gate, up = functional.linear(x, module.gate_up_proj[expert]).chunk(2, dim=-1)
                 x = module.act_fn(gate) * up
             if self.expert_stats[expert] is None:
-                self.expert_stats[expert] = InputStatistics(x.shape[-1], self.device, self.with_hessian)
+                self.expert_stats[expert] = self.statistics.start(x.shape[-1], self.device)
                 self.samples[expert] = x[: self.sample_tokens].to(torch.float32, copy=True)
             self.expert_stats[expert].add_batch(x)
             self.tokens[expert] += rows.numel()

@@ -17,6 +17,7 @@ from pruning_core.adapters import adapter_for, to_device
 from pruning_core.blocks import capture_block_inputs
 from pruning_core.engine import forward_budget, observe_groups, samples_per_forward
 from pruning_core.experts import EXPERT_SIDES, ExpertObserver
+from pruning_core.stats import StatisticsPlan
 
 
 def _wanda_scores(block: nn.Module, name: str, observer) -> list[torch.Tensor]:
@@ -69,7 +70,7 @@ def outlier_fractions(
             inputs,
             block_kwargs,
             device=device,
-            with_hessian=False,
+            statistics=StatisticsPlan(hessian=False),
             label=label,
             progress=progress,
             batch=samples_per_forward(block, inputs, forward_budget(device, None)),

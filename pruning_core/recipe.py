@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from pruning_core.distill import DistillSpec
 from pruning_core.masks import SparsityTarget
-from pruning_core.methods.base import Refit
+from pruning_core.methods.base import Refit, RefitRidge
+from pruning_core.methods.refine import MaskRefinement
 from pruning_core.reconstruct import BlockReconstruction
 from pruning_core.recovery import RecoverySpec
 from pruning_core.structured.depth import DepthImportance, DepthSettings
@@ -45,6 +46,8 @@ _LATER_FIELDS = (
     "owl_lambda",
     "block_reconstruction",
     "refit",
+    "refit_ridge",
+    "mask_refinement",
     "dtype",
 )
 
@@ -84,6 +87,16 @@ class Recipe(BaseModel):
         default="cg",
         description="apt: least-squares refit on the final mask: cg (conjugate gradient over whole-layer "
         "products) | exact (one Cholesky per row, the reference)",
+    )
+    refit_ridge: RefitRidge = Field(
+        default="none",
+        description="apt: heldout (pull the refit toward the removal updates by a ridge chosen per layer on "
+        "a held-out quarter of the calibration tokens: for layers wide for their calibration) | none",
+    )
+    mask_refinement: MaskRefinement | None = Field(
+        default=None,
+        description="apt: after the first mask, ADMM steps that may swap kept and removed weights where the "
+        "layer's loss says so (same sparsity, same N:M pattern), kept only when the loss is lower",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="dtype the variant is saved in; auto: the source's (bfloat16 for a GGUF)"
@@ -181,6 +194,7 @@ class Recipe(BaseModel):
             if self.layer_sparsity or self.skip or self.true_sequential or self.refit != "cg":
                 raise ValueError(f"{self.method} prunes whole blocks: use keep_first/keep_last, not per-layer fields")
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
+            self._only_defaults(("refit_ridge", "mask_refinement"), "apt")
             if self.method == "depth":
                 self._only_defaults(_WIDTH_FIELDS, "llm_pruner (width pruning), not depth")
             else:
@@ -204,7 +218,9 @@ class Recipe(BaseModel):
         self._only_defaults(("depth_importance",), "depth")
         self._only_defaults(("ratio_of",), "structured methods (llm_pruner, depth)")
         if self.method != "apt":
-            self._only_defaults(("refit",), "apt")
+            self._only_defaults(("refit", "refit_ridge", "mask_refinement"), "apt")
+        if self.refit == "exact" and (self.refit_ridge != "none" or self.mask_refinement is not None):
+            raise ValueError("refit_ridge and mask_refinement are for the conjugate-gradient refit (refit: cg)")
         return self
 
     def _only_defaults(self, names: tuple[str, ...], owner: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -18,14 +20,35 @@ def relative_output_error(dense: torch.Tensor, pruned: torch.Tensor, sample: tor
     return float((sample @ (dense - pruned).T).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
 
-class InputStatistics:
-    """Accumulates statistics over calibration batches of a linear's input (float32)."""
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """What to accumulate for each observed input: squared column norms only, or the Hessian (with a
+    held-out split of the tokens when a solve is judged on them)."""
 
-    def __init__(self, columns: int, device: torch.device | str, with_hessian: bool) -> None:
+    hessian: bool = True
+    heldout_fraction: float = 0.0
+
+    def start(self, columns: int, device: torch.device | str) -> InputStatistics:
+        return InputStatistics(columns, device, self.hessian, self.heldout_fraction)
+
+
+class InputStatistics:
+    """Accumulates statistics over calibration batches of a linear's input (float32).
+
+    With `heldout_fraction`, the last tokens of every batch are also summed apart (they stay in H too), so a
+    solve can be fitted on the others and judged on those: `fit_hessian` and `heldout_hessian`.
+    """
+
+    def __init__(
+        self, columns: int, device: torch.device | str, with_hessian: bool, heldout_fraction: float = 0.0
+    ) -> None:
         self.columns = columns
         self.tokens = 0
         self.sum_sq = torch.zeros(columns, dtype=torch.float32, device=device) if not with_hessian else None
         self.sum_outer = torch.zeros(columns, columns, dtype=torch.float32, device=device) if with_hessian else None
+        self.heldout_fraction = heldout_fraction if with_hessian else 0.0
+        self.heldout_tokens = 0
+        self.heldout_outer = torch.zeros_like(self.sum_outer) if self.heldout_fraction > 0 else None
         self._inverses: dict[float, tuple[torch.Tensor, float]] = {}
         self._upper_factors: dict[float, torch.Tensor] = {}
 
@@ -36,6 +59,11 @@ class InputStatistics:
             add_upper_outer(self.sum_outer, x)  # its diagonal holds the squared column norms
         else:
             self.sum_sq += (x * x).sum(dim=0)
+        if self.heldout_outer is not None:
+            # The batch's last tokens: whole sequences of a multi-sample batch, the end of a single one.
+            held = x[x.shape[0] - math.ceil(self.heldout_fraction * x.shape[0]) :]
+            self.heldout_tokens += held.shape[0]
+            add_upper_outer(self.heldout_outer, held)
 
     def column_norms(self) -> torch.Tensor:
         """||X_j||_2 for each input column j."""
@@ -44,8 +72,19 @@ class InputStatistics:
     def hessian(self) -> torch.Tensor:
         if self.sum_outer is None:
             raise RuntimeError("statistics were collected without the Hessian")
-        upper = torch.triu(self.sum_outer)
-        return (upper + torch.triu(upper, 1).T) * (2.0 / max(self.tokens, 1))
+        return symmetric_hessian(self.sum_outer, self.tokens)
+
+    def has_heldout(self) -> bool:
+        """A held-out split with tokens on both sides of it."""
+        return self.heldout_outer is not None and 0 < self.heldout_tokens < self.tokens
+
+    def heldout_hessian(self) -> torch.Tensor:
+        """2 X_h X_h^T / N_h over the held-out tokens."""
+        return symmetric_hessian(self.heldout_outer, self.heldout_tokens)
+
+    def fit_hessian(self) -> torch.Tensor:
+        """2 X_f X_f^T / N_f over the other tokens."""
+        return symmetric_hessian(self.sum_outer - self.heldout_outer, self.tokens - self.heldout_tokens)
 
     def dead_columns(self) -> torch.Tensor:
         """Inputs that were zero for every token (diag H == 0), from the sums, without building H."""
@@ -63,6 +102,12 @@ class InputStatistics:
         if damping not in self._upper_factors:
             self._upper_factors[damping] = torch.linalg.cholesky(self.inverse(damping, layer)[0], upper=True)
         return self._upper_factors[damping]
+
+
+def symmetric_hessian(upper_sums: torch.Tensor, tokens: int) -> torch.Tensor:
+    """2 X X^T / N from sums kept on and above the diagonal (`add_upper_outer`)."""
+    upper = torch.triu(upper_sums)
+    return (upper + torch.triu(upper, 1).T) * (2.0 / max(tokens, 1))
 
 
 def damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:

@@ -35,8 +35,6 @@ class ReportRow(Variant):
     model: str
     method: str
     prune_seconds: float | None = None
-    dtype: str | None = None
-    parameters: float | None = None  # all of them, tied embeddings once
     loaded_mib: float | None = None  # parameters and buffers as the evaluation loaded them
     gain: dict[str, float] = Field(default_factory=dict)  # x dense as logged: size_mib, decode_tok_s.b1, ...
     secateur_only: bool = False  # a structured folder with per-block widths: stock runtimes cannot load it

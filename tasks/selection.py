@@ -84,6 +84,8 @@ class Variant(BaseModel):
     size_mib: float | None = None
     speed: dict[str, float] = {}
     run_id: str = ""
+    dtype: str | None = None
+    parameters: float | None = None  # all of them, tied embeddings once
 
 
 class Check(BaseModel):
@@ -211,10 +213,19 @@ def gain_over_dense(variant: Variant, dense: Variant, objective: Objective) -> t
     if base is None or base <= 0:
         return None, f"dense {objective} not measured"
     gain, tie = base / value, TIE[objective]
+    if objective == "latency" and _dense_shaped(variant, dense):
+        # Same tensors, same dtype: the same kernels run, so a measured difference is timing noise.
+        return gain, f"no faster than dense: dense's shapes and dtype (measured {gain:.2f}x is timing noise)"
     if base - value > tie * base:
         return gain, None
     word = "smaller" if objective == "size_mib" else "faster"
     return gain, f"no {word} than dense ({gain:.2f}x; within {tie:.0%} is a tie)"
+
+
+def _dense_shaped(variant: Variant, dense: Variant) -> bool:
+    """Zeros kept in dense tensors: as many parameters as dense, in the same dtype."""
+    known = None not in (variant.parameters, dense.parameters)
+    return known and variant.parameters == dense.parameters and variant.dtype == dense.dtype
 
 
 def judge(variant: Variant, dense: Variant, spec: SelectionSpec) -> Verdict:

@@ -175,6 +175,9 @@ def test_a_latency_batch_ships_the_depth_pruned_distilled_variant_with_its_curve
     assert metrics["blocks_removed"] == 2 and metrics["parameters_decoder_after"] < metrics["parameters_decoder_before"]
     assert metrics["gain.decode_tok_s.b1"] > 1.05 and metrics["gain.params.total"] > 1.0
     assert wanda["gain.params.total"] == 1.0 and wanda["gain.size_mib"] == pytest.approx(1.0, abs=0.1)
+    # What makes wanda's timing noise to the selection: dense's parameter count and dtype, logged.
+    wanda_params = client.get_run(by_name["w50"].mlflow_run_id).data.params
+    assert wanda["params.total"] == wanda["dense_params.total"] and wanda_params["dtype"] == wanda_params["dense_dtype"]
     curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "recovery_heldout_ppl"))
     assert [step for step, _ in curve] == [0, 4, 8] and curve[-1][1] < curve[0][1]
     assert metrics["recovery.heldout_ppl"] == curve[-1][1] and metrics["recovery.tokens"] == 8 * 2 * 32

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import batch_mapping, save_tiny
 
-pytestmark = pytest.mark.slow
+# Starting a pool (server, deployment, two workers) takes three minutes on 2 cores: make test-long.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "test-pool"
@@ -193,7 +194,6 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(pool_batch):
     assert all(resumed[name].equal(reference[name]) for name in resumed)
 
 
-@pytest.mark.long  # another minute of flow runs: outside make test's budget (make test-long)
 def test_a_rerun_of_the_finished_batch_on_the_pool_computes_nothing(pool_batch):
     """The finished batch again, from the third machine: every stage of every pair is a cache hit."""
     run = pool_batch

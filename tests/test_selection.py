@@ -230,6 +230,23 @@ def test_size_and_latency_objectives_refuse_a_variant_no_better_than_dense(
     assert alone.why_none() == f"unstructured: {refusal.format('1.00x')}; barely: {verdicts['barely'].why_not()}"
 
 
+def test_latency_never_ships_zeros_in_dense_shapes_on_a_lucky_timing():
+    dense = DENSE.model_copy(update={"parameters": 1000.0, "dtype": "float32"})
+    lucky = variant("w50", speed={LATENCY_METRIC: 6.8}, parameters=1000.0, dtype="float32")  # noise: 1.47x
+    shallower = variant("depth", ppl=10.9, speed={LATENCY_METRIC: 6.9}, parameters=400.0, dtype="float32")
+    halved = variant("bf16", speed={LATENCY_METRIC: 6.0}, parameters=1000.0, dtype="bfloat16")
+    spec = SelectionSpec(max_ppl_increase=0.10, objective="latency")
+    choice = choose("m", dense, [lucky, shallower], spec)
+    assert choice.chosen == "depth"
+    refused = {v.recipe: v for v in choice.verdicts}["w50"]
+    assert refused.within_budget and refused.why_not() == (
+        "no faster than dense: dense's shapes and dtype (measured 1.47x is timing noise)"
+    )
+    assert choose("m", dense, [lucky, shallower, halved], spec).chosen == "bf16"  # another dtype can be faster
+    # Without parameter counts (older runs) the timing alone decides.
+    assert choose("m", DENSE, [variant("w50", speed={LATENCY_METRIC: 6.8})], spec).chosen == "w50"
+
+
 def test_a_gain_needs_dense_measured_and_a_budget_failure_says_both():
     no_dense_speed = DENSE.model_copy(update={"speed": {}})
     faster = variant("v", speed={LATENCY_METRIC: 5.0})

@@ -13,7 +13,7 @@ from pruning_core.recipe import Recipe
 from pruning_core.zero_shot import evaluate_zero_shot
 from tests.conftest import WIKITEXT_VALID
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # a minute of real-model scoring: make test-long
 
 LIMIT = 50
 CHANCE = {"piqa": 0.5, "arc_easy": 0.25}

@@ -11,6 +11,11 @@ while earlier zeros are kept. Once the mask is complete, every row is refit to t
 reconstruction on its kept inputs (delta* for the whole mask at once): by default a preconditioned
 conjugate gradient over all rows at once (one rows x d @ d x d product per iteration, warm-started
 from the removal updates), or the exact per-row Cholesky solve (`refit="exact"`, the reference).
+
+A layer much wider than its calibration lets that refit fit the sample rather than the model. With
+`refit_ridge="heldout"` the refit minimises (x - w) H (x - w)^T + rho ||x - u||^2, u the removal updates:
+rho -> 0 is the full refit, rho -> inf keeps u. Rho is chosen per layer by fitting on most of the
+calibration tokens and scoring on the rest (the statistics' held-out split), then solved on all of them.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import torch
 
 from pruning_core.masks import lowest_overall, quota
 from pruning_core.methods.base import LayerProblem
+from pruning_core.methods.refine import admm_mask, layer_loss
 from pruning_core.methods.sparsegpt import aligned_block_size
-from pruning_core.stats import damped
+from pruning_core.stats import InputStatistics, damped
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,9 @@ ROW_CHUNK_ELEMENTS = 2**25  # bounds the batched |P| x |P| systems held at once
 # right-hand side, or after the cap (chosen by measurement: tests/benchmarks/bench_apt_refit.py).
 CG_TOLERANCE = 1e-5
 CG_MAX_ITERATIONS = 150
+# Ridge strengths toward the removal updates (fractions of mean diag H), tried strongest first so that each
+# solve warm-starts from a near one; the search stops once the held-out loss has risen twice.
+RIDGE_STRENGTHS = (1.0, 0.3, 0.1, 0.03, 0.0)
 
 
 def prune_apt(problem: LayerProblem) -> torch.Tensor:
@@ -44,7 +53,13 @@ def prune_apt(problem: LayerProblem) -> torch.Tensor:
     system = damped(problem.stats.hessian(), damping)
     if problem.refit == "exact":
         return exact_refit(weight, system, mask)
-    refit = conjugate_gradient_refit(weight, system, mask, start=updated)
+    if problem.mask_refinement is not None:
+        mask, updated = refined(weight, system, mask, updated, problem)
+    strength = 0.0
+    if problem.refit_ridge == "heldout" and problem.stats.has_heldout():
+        strength = heldout_ridge(weight, updated, mask, problem.stats, damping)
+    ridge = strength * float(torch.diagonal(system).mean())
+    refit = conjugate_gradient_refit(weight, system, mask, start=updated, anchor=updated, ridge=ridge)
     if refit.iterations == CG_MAX_ITERATIONS:
         log.info("%s: refit stopped at %d iterations, residual %.2g", problem.name, refit.iterations, refit.residual)
     return refit.weight
@@ -182,6 +197,41 @@ def removal_coefficients(w_block: torch.Tensor, inverse_block: torch.Tensor, cho
     return coefficients
 
 
+def refined(
+    weight: torch.Tensor, system: torch.Tensor, mask: torch.Tensor, updated: torch.Tensor, problem: LayerProblem
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ADMM-refined mask and its refit when their loss is lower than the first mask's refit, else (mask,
+    removal updates) unchanged."""
+    first = conjugate_gradient_refit(weight, system, mask, start=updated).weight
+    other, start = admm_mask(weight, system, first, mask, problem.target, problem.mask_refinement)
+    if torch.equal(other, mask):
+        return mask, updated
+    second = conjugate_gradient_refit(weight, system, other, start=start).weight
+    gained = layer_loss(weight, second, system) < layer_loss(weight, first, system)
+    log.debug("%s: refined mask moves %d weights, %s", problem.name, int((other & ~mask).sum()), gained)
+    return (other, second) if gained else (mask, updated)
+
+
+def heldout_ridge(
+    weight: torch.Tensor, updated: torch.Tensor, mask: torch.Tensor, stats: InputStatistics, damping: float
+) -> float:
+    """The ridge strength whose refit on the fit tokens has the least loss on the held-out tokens, scaled to all
+    the tokens (a ridge on normalised statistics shrinks as 1 / tokens)."""
+    fit, held = damped(stats.fit_hessian(), damping), stats.heldout_hessian()
+    scale = float(torch.diagonal(fit).mean())
+    best, best_loss, rises, start = 0.0, float("inf"), 0, updated
+    for strength in RIDGE_STRENGTHS:
+        refit = conjugate_gradient_refit(weight, fit, mask, start=start, anchor=updated, ridge=strength * scale)
+        loss, start = layer_loss(weight, refit.weight, held), refit.weight
+        if loss < best_loss:
+            best, best_loss, rises = strength, loss, 0
+        else:
+            rises += 1
+            if rises == 2:
+                break
+    return best * (stats.tokens - stats.heldout_tokens) / stats.tokens
+
+
 @dataclass
 class CGRefit:
     weight: torch.Tensor
@@ -194,10 +244,14 @@ def conjugate_gradient_refit(
     hessian: torch.Tensor,
     mask: torch.Tensor,
     start: torch.Tensor,
+    anchor: torch.Tensor | None = None,
+    ridge: float = 0.0,
+    preconditioner: torch.Tensor | None = None,
     tolerance: float = CG_TOLERANCE,
     max_iterations: int = CG_MAX_ITERATIONS,
 ) -> CGRefit:
-    """Least squares on each row's kept inputs, all rows at once: min_x 1/2 x H x^T - x (H w^T) over x_K.
+    """Least squares on each row's kept inputs, all rows at once: min_x 1/2 x H x^T - x (H w^T) over x_K,
+    plus ridge/2 ||x - anchor||^2 when given.
 
     Jacobi-preconditioned conjugate gradient with every row its own step sizes; each iteration is one
     (rows x d) @ (d x d) product. The residual is projected onto the kept inputs, so removed weights
@@ -205,11 +259,24 @@ def conjugate_gradient_refit(
     """
     keep = (~mask).to(weight.dtype)
     target = (weight @ hessian).mul_(keep)
+    if ridge > 0:
+        target.add_(anchor * keep, alpha=ridge)
+        hessian = hessian.clone()
+        hessian.diagonal().add_(ridge)
     target_norm = target.norm(dim=1).clamp_min(torch.finfo(weight.dtype).tiny)
     solution = start * keep
     residual = target - (solution @ hessian).mul_(keep)
-    preconditioner = 1.0 / torch.diagonal(hessian)
-    preconditioned = residual * preconditioner
+    inverse = preconditioner
+    jacobi = 1.0 / torch.diagonal(hessian)
+
+    def precondition(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # H^-1 restricted to the kept inputs: (H^-1)_KK is near (H_KK)^-1 where few inputs go.
+        if inverse is None:
+            return torch.mul(values, jacobi, out=out)
+        result = (values @ inverse).mul_(keep)
+        return result if out is None else out.copy_(result)
+
+    preconditioned = precondition(residual)
     direction = preconditioned.clone()
     rho = (residual * preconditioned).sum(dim=1)
     relative = residual.norm(dim=1) / target_norm
@@ -223,7 +290,7 @@ def conjugate_gradient_refit(
         step = torch.where(usable, rho / curvature.where(usable, 1.0), 0.0).unsqueeze(1)
         solution.addcmul_(step, direction)
         residual.addcmul_(step, product, value=-1.0)
-        torch.mul(residual, preconditioner, out=preconditioned)
+        precondition(residual, out=preconditioned)
         rho_next = (residual * preconditioned).sum(dim=1)
         beta = torch.where(usable & (rho > 0), rho_next / rho.where(rho > 0, 1.0), 0.0).unsqueeze(1)
         direction.copy_(torch.where(usable.unsqueeze(1), direction * beta + preconditioned, direction))

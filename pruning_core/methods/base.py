@@ -9,10 +9,12 @@ from typing import Literal
 import torch
 
 from pruning_core.masks import SparsityTarget
+from pruning_core.methods.refine import MaskRefinement
 from pruning_core.stats import InputStatistics
 
 Needs = Literal["nothing", "column_norms", "hessian"]
 Refit = Literal["cg", "exact"]
+RefitRidge = Literal["heldout", "none"]
 
 
 @dataclass
@@ -26,6 +28,8 @@ class LayerProblem:
     block_size: int = 128
     damping: float = 0.01
     refit: Refit = "cg"  # APT: how the kept weights are re-solved on the final mask
+    refit_ridge: RefitRidge = "none"  # APT: pull the refit toward the removal updates, as held-out tokens say
+    mask_refinement: MaskRefinement | None = None  # APT: ADMM rounds that may move the first mask
 
 
 @dataclass(frozen=True)
