@@ -94,9 +94,9 @@ class Recipe(BaseModel):
         "a held-out quarter of the calibration tokens: for layers wide for their calibration) | none",
     )
     mask_refinement: MaskRefinement | None = Field(
-        default=None,
+        default=MaskRefinement(),
         description="apt: after the first mask, ADMM steps that may swap kept and removed weights where the "
-        "layer's loss says so (same sparsity, same N:M pattern), kept only when the loss is lower",
+        "layer's loss says so (same sparsity, same N:M pattern), kept only when the loss is lower; null: off",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="dtype the variant is saved in; auto: the source's (bfloat16 for a GGUF)"
@@ -219,8 +219,11 @@ class Recipe(BaseModel):
         self._only_defaults(("ratio_of",), "structured methods (llm_pruner, depth)")
         if self.method != "apt":
             self._only_defaults(("refit", "refit_ridge", "mask_refinement"), "apt")
-        if self.refit == "exact" and (self.refit_ridge != "none" or self.mask_refinement is not None):
-            raise ValueError("refit_ridge and mask_refinement are for the conjugate-gradient refit (refit: cg)")
+        if self.refit_ridge != "none" and (self.refit == "exact" or self.mask_refinement is not None):
+            raise ValueError(
+                "refit_ridge is for the conjugate-gradient refit of the first mask: set refit: cg and "
+                "mask_refinement: null"
+            )
         return self
 
     def _only_defaults(self, names: tuple[str, ...], owner: str) -> None:

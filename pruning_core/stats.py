@@ -51,6 +51,7 @@ class InputStatistics:
         self.heldout_outer = torch.zeros_like(self.sum_outer) if self.heldout_fraction > 0 else None
         self._inverses: dict[float, tuple[torch.Tensor, float]] = {}
         self._upper_factors: dict[float, torch.Tensor] = {}
+        self._eigen: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, self.columns).to(torch.float32)
@@ -96,6 +97,13 @@ class InputStatistics:
         if damping not in self._inverses:
             self._inverses[damping] = damped_inverse(self.hessian(), damping, layer)
         return self._inverses[damping]
+
+    def eigen(self, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues, eigenvectors) of the damped H, computed once per damping."""
+        if damping not in self._eigen:
+            values, vectors = torch.linalg.eigh(damped(self.hessian(), damping))
+            self._eigen[damping] = (values.clamp_min_(0.0), vectors)
+        return self._eigen[damping]
 
     def upper_factor_of_inverse(self, damping: float, layer: str = "") -> torch.Tensor:
         """Upper Cholesky factor of (damped H)^-1, computed once per damping."""

@@ -75,10 +75,19 @@ def test_true_sequential_prunes_with_inputs_of_already_pruned_layers():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+RESUMED = {
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "apt": {"method": "apt"},  # with its default ADMM mask refinement
+    "apt-2:4-refined": {"method": "apt", "pattern": "2:4", "sparsity": None},
+    "apt-ridge": {"method": "apt", "refit_ridge": "heldout", "mask_refinement": None},
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "apt"])
+@pytest.mark.parametrize("method", list(RESUMED))
 def test_resume_at_block_k_is_bit_identical(method, device):
-    recipe = Recipe(method=method, sparsity=0.5, block_size=32)
+    recipe = Recipe(**{"sparsity": 0.5, "block_size": 32, **RESUMED[method]})
     full = tiny_model("llama")
     saved: dict[int, object] = {}
     prune_model(

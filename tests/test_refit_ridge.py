@@ -121,7 +121,7 @@ def test_admm_moves_a_poor_first_mask_to_a_better_one_with_as_many_zeros():
     target = SparsityTarget(ratio=0.7)
     magnitude = METHODS["magnitude"].prune(LayerProblem("layer", weight, stats, target)) == 0
     first = conjugate_gradient_refit(weight, system, magnitude, start=weight.masked_fill(magnitude, 0)).weight
-    mask, start = admm_mask(weight, system, first, magnitude, target, MaskRefinement(iterations=60))
+    mask, start = admm_mask(weight, stats.eigen(0.01), first, magnitude, target, MaskRefinement(iterations=60))
     second = conjugate_gradient_refit(weight, system, mask, start=start).weight
     assert int(mask.sum()) == int(magnitude.sum()) and not torch.equal(mask, magnitude)
     assert layer_loss(weight, second, system) < 0.9 * layer_loss(weight, first, system)

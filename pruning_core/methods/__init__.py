@@ -10,7 +10,8 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(prune=prune_magnitude, needs="nothing"),
     "wanda": Method(prune=prune_wanda, needs="column_norms"),
     "sparsegpt": Method(prune=prune_sparsegpt, needs="hessian"),
-    "apt": Method(prune=prune_apt, needs="hessian", version="2"),  # 2: conjugate-gradient refit
+    # 2: conjugate-gradient refit; 3: H^-1-preconditioned refit at 1e-4, ADMM mask refinement by default
+    "apt": Method(prune=prune_apt, needs="hessian", version="3"),
 }
 
 # Structured methods remove whole heads and channels, or whole blocks, over the whole model (pruning_core.structured);

@@ -29,7 +29,7 @@ class LayerProblem:
     damping: float = 0.01
     refit: Refit = "cg"  # APT: how the kept weights are re-solved on the final mask
     refit_ridge: RefitRidge = "none"  # APT: pull the refit toward the removal updates, as held-out tokens say
-    mask_refinement: MaskRefinement | None = None  # APT: ADMM rounds that may move the first mask
+    mask_refinement: MaskRefinement | None = None  # APT: ADMM steps that may move the first mask
 
 
 @dataclass(frozen=True)

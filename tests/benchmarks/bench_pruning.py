@@ -11,7 +11,8 @@
 `--model gemma3` is Gemma 3 270M (sliding-window and full-attention layers, window 512): its GGUF is
 dequantized once into a safetensors folder that every run loads.
 
-`apt-exact` is APT with the exact per-row refit (`refit: exact`), the reference for the default CG refit.
+`apt-exact` is APT with the exact per-row refit (`refit: exact`), the reference for the default CG refit;
+`apt/plain` is APT without its ADMM mask refinement (`mask_refinement: null`; `--refine-iterations` sets its steps).
 A `+block` suffix (`sparsegpt+block`, `apt+block`) adds block reconstruction (`block_reconstruction` with
 `--block-epochs`, `--block-batch`, `--block-lr`) after each block's layer-wise prune.
 
@@ -61,8 +62,13 @@ def one_run(args: argparse.Namespace) -> dict:
         target = {"pattern": args.target} if ":" in args.target else {"sparsity": float(args.target)}
         name, plus, _ = args.method.partition("+")  # sparsegpt+block: with block reconstruction
         method, _, refit = name.partition("-")  # apt-exact: APT with the exact per-row refit
+        method, _, plain = method.partition("/")  # apt/plain: APT without its mask refinement
         if refit:
             target["refit"] = refit
+        if plain:
+            target["mask_refinement"] = None
+        if args.refine_iterations is not None and method == "apt" and not plain:
+            target["mask_refinement"] = {"iterations": args.refine_iterations}
         if plus:
             target["block_reconstruction"] = {
                 "epochs": args.block_epochs,
@@ -132,6 +138,7 @@ def main() -> None:
     parser.add_argument("--block-epochs", type=int, default=2, help="+block: epochs per block")
     parser.add_argument("--block-batch", type=int, default=4, help="+block: samples per step")
     parser.add_argument("--block-lr", type=float, default=1e-5, help="+block: Adam learning rate")
+    parser.add_argument("--refine-iterations", type=int, default=None, help="apt: ADMM mask-refinement steps")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "ALLOCATION"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/secateur-bench", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
@@ -153,7 +160,8 @@ def main() -> None:
         arguments += ["--seq-len", str(args.seq_len), "--device", args.device, "--eval-seq-len", str(args.eval_seq_len)]
         arguments += ["--block-epochs", str(args.block_epochs), "--block-batch", str(args.block_batch)]
         arguments += ["--block-lr", str(args.block_lr)]
-        arguments += ["--out", f"{args.out}/{method}-{target}-{allocation}"]
+        arguments += ["--refine-iterations", str(args.refine_iterations)] if args.refine_iterations else []
+        arguments += ["--out", f"{args.out}/{method.replace('/', '_')}-{target}-{allocation}"]
         arguments += ["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []
         arguments += ["--model-path", args.model_path] if args.model_path else []
         started = time.perf_counter()
@@ -176,6 +184,7 @@ def main() -> None:
         "evaluation": f"WikiText-2 raw test, seq_len {args.eval_seq_len}, tokens {args.eval_tokens or 'all'}; "
         f"second text: the {len(C4_DOCUMENTS)} files of C4 documents in ../shared/data/c4 (same windows)",
         "block_reconstruction": {"epochs": args.block_epochs, "batch_size": args.block_batch, "lr": args.block_lr},
+        "apt_mask_refinement_iterations": args.refine_iterations or "default",
         "device": args.device,
     }
     write_results("pruning", header, rows)
