@@ -16,6 +16,9 @@ A layer much wider than its calibration lets that refit fit the sample rather th
 `refit_ridge="heldout"` the refit minimises (x - w) H (x - w)^T + rho ||x - u||^2, u the removal updates:
 rho -> 0 is the full refit, rho -> inf keeps u. Rho is chosen per layer by fitting on most of the
 calibration tokens and scoring on the rest (the statistics' held-out split), then solved on all of them.
+
+By default the refit's mask is then refined (`mask_refinement`, ADMM in refine.py): a support of the same
+size whose refit has a lower layer loss replaces it.
 """
 
 from __future__ import annotations
@@ -261,8 +264,9 @@ def conjugate_gradient_refit(
     """Least squares on each row's kept inputs, all rows at once: min_x 1/2 x H x^T - x (H w^T) over x_K,
     plus ridge/2 ||x - anchor||^2 when given.
 
-    Jacobi-preconditioned conjugate gradient with every row its own step sizes; each iteration is one
-    (rows x d) @ (d x d) product. The residual is projected onto the kept inputs, so removed weights
+    Conjugate gradient with every row its own step sizes, preconditioned by `preconditioner` (H^-1, projected
+    onto the kept inputs: one more product per iteration, far fewer iterations) or else by diag H; each
+    iteration is one (rows x d) @ (d x d) product (two with H^-1). The residual is projected onto the kept inputs, so removed weights
     stay exactly zero.
     """
     keep = (~mask).to(weight.dtype)
