@@ -266,8 +266,8 @@ def conjugate_gradient_refit(
 
     Conjugate gradient with every row its own step sizes, preconditioned by `preconditioner` (H^-1, projected
     onto the kept inputs: one more product per iteration, far fewer iterations) or else by diag H; each
-    iteration is one (rows x d) @ (d x d) product (two with H^-1). The residual is projected onto the kept inputs, so removed weights
-    stay exactly zero.
+    iteration is one (rows x d) @ (d x d) product (two with H^-1). The residual is projected onto the kept
+    inputs, so removed weights stay exactly zero.
     """
     keep = (~mask).to(weight.dtype)
     target = (weight @ hessian).mul_(keep)
