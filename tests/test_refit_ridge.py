@@ -125,3 +125,28 @@ def test_admm_moves_a_poor_first_mask_to_a_better_one_with_as_many_zeros():
     second = conjugate_gradient_refit(weight, system, mask, start=start).weight
     assert int(mask.sum()) == int(magnitude.sum()) and not torch.equal(mask, magnitude)
     assert layer_loss(weight, second, system) < 0.9 * layer_loss(weight, first, system)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.describe())
+def test_a_loose_refit_bounds_its_distance_to_the_exact_one_from_above(target):
+    """loss(loose) - gap_bound <= loss(exact) <= loss(loose): what lets refinement skip the first mask's exact
+    refit wherever the refined one is already below the bound."""
+    weight, inputs = correlated_layer(rows=48, cols=128, tokens=2048, seed=5)
+    stats = split_statistics(inputs, heldout_fraction=0.0, batch=256)
+    problem = LayerProblem("layer", weight, stats, target, 64)
+    inverse, damping = stats.inverse(problem.damping)
+    updated, mask = select_mask(weight, inverse, problem, 64)
+    system = damped(stats.hessian(), damping)
+    exact = layer_loss(weight, exact_refit(weight, system, mask), system)
+    for tolerance in (1e-1, 1e-2, 1e-3):
+        loose = conjugate_gradient_refit(
+            weight, system, mask, start=updated, preconditioner=inverse, tolerance=tolerance, max_iterations=200
+        )
+        loss = layer_loss(weight, loose.weight, system)
+        assert loss - loose.gap_bound <= exact * (1 + 1e-4) and exact <= loss * (1 + 1e-4)
+        assert 0 <= loose.gap_bound < float("inf")
+        if tolerance == 1e-3:
+            assert loss - loose.gap_bound > 0.99 * exact  # tight enough to decide with
+    from_updates = layer_loss(weight, updated, system)
+    assert conjugate_gradient_refit(weight, system, mask, start=updated, max_iterations=0).gap_bound == float("inf")
+    assert from_updates > exact  # the removal updates alone are not the refit

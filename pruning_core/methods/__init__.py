@@ -10,8 +10,9 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(prune=prune_magnitude, needs="nothing"),
     "wanda": Method(prune=prune_wanda, needs="column_norms"),
     "sparsegpt": Method(prune=prune_sparsegpt, needs="hessian"),
-    # 2: conjugate-gradient refit; 3: H^-1-preconditioned refit at 1e-4, ADMM mask refinement by default
-    "apt": Method(prune=prune_apt, needs="hessian", version="3"),
+    # 2: conjugate-gradient refit; 3: H^-1-preconditioned refit at 1e-5, ADMM mask refinement by default;
+    # 4: ADMM from the removal updates, 14 steps x1.22 (the same final penalty as 20 x1.15, 30% less time)
+    "apt": Method(prune=prune_apt, needs="hessian", version="4"),
 }
 
 # Structured methods remove whole heads and channels, or whole blocks, over the whole model (pruning_core.structured);

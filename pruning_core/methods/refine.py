@@ -23,11 +23,11 @@ class MaskRefinement(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iterations: int = Field(default=20, ge=1, le=10000, description="ADMM steps per layer at most")
+    iterations: int = Field(default=14, ge=1, le=10000, description="ADMM steps per layer at most")
     initial_rho: float = Field(
         default=0.3, gt=0.0, le=100.0, description="first penalty, as a fraction of the mean of diag H"
     )
-    rho_growth: float = Field(default=1.15, ge=1.0, le=10.0, description="penalty factor per step")
+    rho_growth: float = Field(default=1.22, ge=1.0, le=10.0, description="penalty factor per step")
 
 
 def layer_loss(weight: torch.Tensor, candidate: torch.Tensor, hessian: torch.Tensor) -> float:
