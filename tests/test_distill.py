@@ -128,3 +128,24 @@ def test_frozen_embeddings_stay_exactly_as_pruned_while_the_rest_trains(trained_
     assert DistillSpec(**SPEC, tokens=256, embeddings="freeze").model_dump()["embeddings"] == "freeze"
     with pytest.raises(ValueError, match="train: all"):
         DistillSpec(**SPEC, tokens=256, embeddings="freeze", train="lora")
+
+
+def test_auto_precision_trains_as_the_precision_the_device_computes_natively(trained_tiny, monkeypatch):
+    from pruning_core import distill as distill_module
+
+    teacher, tokens = trained_tiny
+    spec = DistillSpec(**SPEC, tokens=4 * 64 * 2, learning_rate=1e-3, precision="auto")
+    flags = open("/proc/cpuinfo").read().split()
+    native = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert distill_module.native_bfloat16("cpu") is native
+    explicit = spec.model_copy(update={"precision": "bfloat16" if native else "float32"})
+    other = spec.model_copy(update={"precision": "float32" if native else "bfloat16"})
+    auto, _ = distill(_pruned(trained_tiny), teacher, tokens, spec, progress=False)
+    same, _ = distill(_pruned(trained_tiny), teacher, tokens, explicit, progress=False)
+    different, _ = distill(_pruned(trained_tiny), teacher, tokens, other, progress=False)
+    weights = auto.state_dict()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in same.state_dict().items())
+    assert not all(torch.equal(weights[name], tensor) for name, tensor in different.state_dict().items())
+    monkeypatch.setattr(distill_module, "native_bfloat16", lambda device: True)  # a machine with AMX
+    assert distill_module.autocast_bfloat16(spec, "cpu")
+    assert not distill_module.autocast_bfloat16(spec.model_copy(update={"precision": "float32"}), "cpu")

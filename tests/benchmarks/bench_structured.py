@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--distill-seq-len", type=int, default=512)
     parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="bfloat16", help="distillation")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"], default="auto", help="distillation")
     parser.add_argument("--embeddings", choices=["train", "freeze"], default="train", help="distillation")
     parser.add_argument("--heldout-tokens", type=int, default=4096)
     parser.add_argument("--no-lora", action="store_true", help="skip LoRA at equal time")
@@ -253,6 +253,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="--speed-of: alternating rounds")
     args = parser.parse_args()
     args.distill_data = str(text_asset(DISTILL_TEXT))
+    if args.precision == "auto":  # recorded as what ran
+        from pruning_core.distill import native_bfloat16
+
+        args.precision = "bfloat16" if native_bfloat16(args.device) else "float32"
     if args.speed_of:
         source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
         speeds = interleaved_speed(source, args.speed_of, args.rounds, args)
