@@ -122,10 +122,15 @@ def native_bfloat16(device: str) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def resolved_precision(precision: str, device: str) -> str:
+    """What `precision` runs as on `device`: auto becomes bfloat16 where it is native, float32 elsewhere."""
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return precision
+
+
 def autocast_bfloat16(spec: DistillSpec, device: str) -> bool:
-    if spec.precision == "auto":
-        return native_bfloat16(device)
-    return spec.precision == "bfloat16"
+    return resolved_precision(spec.precision, device) == "bfloat16"
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

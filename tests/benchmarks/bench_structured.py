@@ -253,10 +253,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="--speed-of: alternating rounds")
     args = parser.parse_args()
     args.distill_data = str(text_asset(DISTILL_TEXT))
-    if args.precision == "auto":  # recorded as what ran
-        from pruning_core.distill import native_bfloat16
+    from pruning_core.distill import resolved_precision
 
-        args.precision = "bfloat16" if native_bfloat16(args.device) else "float32"
+    args.precision = resolved_precision(args.precision, args.device)  # recorded as what ran
     if args.speed_of:
         source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
         speeds = interleaved_speed(source, args.speed_of, args.rounds, args)
