@@ -24,6 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruning_core.logit_distillation import (
+    LossWeights,
+    chunked_logit_loss,
+    final_hidden_states,
+    plain_output_layer,
+)
 from pruning_core.recovery import (
     ALL_PROJECTIONS,
     RecoveryResult,
@@ -189,20 +195,55 @@ def _student(model: nn.Module, spec: DistillSpec, device: str) -> nn.Module:
     return get_peft_model(model, config).to(device)
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under a LoRA wrapper (its layers carry the adapters in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _step_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, spec: DistillSpec) -> torch.Tensor:
+    """The step's loss; from final hidden states in chunks (`logit_distillation`) where both models' logits are
+    their output layer's and nothing more, else from whole logits."""
+    bfloat16 = autocast_bfloat16(spec, str(batch.device))
+    student_lm, student_head = _causal_lm(student), plain_output_layer(_causal_lm(student))
+    teacher_head = plain_output_layer(teacher)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        if student_head is None or teacher_head is None:
+            return _whole_logits_loss(student, teacher, batch, spec)
+        with torch.no_grad():
+            taught = final_hidden_states(teacher, batch)
+        learned = final_hidden_states(student_lm, batch)
+    labels = F.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1) if spec.lm_weight > 0 else None
+    loss = chunked_logit_loss(
+        student_hidden=learned.reshape(-1, learned.shape[-1]),
+        output_weight=student_head.weight,
+        teacher_hidden=taught.reshape(-1, taught.shape[-1]),
+        teacher_output_weight=teacher_head.weight,
+        weights=LossWeights(temperature=spec.temperature, lm_weight=spec.lm_weight),
+        labels=labels,
+        compute_dtype=torch.bfloat16 if bfloat16 else torch.float32,
+    )
+    if spec.hidden_weight > 0:
+        loss = loss + spec.hidden_weight * _hidden_error(learned, taught)
+    return loss
+
+
+def _hidden_error(learned: torch.Tensor, taught: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the final hidden states relative to the teacher's mean square."""
+    target = taught.float()
+    return (learned.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
+
+
+def _whole_logits_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, spec: DistillSpec) -> torch.Tensor:
     wants_hidden = spec.hidden_weight > 0
     labels = batch if spec.lm_weight > 0 else None
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast_bfloat16(spec, str(batch.device))):
-        with torch.no_grad():
-            taught = teacher(input_ids=batch, use_cache=False, output_hidden_states=wants_hidden)
-        learned = student(input_ids=batch, labels=labels, use_cache=False, output_hidden_states=wants_hidden)
+    with torch.no_grad():
+        taught = teacher(input_ids=batch, use_cache=False, output_hidden_states=wants_hidden)
+    learned = student(input_ids=batch, labels=labels, use_cache=False, output_hidden_states=wants_hidden)
     loss = distillation_loss(learned.logits, taught.logits, spec.temperature)
     if spec.lm_weight > 0:
         loss = loss + spec.lm_weight * learned.loss
     if wants_hidden:
-        target = taught.hidden_states[-1].float()
-        error = (learned.hidden_states[-1].float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
-        loss = loss + spec.hidden_weight * error
+        loss = loss + spec.hidden_weight * _hidden_error(learned.hidden_states[-1], taught.hidden_states[-1])
     return loss
 
 
@@ -259,4 +300,5 @@ def distill(
     for p in trained.parameters():
         p.requires_grad_(True)
     result.seconds = time.perf_counter() - started
+    result.precision = resolved_precision(spec.precision, device)
     return trained.to("cpu").eval(), result

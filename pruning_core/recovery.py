@@ -63,6 +63,7 @@ class TrainingState:
     optimizer: dict[str, torch.Tensor]
     optimizer_groups: list[dict]
     heldout: dict[int, float] = field(default_factory=dict)  # step -> held-out perplexity (distillation)
+    precision: str = "float32"  # what the forward passes ran in (distillation's `auto` resolved on the device)
 
 
 @dataclass

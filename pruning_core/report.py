@@ -69,6 +69,7 @@ class RecoveryReport(BaseModel):
     seconds: float
     resumed_from_step: int = 0
     heldout: dict[int, float] = {}  # distillation: step -> held-out perplexity
+    precision: str = "float32"  # what the training's forward passes ran in
 
 
 class Provenance(BaseModel):

@@ -162,6 +162,7 @@ def params_of(record: PairRecord) -> dict:
         "dtype": record.evaluation.dtype or "-",
         "dense_dtype": record.dense.dtype or "-",
         "speed_device": record.evaluation.speed_device or "-",
+        "recovery_precision": record.recovered.precision if record.recovered is not None else "-",
         "speed_notes": record.evaluation.speed_notes or "-",
         "environment": record.pruned.environment,
         "resumed_environment": record.pruned.resumed_environment or "-",

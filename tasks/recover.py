@@ -50,6 +50,7 @@ class RecoveredModel(BaseModel):
     seconds: float
     resumed_from_step: int = 0
     heldout: dict[int, float] = {}  # distillation: step -> held-out perplexity (step 0: before training)
+    precision: str = "float32"  # what the training's forward passes ran in
 
 
 def recovery_fingerprint(pruned: PrunedModel, spec: RecoveryKind) -> str:
@@ -106,6 +107,7 @@ def recover_with_checkpoints(
         seconds=recovery.seconds,
         resumed_from_step=recovery.resumed_from_step,
         heldout=recovery.heldout,
+        precision=recovery.precision,
     )
 
 
@@ -165,6 +167,7 @@ def _recover(
         seconds=time.perf_counter() - started,
         resumed_from_step=result.resumed_from_step,
         heldout=result.heldout,
+        precision=result.precision,
     )
     report = commit_folder(staging, out, pruned_report.model_copy(update={"recovery": recovery}))
     checkpoint.clear()

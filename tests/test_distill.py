@@ -149,3 +149,65 @@ def test_auto_precision_trains_as_the_precision_the_device_computes_natively(tra
     monkeypatch.setattr(distill_module, "native_bfloat16", lambda device: True)  # a machine with AMX
     assert distill_module.autocast_bfloat16(spec, "cpu")
     assert not distill_module.autocast_bfloat16(spec.model_copy(update={"precision": "float32"}), "cpu")
+
+
+@pytest.mark.parametrize(("temperature", "lm_weight"), [(1.0, 0.0), (2.0, 0.5), (1.0, 0.7)])
+def test_the_chunked_loss_and_its_gradients_are_those_of_whole_logits(temperature, lm_weight, monkeypatch):
+    from pruning_core import logit_distillation
+    from pruning_core.logit_distillation import LossWeights, chunked_logit_loss
+
+    monkeypatch.setattr(logit_distillation, "CHUNK_TOKENS", 64)  # several chunks, the last one short
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden, vocab = 300, 16, 50
+    student = torch.randn(tokens, hidden, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, hidden, dtype=torch.float64, generator=generator, requires_grad=True)
+    teacher = torch.randn(tokens, hidden, dtype=torch.float64, generator=generator)
+    teacher_weight = torch.randn(vocab, hidden, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[::7] = -100
+    logits = student @ weight.T
+    expected = distillation_loss(logits, teacher @ teacher_weight.T, temperature)
+    expected = expected + lm_weight * torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    expected_grads = torch.autograd.grad(expected, (student, weight))
+    loss = chunked_logit_loss(
+        student_hidden=student,
+        output_weight=weight,
+        teacher_hidden=teacher,
+        teacher_output_weight=teacher_weight,
+        weights=LossWeights(temperature=temperature, lm_weight=lm_weight),
+        labels=labels,
+        compute_dtype=torch.float64,
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, (student, weight)), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_a_step_from_hidden_states_matches_the_step_from_whole_logits(trained_tiny):
+    from pruning_core.distill import _step_loss, _whole_logits_loss
+
+    teacher, tokens = trained_tiny
+    spec = DistillSpec(**SPEC, tokens=256, temperature=2.0, lm_weight=0.3, hidden_weight=0.5)
+    batch = tokens[:256].reshape(4, 64)
+    losses, grads = [], []
+    for loss_of in (_step_loss, _whole_logits_loss):
+        student = _pruned(trained_tiny)
+        loss = loss_of(student, teacher, batch, spec)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({name: p.grad.clone() for name, p in student.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_logits_that_are_more_than_the_output_layer_go_through_the_whole_logits_loss(trained_tiny):
+    from pruning_core.logit_distillation import plain_output_layer
+
+    model = trained_tiny[0]
+    assert plain_output_layer(model) is model.get_output_embeddings()
+    model.config.final_logit_softcapping = 30.0  # Gemma 2 caps its logits: the chunked loss would miss that
+    try:
+        assert plain_output_layer(model) is None
+    finally:
+        del model.config.final_logit_softcapping

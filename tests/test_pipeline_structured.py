@@ -182,6 +182,7 @@ def test_a_latency_batch_ships_the_depth_pruned_distilled_variant_with_its_curve
     assert [step for step, _ in curve] == [0, 4, 8] and curve[-1][1] < curve[0][1]
     assert metrics["recovery.heldout_ppl"] == curve[-1][1] and metrics["recovery.tokens"] == 8 * 2 * 32
     assert len(client.get_metric_history(run.info.run_id, "recovery_loss")) == 8
+    assert run.data.params["recovery_precision"] == "float32" and wanda_params["recovery_precision"] == "-"
     # The shipped folder is a stock Llama with one block.
     folder = Path(champion.source.removeprefix("file://"))
     saved = json.loads((folder / "config.json").read_text())

@@ -128,6 +128,8 @@ def _distill(model, teacher, tokenizer, args, out: Path):
         batch_size=args.distill_batch,
         seq_len=args.distill_seq_len,
         learning_rate=args.distill_lr,
+        lm_weight=args.distill_lm_weight,
+        hidden_weight=args.distill_hidden_weight,
         eval_every=args.eval_every,
         heldout_tokens=args.heldout_tokens,
         precision=args.precision,
@@ -236,6 +238,8 @@ def main() -> None:
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-seq-len", type=int, default=512)
     parser.add_argument("--distill-lr", type=float, default=2e-4)
+    parser.add_argument("--distill-lm-weight", type=float, default=0.0, help="next-token loss beside the KL")
+    parser.add_argument("--distill-hidden-weight", type=float, default=0.0, help="final hidden-state loss")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"], default="auto", help="distillation")
     parser.add_argument("--embeddings", choices=["train", "freeze"], default="train", help="distillation")
@@ -272,7 +276,8 @@ def main() -> None:
     header = {
         "model": GEMMA3 if args.model == "gemma3" else SMOLLM2,
         "calibration": f"exllamav2 {C4_CALIBRATION}, {args.samples} x {args.seq_len} tokens, seed 0",
-        "recovery": f"distillation (KL on logits, T=1, all weights, embeddings {args.embeddings}, "
+        "recovery": f"distillation (KL on logits, T=1, next-token loss x{args.distill_lm_weight}, "
+        f"hidden-state loss x{args.distill_hidden_weight}, all weights, embeddings {args.embeddings}, "
         f"{args.precision} autocast, AdamW lr "
         f"{args.distill_lr} cosine, warm-up 5%) "
         f"on exllamav2 {DISTILL_TEXT}, {budget} in windows of {args.distill_batch} x "
