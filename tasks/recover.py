@@ -34,7 +34,8 @@ from tasks.shared import push_folder
 
 log = logging.getLogger(__name__)
 
-RECOVERY_VERSION = "1"  # bump when recovery's output changes
+# Bump when recovery's output changes (per kind, so that one kind's change keeps the other's results).
+RECOVERY_VERSION = {"lora": "1", "distill": "2"}  # distill 2: the loss from final hidden states in chunks
 CHECKPOINT_EVERY = 25  # steps between training-state checkpoints
 
 RecoveryKind = RecoverySpec | DistillSpec
@@ -60,7 +61,7 @@ def recovery_fingerprint(pruned: PrunedModel, spec: RecoveryKind) -> str:
             "pruned": pruned.fingerprint,
             "spec": spec.model_dump(mode="json"),
             "data": data_identity(spec.data),
-            "code": RECOVERY_VERSION,
+            "code": RECOVERY_VERSION[spec.kind],
         }
     )
 
