@@ -63,7 +63,6 @@ class TrainingState:
     optimizer: dict[str, torch.Tensor]
     optimizer_groups: list[dict]
     heldout: dict[int, float] = field(default_factory=dict)  # step -> held-out perplexity (distillation)
-    precision: str = "float32"  # what the forward passes ran in (distillation's `auto` resolved on the device)
 
 
 @dataclass
@@ -72,6 +71,7 @@ class RecoveryResult:
     seconds: float = 0.0
     resumed_from_step: int = 0
     heldout: dict[int, float] = field(default_factory=dict)  # step -> held-out perplexity (distillation)
+    precision: str = "float32"  # what the forward passes ran in (distillation's `auto` resolved on the device)
 
 
 def step_batch(tokens: torch.Tensor, spec: RecoverySpec | DistillSpec, step: int) -> torch.Tensor:
