@@ -204,8 +204,8 @@ def _step_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, spec
     """The step's loss; from final hidden states in chunks (`logit_distillation`) where both models' logits are
     their output layer's and nothing more, else from whole logits."""
     bfloat16 = autocast_bfloat16(spec, str(batch.device))
-    student_lm, student_head = _causal_lm(student), plain_output_layer(_causal_lm(student))
-    teacher_head = plain_output_layer(teacher)
+    student_lm = _causal_lm(student)
+    student_head, teacher_head = plain_output_layer(student_lm), plain_output_layer(teacher)
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bfloat16):
         if student_head is None or teacher_head is None:
             return _whole_logits_loss(student, teacher, batch, spec)

@@ -31,8 +31,9 @@ class LossWeights:
 class _ChunkedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, weight, teacher_hidden, teacher_weight, labels, weights, compute_dtype):
-        tokens = student_hidden.shape[0]
-        temperature = weights.temperature
+        tokens, temperature = student_hidden.shape[0], weights.temperature
+        with_lm = weights.lm_weight > 0 and labels is not None
+        labelled = max(1, int((labels >= 0).sum())) if with_lm else 1
         grad_hidden = torch.empty_like(student_hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         student_w, teacher_w = weight.to(compute_dtype), teacher_weight.to(compute_dtype)
@@ -44,33 +45,32 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             taught = (teacher_hidden[rows].to(compute_dtype) @ teacher_w.T).float()
             log_student = F.log_softmax(logits / temperature, dim=-1)
             log_teacher = F.log_softmax(taught / temperature, dim=-1)
-            teacher_p = log_teacher.exp()
+            student_p, teacher_p = log_student.exp(), log_teacher.exp()
             total += (teacher_p * (log_teacher - log_student)).sum(dtype=torch.float64) * temperature**2
             # d(T^2 KL)/d logits = T (softmax(s/T) - softmax(t/T)), averaged over tokens
-            grad = (log_student.exp() - teacher_p).mul_(temperature / tokens)
-            if weights.lm_weight > 0 and labels is not None:
-                # next-token cross-entropy over the labelled tokens: d/d logits = (softmax(s) - onehot) / count
+            grad = (student_p - teacher_p).mul_(temperature / tokens)
+            if with_lm:
+                # next-token cross-entropy over the labelled tokens: d/d logits = (softmax(s) - onehot) / labelled
                 log_p = log_student if temperature == 1.0 else F.log_softmax(logits, dim=-1)
-                targets, count = labels[rows], max(1, int((labels >= 0).sum()))
+                p = student_p if temperature == 1.0 else log_p.exp()
+                targets = labels[rows]
                 valid = (targets >= 0).nonzero().squeeze(1)
-                picked = log_p[valid, targets[valid]]
-                total -= weights.lm_weight * picked.sum(dtype=torch.float64) * tokens / count
-                ce_grad = torch.zeros_like(log_p)
-                ce_grad[valid] = log_p[valid].exp()
+                total -= weights.lm_weight * log_p[valid, targets[valid]].sum(dtype=torch.float64) * tokens / labelled
+                ce_grad = torch.zeros_like(p)
+                ce_grad[valid] = p[valid]
                 ce_grad[valid, targets[valid]] -= 1.0
-                grad += ce_grad.mul_(weights.lm_weight / count)
+                grad += ce_grad.mul_(weights.lm_weight / labelled)
             grad = grad.to(compute_dtype)
             grad_hidden[rows] = (grad @ student_w).to(grad_hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad.T @ hidden).float()
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
-        ctx.weight_grad = grad_weight is not None
+        ctx.gradients = (grad_hidden, grad_weight)  # formed here, scaled by the incoming gradient in backward
         return (total / tokens).to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        weight_grad = grad_weight * grad_output if ctx.weight_grad else None
+        grad_hidden, grad_weight = ctx.gradients
+        weight_grad = None if grad_weight is None else grad_weight * grad_output
         return grad_hidden * grad_output, weight_grad, None, None, None, None, None
 
 

@@ -261,6 +261,8 @@ def main() -> None:
     parser.add_argument("--speed-of", nargs="+", metavar="FOLDER", help="only: dense vs these folders, interleaved")
     parser.add_argument("--rounds", type=int, default=5, help="--speed-of: alternating rounds")
     args = parser.parse_args()
+    if args.no_distill and not args.lora_seconds:
+        parser.error("--no-distill needs --lora-seconds (LoRA's time is otherwise distillation's)")
     args.distill_data = str(text_asset(DISTILL_TEXT))
     from pruning_core.distill import resolved_precision
 
