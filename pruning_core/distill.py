@@ -11,9 +11,10 @@ state saved after step t continues exactly as an uninterrupted one (as LoRA reco
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from torch import nn
 from tqdm.auto import tqdm
 
+from pruning_core.adapters import adapter_for
 from pruning_core.logit_distillation import (
     LossWeights,
     chunked_logit_loss,
@@ -72,6 +74,12 @@ class DistillSpec(BaseModel):
         "whole; freezing saves the output layer's weight gradient and its optimizer state, the larger part of a "
         "large-vocabulary model's step)",
     )
+    compile: bool = Field(
+        default=False,
+        description="compile every decoder block of student and teacher (torch.compile; the blocks share one "
+        "graph): on 2 AMX CPU cores 1.3x the steps per second of SmolLM2-135M after about 30 s of compiling, which "
+        "the run pays once; needs a C++ compiler on CPUs",
+    )
     r: int = Field(default=8, ge=1, le=1024, description="train lora: adapter rank")
     alpha: float = Field(default=16.0, gt=0.0, description="train lora: adapter alpha")
     heldout_tokens: int = Field(default=8192, ge=0, description="tail of the text kept for held-out perplexity")
@@ -96,6 +104,8 @@ class DistillSpec(BaseModel):
         data = handler(self)
         if self.embeddings == "train":  # added later: recipes written before it keep their fingerprints
             data.pop("embeddings", None)
+        if not self.compile:
+            data.pop("compile", None)
         return data
 
     @property
@@ -195,6 +205,20 @@ def _student(model: nn.Module, spec: DistillSpec, device: str) -> nn.Module:
     return get_peft_model(model, config).to(device)
 
 
+@contextlib.contextmanager
+def compiled_blocks(models: list[nn.Module], enabled: bool) -> Iterator[None]:
+    """Every decoder block of `models` compiled inside the context, eager again after it (the teacher is the
+    caller's, and the student is saved and evaluated afterwards)."""
+    blocks = [block for model in models for block in adapter_for(model).blocks(model)] if enabled else []
+    for block in blocks:
+        block.compile(dynamic=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set
+
+
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model under a LoRA wrapper (its layers carry the adapters in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -277,25 +301,26 @@ def distill(
         result.heldout[0] = heldout_perplexity(student, heldout, spec.seq_len, device)
     student.train()
     bar = tqdm(range(first, spec.steps), desc="distillation", disable=not progress)
-    for step in bar:
-        torch.manual_seed(spec.seed * 1_000_003 + step)  # any dropout the model has
-        for group in optimizer.param_groups:
-            group["lr"] = spec.learning_rate_at(step)
-        batch = step_batch(train_tokens, spec, step).to(device)
-        loss = _step_loss(student, teacher, batch, spec)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"distillation loss is {loss.item()} at step {step}; lower learning_rate")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        done = step + 1
-        if len(heldout) and (done % spec.eval_every == 0 or done == spec.steps):
-            result.heldout[done] = heldout_perplexity(student, heldout, spec.seq_len, device)
-        if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
-            on_checkpoint(training_state(done, result, trainable, optimizer))
+    with compiled_blocks([_causal_lm(student), teacher], spec.compile):
+        for step in bar:
+            torch.manual_seed(spec.seed * 1_000_003 + step)  # any dropout the model has
+            for group in optimizer.param_groups:
+                group["lr"] = spec.learning_rate_at(step)
+            batch = step_batch(train_tokens, spec, step).to(device)
+            loss = _step_loss(student, teacher, batch, spec)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"distillation loss is {loss.item()} at step {step}; lower learning_rate")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            done = step + 1
+            if len(heldout) and (done % spec.eval_every == 0 or done == spec.steps):
+                result.heldout[done] = heldout_perplexity(student, heldout, spec.seq_len, device)
+            if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
+                on_checkpoint(training_state(done, result, trainable, optimizer))
     trained = student.merge_and_unload() if spec.train == "lora" else student
     for p in trained.parameters():
         p.requires_grad_(True)

@@ -211,3 +211,34 @@ def test_logits_that_are_more_than_the_output_layer_go_through_the_whole_logits_
         assert plain_output_layer(model) is None
     finally:
         del model.config.final_logit_softcapping
+
+
+def test_compiled_blocks_train_as_eager_ones_resume_exactly_and_are_eager_again_afterwards(trained_tiny):
+    teacher, tokens = trained_tiny
+    spec = DistillSpec(**SPEC, tokens=4 * 64 * 4, learning_rate=1e-3, eval_every=2)
+    compiled_spec = spec.model_copy(update={"compile": True})
+    eager, eager_result = distill(_pruned(trained_tiny), teacher, tokens, spec, progress=False)
+    saved: list[TrainingState] = []
+    compiled, result = distill(
+        _pruned(trained_tiny),
+        teacher,
+        tokens,
+        compiled_spec,
+        progress=False,
+        on_checkpoint=saved.append,
+        checkpoint_every=2,
+    )
+    # fused kernels round differently, nothing more
+    assert result.losses == pytest.approx(eager_result.losses, rel=1e-3)
+    for name, tensor in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
+    blocks = [*compiled.model.layers, *teacher.model.layers]
+    assert all(block._compiled_call_impl is None for block in blocks)  # saved and evaluated eager
+    resumed, resumed_result = distill(
+        _pruned(trained_tiny), teacher, tokens, compiled_spec, progress=False, start=saved[0]
+    )
+    assert resumed_result.losses == result.losses
+    for name, tensor in compiled.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    # The option came later: a spec without it keeps the fingerprint it had before.
+    assert "compile" not in spec.model_dump() and compiled_spec.model_dump()["compile"] is True

@@ -7,7 +7,7 @@ pruned, so counting them would make the decoder's share depend on the vocabulary
 
 `widths: uniform` (the default) prunes every block to the same widths, each block choosing which heads and
 channels it keeps by importance; the head count divides the hidden size and the MLP width is a multiple of
-8, so the folder is a stock config of the source's own model type. `widths: per_block` keeps the first
+32 (`channel_multiple`), so the folder is a stock config of the source's own model type. `widths: per_block` keeps the first
 `keep_first` and last `keep_last` blocks whole (LLM-Pruner's setting); the blocks in between then lose a
 larger share and the folder loads with secateur only. In each pruned block the least important attention
 units go first (rounded to whole heads), then MLP channels make up the rest of the block's share.
@@ -56,7 +56,15 @@ Widths = Literal["uniform", "per_block"]
 RatioOf = Literal["decoder", "all"]
 PER_BLOCK_KEEP = (4, 2)  # LLM-Pruner's blocks kept whole at each end, with per-block widths
 WidthRefit = Literal["least_squares", "none"]
-CHANNEL_MULTIPLE = 8  # uniform MLP widths: kernels run at full speed on multiples of 8
+# Uniform MLP widths are multiples of 32 (of 8 on widths under 256): llama.cpp quantizes in 32-value blocks and
+# its kernels, like GPU GEMMs, run at full speed on such rows. Measured under llama.cpp (f32, 2 cores), SmolLM2-135M at 1016 channels against
+# the same weights zero-padded to 1024: prefill 1.0x against 1.4x dense, and q8_0 left down_proj unquantized.
+CHANNEL_MULTIPLES = (32, 16, 8)
+
+
+def channel_multiple(intermediate_size: int) -> int:
+    """The largest of CHANNEL_MULTIPLES that is at most 1/16 of the MLP width (so small models stay prunable)."""
+    return next((m for m in CHANNEL_MULTIPLES if 16 * m <= intermediate_size), CHANNEL_MULTIPLES[-1])
 
 
 class StructuredSettings(BaseModel):
@@ -193,8 +201,9 @@ def plan_block(
     per_channel = 3 * hidden  # a gate row, an up row, a down column
     wanted = share * projection_parameters(block, projections) - attention_removed
     channels = min(shape.intermediate_size - 1, max(0, round(wanted / per_channel)))
-    if stock and shape.intermediate_size - channels >= CHANNEL_MULTIPLE:
-        channels = shape.intermediate_size - _round_to(shape.intermediate_size - channels, CHANNEL_MULTIPLE)
+    multiple = channel_multiple(shape.intermediate_size)
+    if stock and shape.intermediate_size - channels >= multiple:
+        channels = shape.intermediate_size - _round_to(shape.intermediate_size - channels, multiple)
     dropped_channels = _lowest(mlp, channels)
     keep = [c for c in range(shape.intermediate_size) if c not in dropped_channels]
     return BlockPlan(index, keep_q, keep_kv, keep, shape)
