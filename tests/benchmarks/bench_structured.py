@@ -207,18 +207,23 @@ PILOT_STEPS = 3
 
 
 def _steps_in(seconds: float, pilot, compiles: bool = False) -> int:
-    """How many steps fit in `seconds`, timed from `pilot()` (which runs PILOT_STEPS steps on a copy) after one
-    untimed `pilot()`: the first steps pay for allocations and kernel selection that the run pays once (timed
-    cold, 142 steps were sized for 900 s and took 698 s). When the blocks are compiled, the first pilot's extra
-    time is the compiling, which the run then finds done: it comes off the budget."""
+    """How many steps fit in `seconds`, from `pilot(n)` (n steps on a copy): one untimed call pays for the
+    allocations, kernel selection and, with compiled blocks, the compiling that the run pays once (timed cold,
+    142 steps were sized for 900 s and took 698 s); then a step's time is the difference of PILOT_STEPS and
+    2 x PILOT_STEPS warm steps, so that each call's set-up is not counted as steps (counted so, 190 compiled
+    steps sized for 900 s took 728 s). The set-up, and the compiling when `compiles`, come off the budget."""
     started = time.perf_counter()
-    pilot()
+    pilot(PILOT_STEPS)
     cold = time.perf_counter() - started
-    started = time.perf_counter()
-    pilot()
-    warm = time.perf_counter() - started
-    budget = seconds - (cold - warm if compiles else 0.0)
-    return max(1, round(budget / (warm / PILOT_STEPS)))
+    timed = []
+    for steps in (PILOT_STEPS, 2 * PILOT_STEPS):
+        started = time.perf_counter()
+        pilot(steps)
+        timed.append(time.perf_counter() - started)
+    step = (timed[1] - timed[0]) / PILOT_STEPS
+    setup = max(0.0, timed[0] - PILOT_STEPS * step)
+    budget = seconds - setup - (cold - timed[0] if compiles else 0.0)
+    return max(1, round(budget / step))
 
 
 def _sized_to(seconds: float, spec, model, teacher, tokenizer, args):
@@ -228,11 +233,13 @@ def _sized_to(seconds: float, spec, model, teacher, tokenizer, args):
     from pruning_core.distill import distill
 
     batch_tokens = spec.batch_size * spec.seq_len
-    pilot = spec.model_copy(update={"tokens": PILOT_STEPS * batch_tokens, "heldout_tokens": 0})
     tokens = tokenize_text(tokenizer, read_rows(spec.data))
-    steps = _steps_in(
-        seconds, lambda: distill(_copy(model), teacher, tokens, pilot, args.device, progress=False), spec.compile
-    )
+
+    def pilot(steps: int) -> None:
+        short = spec.model_copy(update={"tokens": steps * batch_tokens, "heldout_tokens": 0})
+        distill(_copy(model), teacher, tokens, short, args.device, progress=False)
+
+    steps = _steps_in(seconds, pilot, spec.compile)
     return spec.model_copy(update={"tokens": steps * batch_tokens})
 
 
@@ -243,9 +250,12 @@ def _lora_for(seconds: float, model, tokenizer, args, out: Path):
     from pruning_core.recovery import RecoverySpec, recover
 
     lora = {"data": args.distill_data, "batch_size": args.distill_batch, "seq_len": args.distill_seq_len}
-    pilot = RecoverySpec(**lora, steps=PILOT_STEPS, learning_rate=args.lora_lr)
     tokens = tokenize_text(tokenizer, read_rows(args.distill_data))
-    steps = _steps_in(seconds, lambda: recover(_copy(model), tokens, pilot, args.device, False))
+
+    def pilot(steps: int) -> None:
+        recover(_copy(model), tokens, RecoverySpec(**lora, steps=steps, learning_rate=args.lora_lr), args.device, False)
+
+    steps = _steps_in(seconds, pilot)
     spec = RecoverySpec(**lora, steps=steps, learning_rate=args.lora_lr)
     started = time.perf_counter()
     merged, _ = recover_to_folder(model, tokenizer, read_rows(args.distill_data), spec, out, args.device, False)
