@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.benchmarks.bench_structured                  # SmolLM2-135M: width 20% of all, depth
     .venv/bin/python -m tests.benchmarks.bench_structured --speed-of /tmp/secateur-bench-structured/smollm2/*-distilled
+    .venv/bin/python -m tests.benchmarks.bench_structured --speed-of FOLDER --runtime llama.cpp --gguf-type bf16
     .venv/bin/python -m tests.benchmarks.bench_structured --model gemma3 --ratio 0.2 --ratio-of decoder \
         --variants width --no-lora --samples 64 --seq-len 256 --eval-seq-len 1024 --eval-tokens 8192 \
         --second-text-tokens 4096 --distill-seq-len 1024 --distill-batch 1 --distill-lr 5e-5 \
@@ -13,7 +14,9 @@ at 1024 (WikiText-2 75.7 -> 77.0, C4 88.5 -> 105.2) while its 256-token held-out
 For the dense model and each variant: WikiText-2 raw test perplexity (the first --eval-tokens tokens at
 --eval-seq-len), perplexity on a second text never trained on (exllamav2's C4 text), parameters (decoder,
 embeddings, all), size on disk, prefill and decode tokens/s at batch 1 and 8 (`pruning_core.speed`, the
-pipeline's own measurement), and whether plain `from_pretrained` loads the folder. Variants:
+pipeline's own measurement), and whether plain `from_pretrained` loads the folder. `--speed-of` measures saved
+folders against dense in alternation, with transformers or served by llama.cpp (`tests.benchmarks.llama_cpp`:
+built from PyPI's llama-cpp-python sdist, folders converted by llama.cpp's own converter). Variants:
 - width: llm_pruner, uniform widths (a stock config), `--ratio` of `--ratio-of`;
 - depth: whole blocks removed, as many parameters as width removes (equal parameter count), chosen by
   calibration-loss increase; block influence (1 - cos) is measured beside it, before recovery.
@@ -203,7 +206,7 @@ def _distill(model, teacher, tokenizer, args, out: Path):
     }
 
 
-PILOT_STEPS = 3
+PILOT_STEPS = 4
 
 
 def _steps_in(seconds: float, pilot, compiles: bool = False) -> int:
@@ -211,7 +214,8 @@ def _steps_in(seconds: float, pilot, compiles: bool = False) -> int:
     allocations, kernel selection and, with compiled blocks, the compiling that the run pays once (timed cold,
     142 steps were sized for 900 s and took 698 s); then a step's time is the difference of PILOT_STEPS and
     2 x PILOT_STEPS warm steps, so that each call's set-up is not counted as steps (counted so, 190 compiled
-    steps sized for 900 s took 728 s). The set-up, and the compiling when `compiles`, come off the budget."""
+    steps sized for 900 s took 728 s; from 3 and 6, 212 steps took 700 s). The set-up, and the compiling when
+    `compiles`, come off the budget."""
     started = time.perf_counter()
     pilot(PILOT_STEPS)
     cold = time.perf_counter() - started

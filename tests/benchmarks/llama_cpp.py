@@ -6,8 +6,9 @@ dense model's 56 ms per token. A runtime that has no such overhead shows what a 
 
 Everything comes from PyPI: the `llama-cpp-python` source distribution carries llama.cpp's sources, its
 `convert_hf_to_gguf.py` and `gguf-py`. It is downloaded once, `llama-batched-bench` is built with CMake
-(about 10 minutes on 2 cores) and both are cached under `~/.cache/secateur/llama.cpp/<version>`. Folders
-are converted with llama.cpp's own converter, so a folder that converts is one llama.cpp serves.
+(5 minutes on 2 cores) and both are cached under `~/.cache/secateur/llama.cpp/<version>`. Folders
+are converted with llama.cpp's own converter, so a folder that converts is one llama.cpp serves. f32 and bf16
+GGUFs run; q8_0 ones crashed `llama-batched-bench` here (segmentation fault on 2 AMX cores, dense as well).
 """
 
 from __future__ import annotations
