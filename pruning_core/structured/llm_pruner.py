@@ -7,10 +7,10 @@ pruned, so counting them would make the decoder's share depend on the vocabulary
 
 `widths: uniform` (the default) prunes every block to the same widths, each block choosing which heads and
 channels it keeps by importance; the head count divides the hidden size and the MLP width is a multiple of
-32 (`channel_multiple`), so the folder is a stock config of the source's own model type. `widths: per_block` keeps the first
-`keep_first` and last `keep_last` blocks whole (LLM-Pruner's setting); the blocks in between then lose a
-larger share and the folder loads with secateur only. In each pruned block the least important attention
-units go first (rounded to whole heads), then MLP channels make up the rest of the block's share.
+32 (`channel_multiple`), so the folder is a stock config of the source's own model type. `widths: per_block`
+keeps the first `keep_first` and last `keep_last` blocks whole (LLM-Pruner's setting); the blocks in between
+then lose a larger share and the folder loads with secateur only. In each pruned block the least important
+attention units go first (rounded to whole heads), then MLP channels make up the rest of the block's share.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ Widths = Literal["uniform", "per_block"]
 RatioOf = Literal["decoder", "all"]
 PER_BLOCK_KEEP = (4, 2)  # LLM-Pruner's blocks kept whole at each end, with per-block widths
 WidthRefit = Literal["least_squares", "none"]
-# Uniform MLP widths are multiples of 32 (of 8 on widths under 256): llama.cpp quantizes in 32-value blocks and
-# its kernels, like GPU GEMMs, run at full speed on such rows. Measured under llama.cpp (f32, 2 cores), SmolLM2-135M at 1016 channels against
-# the same weights zero-padded to 1024: prefill 1.0x against 1.4x dense, and q8_0 left down_proj unquantized.
+# Uniform MLP widths are multiples of 32 (of 8 on widths under 256): llama.cpp quantizes in 32-value blocks,
+# and its kernels, like GPU GEMMs, run at full speed on such rows. Measured under llama.cpp (f32, 2 cores),
+# SmolLM2-135M at 1016 channels against the same weights zero-padded to 1024: prefill 1.0x against 1.4x dense,
+# and q8_0 left down_proj unquantized.
 CHANNEL_MULTIPLES = (32, 16, 8)
 
 
