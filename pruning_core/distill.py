@@ -36,6 +36,7 @@ from pruning_core.recovery import (
     ALL_PROJECTIONS,
     RecoveryResult,
     TrainingState,
+    optimizer_step,
     resumed,
     step_batch,
     training_state,
@@ -308,14 +309,10 @@ def distill(
                 group["lr"] = spec.learning_rate_at(step)
             batch = step_batch(train_tokens, spec, step).to(device)
             loss = _step_loss(student, teacher, batch, spec)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"distillation loss is {loss.item()} at step {step}; lower learning_rate")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            value = optimizer_step(
+                loss=loss, trainable=trainable, optimizer=optimizer, result=result, step=step, what="distillation"
+            )
+            bar.set_postfix(loss=f"{value:.3f}")
             done = step + 1
             if len(heldout) and (done % spec.eval_every == 0 or done == spec.steps):
                 result.heldout[done] = heldout_perplexity(student, heldout, spec.seq_len, device)

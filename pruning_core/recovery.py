@@ -121,6 +121,27 @@ def resumed(
     return result
 
 
+def optimizer_step(
+    *,
+    loss: torch.Tensor,
+    trainable: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    result: RecoveryResult,
+    step: int,
+    what: str,
+) -> float:
+    """One clipped optimizer step on `loss`, recorded in `result.losses`; a non-finite loss stops the run."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} loss is {value} at step {step}; lower learning_rate")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    result.losses.append(value)
+    return value
+
+
 def training_state(
     done: int, result: RecoveryResult, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
 ) -> TrainingState:
@@ -167,14 +188,10 @@ def recover(
         torch.manual_seed(spec.seed * 1_000_003 + step)  # LoRA dropout
         batch = step_batch(tokens, spec, step).to(device)
         loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"recovery loss is {loss.item()} at step {step}; lower learning_rate")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        value = optimizer_step(
+            loss=loss, trainable=trainable, optimizer=optimizer, result=result, step=step, what="recovery"
+        )
+        bar.set_postfix(loss=f"{value:.3f}")
         done = step + 1
         if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
             on_checkpoint(training_state(done, result, trainable, optimizer))

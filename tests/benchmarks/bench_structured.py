@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -68,11 +70,27 @@ def _speed(model, args: argparse.Namespace) -> dict:
     return throughput(model, protocol)
 
 
-def interleaved_speed(source: str, folders: list[str], rounds: int, args: argparse.Namespace) -> dict:
-    """Throughput of dense and saved variants measured in alternation (one repeat each per round, the median of
-    `rounds`), so that whatever else the machine does hits every model alike."""
+def _alternated(measures: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, dict]:
+    """Each measure run once per round in turn, so that whatever else the machine does hits every model alike;
+    the median of `rounds` per metric, and its gain over the first (dense) model's."""
     import statistics
 
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            samples[name].append(measure())
+    medians = {
+        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
+    }
+    dense = next(iter(medians.values()))
+    return {
+        name: {**speed, "gain": {k: v / dense[k] for k, v in speed.items() if "tok_s" in k}}
+        for name, speed in medians.items()
+    }
+
+
+def interleaved_speed(source: str, folders: list[str], rounds: int, args: argparse.Namespace) -> dict:
+    """Throughput of dense and saved variants with transformers, measured in alternation."""
     from pruning_core.modeling import load_model
     from pruning_core.speed import SpeedProtocol, throughput
 
@@ -80,17 +98,7 @@ def interleaved_speed(source: str, folders: list[str], rounds: int, args: argpar
         prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batch_sizes=(1, 8), repeats=1
     )
     models = {"dense": load_model(source)[0], **{folder: _stock_load(Path(folder)) for folder in folders}}
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            samples[name].append(throughput(model, protocol))
-    medians = {
-        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
-    }
-    return {
-        name: {**speed, "gain": {k: v / medians["dense"][k] for k, v in speed.items() if "tok_s" in k}}
-        for name, speed in medians.items()
-    }
+    return _alternated({name: partial(throughput, model, protocol) for name, model in models.items()}, rounds)
 
 
 def dense_folder(source: str, scratch: Path) -> Path:
@@ -108,8 +116,6 @@ def dense_folder(source: str, scratch: Path) -> Path:
 def llama_cpp_speed(dense: Path, folders: list[str], args: argparse.Namespace) -> dict:
     """Throughput under llama.cpp (`llama-batched-bench`) of dense and each folder, converted to GGUF by
     llama.cpp's converter at `--gguf-type`, measured in alternation (median of `--rounds`)."""
-    import statistics
-
     from tests.benchmarks.llama_cpp import batched_bench, to_gguf
 
     names = {"dense": dense, **{folder: Path(folder) for folder in folders}}
@@ -117,29 +123,15 @@ def llama_cpp_speed(dense: Path, folders: list[str], args: argparse.Namespace) -
         name: to_gguf(folder, Path(args.out) / "gguf" / f"{folder.name}-{args.gguf_type}.gguf", args.gguf_type)
         for name, folder in names.items()
     }
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in ggufs}
-    for _ in range(args.rounds):
-        for name, gguf in ggufs.items():
-            samples[name].append(
-                batched_bench(
-                    gguf=gguf,
-                    prompt_tokens=args.prefill_tokens,
-                    new_tokens=args.decode_tokens,
-                    batch_sizes=(1, 8),
-                    threads=torch.get_num_threads(),
-                )
-            )
-    medians = {
-        name: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for name, runs in samples.items()
-    }
-    return {
-        name: {
-            **speed,
-            "gguf_mib": ggufs[name].stat().st_size / 2**20,
-            "gain": {k: v / medians["dense"][k] for k, v in speed.items() if "tok_s" in k},
-        }
-        for name, speed in medians.items()
-    }
+    bench = partial(
+        batched_bench,
+        prompt_tokens=args.prefill_tokens,
+        new_tokens=args.decode_tokens,
+        batch_sizes=(1, 8),
+        threads=torch.get_num_threads(),
+    )
+    speeds = _alternated({name: partial(bench, gguf=gguf) for name, gguf in ggufs.items()}, args.rounds)
+    return {name: {**speed, "gguf_mib": ggufs[name].stat().st_size / 2**20} for name, speed in speeds.items()}
 
 
 def _stock_load(folder: Path):
