@@ -78,8 +78,9 @@ class DistillSpec(BaseModel):
     compile: bool = Field(
         default=False,
         description="compile every decoder block of student and teacher (torch.compile; the blocks share one "
-        "graph): on 2 AMX CPU cores 1.3x the steps per second of SmolLM2-135M after about 30 s of compiling, which "
-        "the run pays once; needs a C++ compiler on CPUs",
+        "graph) and the loss's elementwise terms, and step with fused AdamW: on 2 AMX CPU cores about 1.6x the "
+        "steps per second of SmolLM2-135M after about 45 s of compiling, which the run pays once; needs a C++ "
+        "compiler on CPUs",
     )
     r: int = Field(default=8, ge=1, le=1024, description="train lora: adapter rank")
     alpha: float = Field(default=16.0, gt=0.0, description="train lora: adapter alpha")
@@ -246,6 +247,7 @@ def _step_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, spec
         weights=LossWeights(temperature=spec.temperature, lm_weight=spec.lm_weight),
         labels=labels,
         compute_dtype=torch.bfloat16 if bfloat16 else torch.float32,
+        compiled=spec.compile,
     )
     if spec.hidden_weight > 0:
         loss = loss + spec.hidden_weight * _hidden_error(learned, taught)
@@ -295,7 +297,12 @@ def distill(
         p.requires_grad_(False)
     student = _student(model, spec, device)
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable.values(),
+        lr=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        fused=spec.compile or None,  # one kernel over all tensors: 0.27 -> 0.09 s a SmolLM2 step on 2 CPU cores
+    )
     result = resumed(trainable, optimizer, start)
     first = result.resumed_from_step
     if start is None and len(heldout):

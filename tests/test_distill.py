@@ -151,8 +151,11 @@ def test_auto_precision_trains_as_the_precision_the_device_computes_natively(tra
     assert not distill_module.autocast_bfloat16(spec.model_copy(update={"precision": "float32"}), "cpu")
 
 
-@pytest.mark.parametrize(("temperature", "lm_weight"), [(1.0, 0.0), (2.0, 0.5), (1.0, 0.7)])
-def test_the_chunked_loss_and_its_gradients_are_those_of_whole_logits(temperature, lm_weight, monkeypatch):
+@pytest.mark.parametrize(
+    ("temperature", "lm_weight", "compiled"),
+    [(1.0, 0.0, False), (2.0, 0.5, False), (1.0, 0.7, False), (2.0, 0.5, True)],
+)
+def test_the_chunked_loss_and_its_gradients_are_those_of_whole_logits(temperature, lm_weight, compiled, monkeypatch):
     from pruning_core import logit_distillation
     from pruning_core.logit_distillation import LossWeights, chunked_logit_loss
 
@@ -177,6 +180,7 @@ def test_the_chunked_loss_and_its_gradients_are_those_of_whole_logits(temperatur
         weights=LossWeights(temperature=temperature, lm_weight=lm_weight),
         labels=labels,
         compute_dtype=torch.float64,
+        compiled=compiled,
     )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     for got, want in zip(torch.autograd.grad(loss, (student, weight)), expected_grads, strict=True):

@@ -3,6 +3,7 @@
     .venv/bin/python -m tests.benchmarks.bench_structured                  # SmolLM2-135M: width 20% of all, depth
     .venv/bin/python -m tests.benchmarks.bench_structured --speed-of /tmp/secateur-bench-structured/smollm2/*-distilled
     .venv/bin/python -m tests.benchmarks.bench_structured --speed-of FOLDER --runtime llama.cpp --gguf-type bf16
+    .venv/bin/python -m tests.benchmarks.bench_structured --speed-widths 1024 896 768 --runtime llama.cpp
     .venv/bin/python -m tests.benchmarks.bench_structured --model gemma3 --ratio 0.2 --ratio-of decoder \
         --variants width --no-lora --samples 64 --seq-len 256 --eval-seq-len 1024 --eval-tokens 8192 \
         --second-text-tokens 4096 --distill-seq-len 1024 --distill-batch 1 --distill-lr 5e-5 \
@@ -16,7 +17,9 @@ For the dense model and each variant: WikiText-2 raw test perplexity (the first 
 embeddings, all), size on disk, prefill and decode tokens/s at batch 1 and 8 (`pruning_core.speed`, the
 pipeline's own measurement), and whether plain `from_pretrained` loads the folder. `--speed-of` measures saved
 folders against dense in alternation, with transformers or served by llama.cpp (`tests.benchmarks.llama_cpp`:
-built from PyPI's llama-cpp-python sdist, folders converted by llama.cpp's own converter). Variants:
+built from PyPI's llama-cpp-python sdist, folders converted by llama.cpp's own converter); `--speed-widths`
+adds the dense model cut to those MLP widths (speed depends on shapes only), to draw speed against width.
+Variants:
 - width: llm_pruner, uniform widths (a stock config), `--ratio` of `--ratio-of`;
 - depth: whole blocks removed, as many parameters as width removes (equal parameter count), chosen by
   calibration-loss increase; block influence (1 - cos) is measured beside it, before recovery.
@@ -111,6 +114,32 @@ def dense_folder(source: str, scratch: Path) -> Path:
     if not (folder / "config.json").is_file():
         save_model(*load_model(source), folder)
     return folder
+
+
+def width_folders(dense: Path, widths: list[int], scratch: Path) -> list[str]:
+    """The dense folder cut to each uniform MLP width (its first channels): serving speed depends on the shapes,
+    not on which channels are kept or their values, so this draws speed against width without pruning."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folders = []
+    for width in widths:
+        folder = scratch / f"speed-width{width}"
+        if not (folder / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+            for block in model.model.layers:
+                mlp = block.mlp
+                for name in ("gate_proj", "up_proj"):
+                    cut = getattr(mlp, name).weight.data[:width].clone()
+                    setattr(mlp, name, torch.nn.Linear(cut.shape[1], width, bias=False))
+                    getattr(mlp, name).weight.data = cut
+                down = mlp.down_proj.weight.data[:, :width].clone()
+                mlp.down_proj = torch.nn.Linear(width, down.shape[0], bias=False)
+                mlp.down_proj.weight.data = down
+            model.config.intermediate_size = width
+            model.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(dense).save_pretrained(folder)
+        folders.append(str(folder))
+    return folders
 
 
 def llama_cpp_speed(dense: Path, folders: list[str], args: argparse.Namespace) -> dict:
@@ -323,6 +352,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="/tmp/secateur-bench-structured")
     parser.add_argument("--speed-of", nargs="+", metavar="FOLDER", help="only: dense vs these folders, interleaved")
+    parser.add_argument(
+        "--speed-widths", nargs="+", type=int, metavar="CHANNELS", help="--speed-of: also dense cut to these MLP widths"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="--speed-of: alternating rounds")
     parser.add_argument(
         "--runtime", choices=["transformers", "llama.cpp"], default="transformers", help="--speed-of: what serves"
@@ -335,12 +367,14 @@ def main() -> None:
     from pruning_core.distill import resolved_precision
 
     args.precision = resolved_precision(args.precision, args.device)  # recorded as what ran
-    if args.speed_of:
+    if args.speed_of or args.speed_widths:
         source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
+        scratch = Path(args.out) / args.model
+        folders = (args.speed_of or []) + width_folders(dense_folder(source, scratch), args.speed_widths or [], scratch)
         if args.runtime == "llama.cpp":
-            speeds = llama_cpp_speed(dense_folder(source, Path(args.out) / args.model), args.speed_of, args)
+            speeds = llama_cpp_speed(dense_folder(source, scratch), folders, args)
         else:
-            speeds = interleaved_speed(source, args.speed_of, args.rounds, args)
+            speeds = interleaved_speed(source, folders, args.rounds, args)
         runtime = f"{args.runtime} ({args.gguf_type} GGUF)" if args.runtime == "llama.cpp" else args.runtime
         header = {"speed": f"{runtime}, interleaved, median of {args.rounds} rounds, {torch.get_num_threads()} threads"}
         write_results("structured-speed", {**header, **vars(args)}, [{"model": k, **v} for k, v in speeds.items()])
