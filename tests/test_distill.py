@@ -217,11 +217,25 @@ def test_logits_that_are_more_than_the_output_layer_go_through_the_whole_logits_
         del model.config.final_logit_softcapping
 
 
-def test_compiled_blocks_train_as_eager_ones_resume_exactly_and_are_eager_again_afterwards(trained_tiny):
+def test_compiled_blocks_train_as_eager_ones_resume_exactly_and_are_eager_again_afterwards(trained_tiny, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from pruning_core import distill as distill_module
+    from pruning_core.distill import heldout_perplexity
+
     teacher, tokens = trained_tiny
     spec = DistillSpec(**SPEC, tokens=4 * 64 * 4, learning_rate=1e-3, eval_every=2)
     compiled_spec = spec.model_copy(update={"compile": True})
     eager, eager_result = distill(_pruned(trained_tiny), teacher, tokens, spec, progress=False)
+    graphs_compiled_by_heldout_passes = []
+
+    def watched(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        value = heldout_perplexity(*args, **kwargs)
+        graphs_compiled_by_heldout_passes.append(counters["stats"]["unique_graphs"] - before)
+        return value
+
+    monkeypatch.setattr(distill_module, "heldout_perplexity", watched)
     saved: list[TrainingState] = []
     compiled, result = distill(
         _pruned(trained_tiny),
@@ -238,6 +252,8 @@ def test_compiled_blocks_train_as_eager_ones_resume_exactly_and_are_eager_again_
         torch.testing.assert_close(compiled.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
     blocks = [*compiled.model.layers, *teacher.model.layers]
     assert all(block._compiled_call_impl is None for block in blocks)  # saved and evaluated eager
+    # held-out passes run eager: compiled, eval mode at their own batch size would compile graphs of their own
+    assert len(graphs_compiled_by_heldout_passes) == 3 and not any(graphs_compiled_by_heldout_passes)
     resumed, resumed_result = distill(
         _pruned(trained_tiny), teacher, tokens, compiled_spec, progress=False, start=saved[0]
     )
