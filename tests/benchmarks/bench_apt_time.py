@@ -1,0 +1,145 @@
+"""Benchmark (run on demand): where APT's prune time goes, per part, on one real block's layers.
+
+    .venv/bin/python -m tests.benchmarks.bench_apt_time --model gemma3 --block 4       # 32 x 1024 C4 calibration
+    .venv/bin/python -m tests.benchmarks.bench_apt_time --model smollm2 --block 3 --samples 64 --seq-len 512
+
+For q_proj, o_proj, gate_proj and down_proj of the block (their dense inputs on the C4 calibration) and each
+target: SparseGPT's and APT's (default recipe: ADMM refinement on) wall time for the layer, APT's time in each
+part (mask selection, H^-1, eigendecomposition, ADMM, CG refits with their tolerances and iterations) and the
+layer loss (x - w) H (x - w)^T on the calibration. Writes tests/benchmarks/results/apt-time-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from tests.benchmarks.bench_layers import MODULES, block_inputs
+from tests.benchmarks.common import write_results
+
+
+def _timing(table: dict[str, float], key: str, function: Callable) -> Callable:
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        table[key] += time.perf_counter() - started
+        return result
+
+    return timed
+
+
+def one_layer(name: str, weight, fit, target, seq_len: int) -> dict:
+    import pruning_core.methods.apt as apt
+    import pruning_core.stats as stats_module
+    from pruning_core.methods import METHODS, LayerProblem
+    from pruning_core.methods.refine import MaskRefinement, layer_loss
+    from pruning_core.stats import StatisticsPlan, damped
+
+    def problem() -> LayerProblem:
+        stats = StatisticsPlan().start(fit.shape[1], "cpu")
+        for part in fit.split(seq_len):
+            stats.add_batch(part)
+        return LayerProblem(name, weight, stats, target, mask_refinement=MaskRefinement())
+
+    parts: dict[str, float] = defaultdict(float)
+    refits: list[dict] = []
+    plain_cg = apt.conjugate_gradient_refit
+
+    def logged_cg(*args, **kwargs):
+        started = time.perf_counter()
+        refit = plain_cg(*args, **kwargs)
+        seconds = time.perf_counter() - started
+        parts["cg_refits"] += seconds
+        tolerance = kwargs.get("tolerance", apt.CG_TOLERANCE)
+        refits.append({"tolerance": tolerance, "iterations": refit.iterations, "seconds": seconds})
+        return refit
+
+    patched = {
+        (apt, "select_mask"): _timing(parts, "select_mask", apt.select_mask),
+        (apt, "admm_mask"): _timing(parts, "admm", apt.admm_mask),
+        (apt, "conjugate_gradient_refit"): logged_cg,
+        (stats_module.InputStatistics, "inverse"): _timing(parts, "inverse", stats_module.InputStatistics.inverse),
+        (stats_module.InputStatistics, "eigen"): _timing(parts, "eigen", stats_module.InputStatistics.eigen),
+    }
+    originals = {key: getattr(*key) for key in patched}
+    sparsegpt_problem = problem()
+    started = time.perf_counter()
+    METHODS["sparsegpt"].prune(sparsegpt_problem)
+    sparsegpt_seconds = time.perf_counter() - started
+    apt_problem = problem()
+    try:
+        for (owner, attribute), replacement in patched.items():
+            setattr(owner, attribute, replacement)
+        started = time.perf_counter()
+        pruned = METHODS["apt"].prune(apt_problem)
+        apt_seconds = time.perf_counter() - started
+    finally:
+        for (owner, attribute), original in originals.items():
+            setattr(owner, attribute, original)
+    hessian = damped(apt_problem.stats.hessian(), 0.0)
+    return {
+        "layer": name,
+        "target": target.describe(),
+        "shape": list(weight.shape),
+        "sparsegpt_seconds": sparsegpt_seconds,
+        "apt_seconds": apt_seconds,
+        "apt_parts": dict(parts),
+        "cg_refits": refits,
+        "apt_loss": layer_loss(weight, pruned, hessian),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="gemma3")
+    parser.add_argument("--block", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--targets", nargs="+", default=["0.5", "2:4", "0.7"])
+    parser.add_argument("--out", default="/tmp/secateur-bench")
+    args = parser.parse_args()
+
+    from infra.assets import smollm2_gguf, text_asset
+    from pruning_core.data import calibration_windows, read_rows, tokenize_text
+    from pruning_core.masks import SparsityTarget
+    from pruning_core.modeling import load_model
+    from tests.benchmarks.bench_pruning import C4_CALIBRATION, gemma3_folder
+
+    path = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
+    model, tokenizer = load_model(path)
+    model.eval()
+    calibration = tokenize_text(tokenizer, read_rows(str(text_asset(C4_CALIBRATION))))
+    windows = calibration_windows(calibration, args.samples, args.seq_len, seed=0)
+    fit = block_inputs(model, windows, args.block)
+    block = model.model.layers[args.block]
+    rows = []
+    for name in MODULES:
+        weight = block.get_submodule(name).weight.detach().float()
+        for text in args.targets:
+            target = SparsityTarget.parse_pattern(text) if ":" in text else SparsityTarget(ratio=float(text))
+            row = one_layer(name, weight, fit[name], target, args.seq_len)
+            rows.append(row)
+            parts = ", ".join(f"{key} {value:.2f}" for key, value in row["apt_parts"].items())
+            print(
+                f"{name:<17} {row['target']:>4}  SparseGPT {row['sparsegpt_seconds']:.2f} s  APT "
+                f"{row['apt_seconds']:.2f} s ({parts}); loss {row['apt_loss']:.6g}",
+                flush=True,
+            )
+    total = {
+        "sparsegpt_seconds": sum(row["sparsegpt_seconds"] for row in rows),
+        "apt_seconds": sum(row["apt_seconds"] for row in rows),
+    }
+    print(total)
+    header = {
+        "model": args.model,
+        "block": args.block,
+        "calibration": f"{C4_CALIBRATION}, {args.samples} x {args.seq_len}",
+        "total": total,
+    }
+    write_results("apt-time", header, rows)
+
+
+if __name__ == "__main__":
+    main()
