@@ -172,6 +172,7 @@ def split_heldout(tokens: torch.Tensor, spec: DistillSpec) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compiled blocks in eval mode, at its batch size, would compile anew
 def heldout_perplexity(model: nn.Module, heldout: torch.Tensor, seq_len: int, device: str) -> float:
     windows = heldout[: len(heldout) // seq_len * seq_len].reshape(-1, seq_len)
     total = 0.0
@@ -322,10 +323,7 @@ def distill(
             bar.set_postfix(loss=f"{value:.3f}")
             done = step + 1
             if len(heldout) and (done % spec.eval_every == 0 or done == spec.steps):
-                # eager: in eval mode, without gradients and at its own batch size, the compiled blocks would
-                # compile graphs of their own, which the budget's pilot (no held-out passes) never paid for
-                with torch.compiler.set_stance("force_eager"):
-                    result.heldout[done] = heldout_perplexity(student, heldout, spec.seq_len, device)
+                result.heldout[done] = heldout_perplexity(student, heldout, spec.seq_len, device)
             if on_checkpoint is not None and done % checkpoint_every == 0 and done < spec.steps:
                 on_checkpoint(training_state(done, result, trainable, optimizer))
     trained = student.merge_and_unload() if spec.train == "lora" else student

@@ -49,6 +49,7 @@ def chunk_terms(
     log_teacher = F.log_softmax(taught.float() / temperature, dim=-1)
     student_p, teacher_p = log_student.exp(), log_teacher.exp()
     total = (teacher_p * (log_teacher - log_student)).sum(dtype=torch.float64) * temperature**2
+    grad = (student_p - teacher_p).mul_(kl_grad_scale)
     if targets is not None:
         log_p = log_student if temperature == 1.0 else F.log_softmax(logits.float(), dim=-1)
         p = student_p if temperature == 1.0 else log_p.exp()
@@ -58,12 +59,9 @@ def chunk_terms(
         row_scale = (valid.float() * lm_grad_scale)[:, None]
         if torch.compiler.is_compiling():  # inductor fused the scatter below away (its one-hot never counted)
             hit = torch.arange(p.shape[-1], device=p.device) == picked
-            lm_grad = torch.where(hit, p - 1.0, p) * row_scale
+            grad += torch.where(hit, p - 1.0, p) * row_scale
         else:  # one pass over the chunk, not three
-            lm_grad = (p * row_scale).scatter_add_(1, picked, -row_scale)
-    grad = (student_p - teacher_p).mul_(kl_grad_scale)
-    if targets is not None:
-        grad += lm_grad
+            grad += (p * row_scale).scatter_add_(1, picked, -row_scale)
     return total, grad.to(grad_dtype)
 
 

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from tests.benchmarks.bench_layers import MODULES, block_inputs
+from tests.benchmarks.bench_layers import add_block_arguments, calibrated_block, layer_statistics, layer_targets
 from tests.benchmarks.common import write_results
 
 
@@ -35,13 +35,10 @@ def one_layer(name: str, weight, fit, target, seq_len: int) -> dict:
     import pruning_core.stats as stats_module
     from pruning_core.methods import METHODS, LayerProblem
     from pruning_core.methods.refine import MaskRefinement, layer_loss
-    from pruning_core.stats import StatisticsPlan, damped
+    from pruning_core.stats import damped
 
     def problem() -> LayerProblem:
-        stats = StatisticsPlan().start(fit.shape[1], "cpu")
-        for part in fit.split(seq_len):
-            stats.add_batch(part)
-        return LayerProblem(name, weight, stats, target, mask_refinement=MaskRefinement())
+        return LayerProblem(name, weight, layer_statistics(fit, seq_len), target, mask_refinement=MaskRefinement())
 
     parts: dict[str, float] = defaultdict(float)
     refits: list[dict] = []
@@ -93,40 +90,22 @@ def one_layer(name: str, weight, fit, target, seq_len: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="gemma3")
-    parser.add_argument("--block", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--targets", nargs="+", default=["0.5", "2:4", "0.7"])
-    parser.add_argument("--out", default="/tmp/secateur-bench")
+    add_block_arguments(parser)
     args = parser.parse_args()
 
-    from infra.assets import smollm2_gguf, text_asset
-    from pruning_core.data import calibration_windows, read_rows, tokenize_text
-    from pruning_core.masks import SparsityTarget
-    from pruning_core.modeling import load_model
-    from tests.benchmarks.bench_pruning import C4_CALIBRATION, gemma3_folder
+    from tests.benchmarks.bench_pruning import C4_CALIBRATION
 
-    path = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
-    model, tokenizer = load_model(path)
-    model.eval()
-    calibration = tokenize_text(tokenizer, read_rows(str(text_asset(C4_CALIBRATION))))
-    windows = calibration_windows(calibration, args.samples, args.seq_len, seed=0)
-    fit = block_inputs(model, windows, args.block)
-    block = model.model.layers[args.block]
+    model, _, fit = calibrated_block(args)
     rows = []
-    for name in MODULES:
-        weight = block.get_submodule(name).weight.detach().float()
-        for text in args.targets:
-            target = SparsityTarget.parse_pattern(text) if ":" in text else SparsityTarget(ratio=float(text))
-            row = one_layer(name, weight, fit[name], target, args.seq_len)
-            rows.append(row)
-            parts = ", ".join(f"{key} {value:.2f}" for key, value in row["apt_parts"].items())
-            print(
-                f"{name:<17} {row['target']:>4}  SparseGPT {row['sparsegpt_seconds']:.2f} s  APT "
-                f"{row['apt_seconds']:.2f} s ({parts}); loss {row['apt_loss']:.6g}",
-                flush=True,
-            )
+    for name, weight, target in layer_targets(model, args):
+        row = one_layer(name, weight, fit[name], target, args.seq_len)
+        rows.append(row)
+        parts = ", ".join(f"{key} {value:.2f}" for key, value in row["apt_parts"].items())
+        print(
+            f"{name:<17} {row['target']:>4}  SparseGPT {row['sparsegpt_seconds']:.2f} s  APT "
+            f"{row['apt_seconds']:.2f} s ({parts}); loss {row['apt_loss']:.6g}",
+            flush=True,
+        )
     total = {
         "sparsegpt_seconds": sum(row["sparsegpt_seconds"] for row in rows),
         "apt_seconds": sum(row["apt_seconds"] for row in rows),

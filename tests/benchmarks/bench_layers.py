@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -57,11 +58,9 @@ def one_layer(name: str, weight: torch.Tensor, fit: torch.Tensor, unseen: torch.
     from pruning_core.methods import METHODS, LayerProblem
     from pruning_core.methods.apt import conjugate_gradient_refit, select_mask
     from pruning_core.methods.refine import MaskRefinement, admm_mask, layer_loss
-    from pruning_core.stats import StatisticsPlan, damped
+    from pruning_core.stats import damped
 
-    stats = StatisticsPlan().start(fit.shape[1], "cpu")
-    for part in fit.split(seq_len):
-        stats.add_batch(part)
+    stats = layer_statistics(fit, seq_len)
     unseen_hessian = 2 * unseen.T @ unseen / unseen.shape[0]
     problem = LayerProblem(name, weight, stats, target)
     sparsegpt, sparsegpt_seconds = timed(METHODS["sparsegpt"].prune, problem)
@@ -107,21 +106,31 @@ def one_layer(name: str, weight: torch.Tensor, fit: torch.Tensor, unseen: torch.
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def layer_statistics(inputs: torch.Tensor, seq_len: int):
+    """A layer's input statistics (the Hessian) from its captured inputs, added window by window as in a prune."""
+    from pruning_core.stats import StatisticsPlan
+
+    stats = StatisticsPlan().start(inputs.shape[1], "cpu")
+    for part in inputs.split(seq_len):
+        stats.add_batch(part)
+    return stats
+
+
+def add_block_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the model, its block, the calibration and the targets."""
     parser.add_argument("--model", choices=["smollm2", "gemma3"], default="gemma3")
     parser.add_argument("--model-path", default=None, help="a safetensors folder of the model (faster than its GGUF)")
     parser.add_argument("--block", type=int, default=4)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--unseen-samples", type=int, default=4)
     parser.add_argument("--targets", nargs="+", default=["0.5", "2:4", "0.7"])
     parser.add_argument("--out", default="/tmp/secateur-bench")
-    args = parser.parse_args()
 
+
+def calibrated_block(args: argparse.Namespace):
+    """(model, tokenizer, the block's MODULES inputs over `--samples` x `--seq-len` C4 calibration windows)."""
     from infra.assets import smollm2_gguf, text_asset
     from pruning_core.data import calibration_windows, read_rows, tokenize_text
-    from pruning_core.masks import SparsityTarget
     from pruning_core.modeling import load_model
     from tests.benchmarks.bench_pruning import C4_CALIBRATION, gemma3_folder
 
@@ -129,24 +138,44 @@ def main() -> None:
     model, tokenizer = load_model(path)
     model.eval()
     calibration = tokenize_text(tokenizer, read_rows(str(text_asset(C4_CALIBRATION))))
-    unseen_text = tokenize_text(tokenizer, read_rows(str(WIKITEXT_TEST)))
     windows = calibration_windows(calibration, args.samples, args.seq_len, seed=0)
-    unseen_windows = calibration_windows(unseen_text, args.unseen_samples, args.seq_len, seed=1)
-    fit, unseen = block_inputs(model, windows, args.block), block_inputs(model, unseen_windows, args.block)
+    return model, tokenizer, block_inputs(model, windows, args.block)
+
+
+def layer_targets(model, args: argparse.Namespace) -> Iterator[tuple[str, torch.Tensor, object]]:
+    """(module name, its float32 weight, target) for each of the block's MODULES and each of `--targets`."""
+    from pruning_core.masks import SparsityTarget
+
     block = model.model.layers[args.block]
-    rows = []
     for name in MODULES:
         weight = block.get_submodule(name).weight.detach().float()
         for text in args.targets:
-            target = SparsityTarget.parse_pattern(text) if ":" in text else SparsityTarget(ratio=float(text))
-            row = one_layer(name, weight, fit[name], unseen[name], target, args.seq_len)
-            rows.append(row)
-            print(
-                f"{name:<17} {row['target']:>4}  APT {row['cg_inverse']['unseen']:.3f}  "
-                f"refined(20) {row['admm20']['unseen']:.3f}  x SparseGPT held out; CG iterations "
-                f"{row['cg_jacobi']['iterations']} -> {row['cg_inverse']['iterations']}",
-                flush=True,
-            )
+            yield name, weight, SparsityTarget.parse_pattern(text) if ":" in text else SparsityTarget(ratio=float(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_block_arguments(parser)
+    parser.add_argument("--unseen-samples", type=int, default=4)
+    args = parser.parse_args()
+
+    from pruning_core.data import calibration_windows, read_rows, tokenize_text
+    from tests.benchmarks.bench_pruning import C4_CALIBRATION
+
+    model, tokenizer, fit = calibrated_block(args)
+    unseen_text = tokenize_text(tokenizer, read_rows(str(WIKITEXT_TEST)))
+    unseen_windows = calibration_windows(unseen_text, args.unseen_samples, args.seq_len, seed=1)
+    unseen = block_inputs(model, unseen_windows, args.block)
+    rows = []
+    for name, weight, target in layer_targets(model, args):
+        row = one_layer(name, weight, fit[name], unseen[name], target, args.seq_len)
+        rows.append(row)
+        print(
+            f"{name:<17} {row['target']:>4}  APT {row['cg_inverse']['unseen']:.3f}  "
+            f"refined(20) {row['admm20']['unseen']:.3f}  x SparseGPT held out; CG iterations "
+            f"{row['cg_jacobi']['iterations']} -> {row['cg_inverse']['iterations']}",
+            flush=True,
+        )
     header = {
         "model": args.model,
         "block": args.block,

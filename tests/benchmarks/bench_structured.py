@@ -116,6 +116,12 @@ def dense_folder(source: str, scratch: Path) -> Path:
     return folder
 
 
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight.detach().clone())
+    return layer
+
+
 def width_folders(dense: Path, widths: list[int], scratch: Path) -> list[str]:
     """The dense folder cut to each uniform MLP width (its first channels): serving speed depends on the shapes,
     not on which channels are kept or their values, so this draws speed against width without pruning."""
@@ -128,13 +134,11 @@ def width_folders(dense: Path, widths: list[int], scratch: Path) -> list[str]:
             model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
             for block in model.model.layers:
                 mlp = block.mlp
-                for name in ("gate_proj", "up_proj"):
-                    cut = getattr(mlp, name).weight.data[:width].clone()
-                    setattr(mlp, name, torch.nn.Linear(cut.shape[1], width, bias=False))
-                    getattr(mlp, name).weight.data = cut
-                down = mlp.down_proj.weight.data[:, :width].clone()
-                mlp.down_proj = torch.nn.Linear(width, down.shape[0], bias=False)
-                mlp.down_proj.weight.data = down
+                mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+                    _linear(mlp.gate_proj.weight[:width]),
+                    _linear(mlp.up_proj.weight[:width]),
+                    _linear(mlp.down_proj.weight[:, :width]),
+                )
             model.config.intermediate_size = width
             model.save_pretrained(folder)
             AutoTokenizer.from_pretrained(dense).save_pretrained(folder)
@@ -370,9 +374,10 @@ def main() -> None:
     if args.speed_of or args.speed_widths:
         source = str(gemma3_folder(args.out)) if args.model == "gemma3" else str(smollm2_gguf())
         scratch = Path(args.out) / args.model
-        folders = (args.speed_of or []) + width_folders(dense_folder(source, scratch), args.speed_widths or [], scratch)
+        dense = dense_folder(source, scratch)
+        folders = (args.speed_of or []) + width_folders(dense, args.speed_widths or [], scratch)
         if args.runtime == "llama.cpp":
-            speeds = llama_cpp_speed(dense_folder(source, scratch), folders, args)
+            speeds = llama_cpp_speed(dense, folders, args)
         else:
             speeds = interleaved_speed(source, folders, args.rounds, args)
         runtime = f"{args.runtime} ({args.gguf_type} GGUF)" if args.runtime == "llama.cpp" else args.runtime
