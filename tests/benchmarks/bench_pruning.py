@@ -75,6 +75,8 @@ def one_run(args: argparse.Namespace) -> dict:
                 "batch_size": args.block_batch,
                 "learning_rate": args.block_lr,
             }
+        if args.damping is not None:
+            target["damping"] = args.damping
         recipe = Recipe(
             method=method,
             calibration_samples=args.samples,
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--block-epochs", type=int, default=2, help="+block: epochs per block")
     parser.add_argument("--block-batch", type=int, default=4, help="+block: samples per step")
     parser.add_argument("--block-lr", type=float, default=1e-5, help="+block: Adam learning rate")
+    parser.add_argument("--damping", type=float, default=None, help="the recipes' Hessian damping (default 0.01)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model's row (known from a run)")
     parser.add_argument("--refine-iterations", type=int, default=None, help="apt: ADMM mask-refinement steps")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "ALLOCATION"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/secateur-bench", help=argparse.SUPPRESS)
@@ -152,7 +156,7 @@ def main() -> None:
 
     if args.model == "gemma3" and args.model_path is None:
         args.model_path = str(gemma3_folder(args.out))
-    runs = [("dense", "-", "uniform")]
+    runs = [] if args.no_dense else [("dense", "-", "uniform")]
     runs += [(m, t, a) for t in args.targets for m in args.methods for a in args.allocations]
     rows = []
     for method, target, allocation in runs:
@@ -161,6 +165,7 @@ def main() -> None:
         arguments += ["--block-epochs", str(args.block_epochs), "--block-batch", str(args.block_batch)]
         arguments += ["--block-lr", str(args.block_lr)]
         arguments += ["--refine-iterations", str(args.refine_iterations)] if args.refine_iterations else []
+        arguments += ["--damping", str(args.damping)] if args.damping is not None else []
         arguments += ["--out", f"{args.out}/{method.replace('/', '_')}-{target}-{allocation}"]
         arguments += ["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []
         arguments += ["--model-path", args.model_path] if args.model_path else []
