@@ -72,13 +72,7 @@ class Recipe(BaseModel):
     sparsity: float | None = Field(default=None, gt=0.0, lt=1.0, description="unstructured ratio in (0, 1)")
     pattern: str | None = Field(default=None, description="N:M semi-structured pattern, e.g. '2:4'")
     block_size: int = Field(default=128, ge=1, le=65536, description="columns per lazy update block")
-    damping: float = Field(
-        default=0.01,
-        gt=0.0,
-        le=10.0,
-        description="Hessian damping λ (fraction of mean diag); when not given, the method's own (apt 0.1 for "
-        "a sparsity, 0.01 for a pattern; every other method 0.01)",
-    )
+    damping: float = Field(default=0.01, gt=0.0, le=10.0, description="Hessian damping λ (fraction of mean diag)")
     calibration_samples: int = Field(default=128, ge=1, le=100000)
     seq_len: int = Field(default=2048, ge=8, le=131072)
     seed: int = Field(default=0, ge=0)
@@ -189,17 +183,6 @@ class Recipe(BaseModel):
         from pruning_core.methods import STRUCTURED_METHODS
 
         return self.method in STRUCTURED_METHODS
-
-    @model_validator(mode="before")
-    @classmethod
-    def _method_damping(cls, data: Any) -> Any:
-        """A recipe that gives no damping gets its method's (so recipes of other methods keep their fingerprints)."""
-        from pruning_core.methods import METHODS
-
-        if isinstance(data, dict) and "damping" not in data and data.get("method") in METHODS:
-            pattern = data.get("pattern") is not None
-            return {**data, "damping": METHODS[data["method"]].default_damping(pattern)}
-        return data
 
     @model_validator(mode="after")
     def _one_target(self) -> Recipe:

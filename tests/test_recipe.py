@@ -57,17 +57,3 @@ def test_recipe_file_errors(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         Recipe.read_yaml(bad)
-
-
-def test_a_recipe_without_damping_gets_its_methods_and_other_methods_keep_their_fingerprints():
-    assert Recipe(method="apt", sparsity=0.5).damping == 0.1
-    assert Recipe(method="apt", pattern="2:4").damping == 0.01  # N:M patterns keep 0.01 (README)
-    assert Recipe.with_overrides({"method": "apt", "pattern": "2:4"}, {"sparsity": 0.7}).damping == 0.1
-    assert Recipe(method="apt", sparsity=0.5, damping=0.01).damping == 0.01
-    for method in ("magnitude", "wanda", "sparsegpt"):
-        recipe = Recipe(method=method, sparsity=0.5)
-        assert recipe.damping == 0.01
-        assert '"damping":0.01' in recipe.canonical_json()  # what it was before methods had their own
-    # Switching the method of a file that gives no damping takes the new method's.
-    assert Recipe.with_overrides({"method": "sparsegpt", "sparsity": 0.5}, {"method": "apt"}).damping == 0.1
-    assert Recipe.model_validate_json(Recipe(method="apt", sparsity=0.5).model_dump_json()).damping == 0.1

@@ -11,10 +11,8 @@ METHODS: dict[str, Method] = {
     "wanda": Method(prune=prune_wanda, needs="column_norms"),
     "sparsegpt": Method(prune=prune_sparsegpt, needs="hessian"),
     # 2: conjugate-gradient refit; 3: H^-1-preconditioned refit at 1e-5, ADMM mask refinement by default;
-    # 4: ADMM from the removal updates, 14 steps x1.22 (the same final penalty as 20 x1.15, 30% less time);
-    # 5: staged first-mask refit, converged rows leave the CG; 6: damping 0.1 by default for unstructured targets
-    # (0.01 for N:M), by whole-model perplexity on held-out text (README)
-    "apt": Method(prune=prune_apt, needs="hessian", version="6", damping=0.1, pattern_damping=0.01),
+    # 4: ADMM from the removal updates, 14 steps x1.22 (the same final penalty as 20 x1.15, 30% less time)
+    "apt": Method(prune=prune_apt, needs="hessian", version="5"),
 }
 
 # Structured methods remove whole heads and channels, or whole blocks, over the whole model (pruning_core.structured);

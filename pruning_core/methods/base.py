@@ -39,8 +39,3 @@ class Method:
     prune: Callable[[LayerProblem], torch.Tensor]
     needs: Needs
     version: str = "1"  # bump when the method's output changes: it is part of every run fingerprint
-    damping: float = 0.01  # a recipe's damping when it gives none
-    pattern_damping: float | None = None  # the same for an N:M pattern (None: `damping`)
-
-    def default_damping(self, pattern: bool) -> float:
-        return self.pattern_damping if pattern and self.pattern_damping is not None else self.damping
