@@ -94,6 +94,7 @@ def one_run(args: argparse.Namespace) -> dict:
             "prune_seconds": time.perf_counter() - started,
             "sparsity": report.total,
             "phase_seconds": report.phase_seconds,
+            "damping": recipe.damping,
         }
         if blocks is not None:
             result["block_sparsity"] = blocks
