@@ -131,16 +131,15 @@ def check_batch_memory(config: BatchConfig, settings: Settings) -> None:
 
 
 def _run_and_report(
-    config: dict, only: list[list[str]] | None = None, verbose: bool = False, pool: str | None = None
+    settings: Settings, config: dict, only: list[list[str]] | None = None, *, verbose: bool, pool: str | None
 ) -> dict:
     """The batch flow in this process: its pairs here (own temporary Prefect API) or on a pool (shared API)."""
     from flows.batch import compress_batch
     from flows.console import route_logs
     from flows.local_api import local_prefect_api
 
-    settings = Settings()
     if pool:
-        from flows.pool import deploy_model_flow
+        from flows.deployment import deploy_model_flow
 
         _use_stack_api(settings)
         deploy_model_flow(pool)
@@ -202,21 +201,20 @@ def _report_run(settings: Settings, state) -> dict:
     return summary
 
 
-def run_batch(args: argparse.Namespace) -> dict:
+def run_batch(args: argparse.Namespace, settings: Settings) -> dict:
     from infra.preflight import check_services
 
     config, batch = load_batch(args.batch)  # a bad batch fails here, before Prefect starts
-    settings = Settings()
     if args.pool is None or settings.memory_limit_gib is not None:  # a pool's workers size their own RAM
         check_batch_memory(batch, settings)  # so does one that cannot fit in memory
     check_services(settings)  # and an unreachable store or MLflow
-    return _run_and_report(config, verbose=args.verbose, pool=args.pool)
+    return _run_and_report(settings, config, verbose=args.verbose, pool=args.pool)
 
 
-def retry_batch(args: argparse.Namespace) -> dict:
+def retry_batch(args: argparse.Namespace, settings: Settings) -> dict:
     from flows.run_records import find_record
 
-    record = find_record(Settings(), args.run_id)
+    record = find_record(settings, args.run_id)
     unfinished = record.unfinished_pairs()
     if not unfinished:
         print(f"batch run {record.flow_run_name} had no failed pairs; nothing to retry")
@@ -226,26 +224,28 @@ def retry_batch(args: argparse.Namespace) -> dict:
         + ", ".join(f"{Path(m).name} x {r}" for m, r in unfinished)
     )
     pool = args.pool or record.pool
-    return _run_and_report(record.config, unfinished, verbose=args.verbose, pool=pool) | {"retried": unfinished}
+    return _run_and_report(settings, record.config, unfinished, verbose=args.verbose, pool=pool) | {
+        "retried": unfinished
+    }
 
 
-def report_batch(args: argparse.Namespace) -> dict:
+def report_batch(args: argparse.Namespace, settings: Settings) -> dict:
     from infra.tracking import Tracker
     from tasks.review import batch_report, render
 
-    report = batch_report(Tracker(Settings()), args.batch_run)
+    report = batch_report(Tracker(settings), args.batch_run)
     if args.json:
         return report.model_dump(exclude={"rows": {"__all__": {"block_errors"}}})
     print(render(report, args.format), end="")
     return {}
 
 
-def promote_variant(args: argparse.Namespace) -> dict:
+def promote_variant(args: argparse.Namespace, settings: Settings) -> dict:
     from infra.registry import CHAMPION
     from infra.tracking import Tracker
     from tasks.registration import promote
 
-    version = promote(Tracker(Settings()), args.model, args.variant)
+    version = promote(Tracker(settings), args.model, args.variant)
     print(f"{version.name}: alias {CHAMPION} -> version {version.version} ({version.source})")
     return version.model_dump() | {"alias": CHAMPION}
 
@@ -261,10 +261,10 @@ def _use_stack_api(settings: Settings) -> None:
     os.environ["PREFECT_API_URL"] = stack.services(settings)["prefect"].url() + "/api"
 
 
-def serve_batch(args: argparse.Namespace) -> dict:
+def serve_batch(args: argparse.Namespace, settings: Settings) -> dict:
     config, batch = load_batch(args.batch)
-    check_batch_memory(batch, Settings())  # served batches run their pairs here
-    _use_stack_api(Settings())
+    check_batch_memory(batch, settings)  # served batches run their pairs here
+    _use_stack_api(settings)
     from flows.batch import compress_batch
 
     print(f"serving batch {batch.name} on cron {args.cron!r}; Ctrl-C stops")
@@ -272,15 +272,16 @@ def serve_batch(args: argparse.Namespace) -> dict:
     return {"batch": batch.name, "cron": args.cron}
 
 
-def deploy_batch(args: argparse.Namespace) -> dict:
+def deploy_batch(args: argparse.Namespace, settings: Settings) -> dict:
     """The batch flow on `--batch-pool` (default `--pool`) and the pair flow on `--pool`, by module path.
 
     Workers import both from the installed package (or the image), never from this machine's checkout.
     """
     config, batch = load_batch(args.batch)
-    _use_stack_api(Settings())
+    _use_stack_api(settings)
     from flows.batch import compress_batch
-    from flows.pool import deploy_by_module_path, deploy_model_flow, model_deployment
+    from flows.deployment import deploy_by_module_path, deploy_model_flow
+    from flows.pool import model_deployment
 
     batch_pool = args.batch_pool or args.pool
     deploy_model_flow(args.pool, args.image)
@@ -308,10 +309,9 @@ def deploy_batch(args: argparse.Namespace) -> dict:
     }
 
 
-def stack_command(args: argparse.Namespace) -> dict:
+def stack_command(args: argparse.Namespace, settings: Settings) -> dict:
     from infra import stack
 
-    settings = Settings()
     if args.action == "up":
         if args.workers < 0:
             raise ValueError(f"--workers {args.workers}: give 0 or more")
@@ -354,14 +354,14 @@ def worker_slots(gpus: str | None, slots: int) -> list[tuple[str, dict[str, str]
     return [(f"cpu{slot}", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) for slot in range(slots)]
 
 
-def worker_command(args: argparse.Namespace) -> dict:
+def worker_command(args: argparse.Namespace, settings: Settings) -> dict:
     """One `prefect worker` per slot, each running at most one pair at a time; Ctrl-C or SIGTERM stops all."""
     import socket
 
-    from flows.pool import ensure_pool
+    from flows.deployment import ensure_pool
 
     slots = worker_slots(args.gpus, args.slots)
-    _use_stack_api(Settings())
+    _use_stack_api(settings)
     ensure_pool(args.pool)
     host = socket.gethostname()
     workers = []

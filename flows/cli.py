@@ -60,7 +60,9 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=int, help="calibration windows (default 128)")
     parser.add_argument("--seq-len", type=int, help="tokens per calibration window (default 2048)")
     parser.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each block is pruned")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], help="where each block is pruned (default $SECATEUR_DEVICE, cpu)"
+    )
     parser.add_argument("--recipe", type=Path, help="recipe YAML; flags given here override its fields")
     parser.add_argument(
         "--refit", choices=["cg", "exact"], help="apt: refit on the final mask (default cg; exact: per-row Cholesky)"
@@ -68,7 +70,9 @@ def _add_prune(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--true-sequential", action="store_true", default=None, help="prune q/k/v -> o -> mlp in order")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the pruned model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", default=None, help="allow the model's own code (off by default)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.set_defaults(run=_run_prune)
 
@@ -82,8 +86,10 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
     parser.add_argument("--seq-len", type=positive_int, default=2048, help="window length (default 2048)")
     parser.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of each dataset")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default $SECATEUR_DEVICE, cpu")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", default=None, help="allow the model's own code (off by default)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.set_defaults(run=_run_evaluate)
 
@@ -120,7 +126,7 @@ def _recipe_from_args(args: argparse.Namespace):
     return Recipe.with_overrides(base, flags)
 
 
-def _run_prune(args: argparse.Namespace) -> dict:
+def _run_prune(args: argparse.Namespace, settings: Settings) -> dict:
     """The same checkpointed path as a batch: a crashed prune resumes; `--out` gets the finished folder at once."""
     from pruning_core.data import read_rows
     from tasks.calibrate import CalibrationSpec, make_calibration
@@ -130,12 +136,11 @@ def _run_prune(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     recipe = _recipe_from_args(args)
-    _check_device(args.device)
+    _check_device(settings.device)
     _check_out(args.out, args.overwrite)
     read_rows(args.calibration)  # a bad data spec fails before the model is read
     if recipe.recovery is not None:
         read_rows(recipe.recovery.data)
-    settings = Settings(device=args.device, trust_remote_code=args.trust_remote_code)
     local = not args.model.startswith(("s3://", "hf://"))
     if local:  # sized from its headers before its files are even hashed
         _check_prune_memory(args.model, recipe, settings)
@@ -240,33 +245,34 @@ def _print_structured(report: PruneReport) -> dict:
     return summary
 
 
-def _run_evaluate(args: argparse.Namespace) -> dict:
+def _run_evaluate(args: argparse.Namespace, settings: Settings) -> dict:
     from pruning_core.data import read_rows
     from pruning_core.job import evaluate_perplexities
     from pruning_core.memory import check_memory, evaluation_estimate, model_shape
     from pruning_core.modeling import load_for_compute
     from pruning_core.zero_shot import evaluate_zero_shot
 
-    _check_device(args.device)
+    _check_device(settings.device)
     if not args.perplexity and not args.task:
         raise ValueError("give --perplexity DATA, --task NAME, or both")
     datasets = {spec: read_rows(spec) for spec in args.perplexity}  # fail on a bad spec before loading
     task_data = _task_data(args)
     shape = model_shape(args.model)
     if shape is not None:  # the weights and one window's logits, before the model is read
-        settings = Settings()
-        estimate = evaluation_estimate(shape, args.seq_len, args.device)
-        check_memory(estimate, args.device, memory_limit(settings), "lower --seq-len, or set SECATEUR_MEMORY_LIMIT_GIB")
-    model, tokenizer = load_for_compute(args.model, args.device, args.trust_remote_code)
-    model.to(args.device)
-    results = evaluate_perplexities(model, tokenizer, datasets, args.seq_len, args.max_tokens, args.device)
+        estimate = evaluation_estimate(shape, args.seq_len, settings.device)
+        check_memory(
+            estimate, settings.device, memory_limit(settings), "lower --seq-len, or set SECATEUR_MEMORY_LIMIT_GIB"
+        )
+    model, tokenizer = load_for_compute(args.model, settings.device, settings.trust_remote_code)
+    model.to(settings.device)
+    results = evaluate_perplexities(model, tokenizer, datasets, args.seq_len, args.max_tokens, settings.device)
     if results:
         print(f"{'dataset':<60} {'perplexity':>12} {'tokens scored':>14} {'of':>10}")
     for spec, result in results.items():
         print(f"{spec:<60} {result.perplexity:>12.3f} {result.tokens_scored:>14,} {result.tokens_available:>10,}")
     print(f"seq_len {args.seq_len}")
     zero_shot = evaluate_zero_shot(
-        model, tokenizer, args.task, task_data, Settings().path("lm_eval"), args.limit, device=args.device
+        model, tokenizer, args.task, task_data, settings.path("lm_eval"), args.limit, device=settings.device
     )
     for name, score in zero_shot.scores.items():
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in score.metrics.items() if "stderr" not in k)
@@ -318,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The settings among `names` that were given on the command line (a flag not given is None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt("terminated")
 
@@ -350,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # where it already is
     try:
-        prepare_environment(Settings())
-        result = args.run(args)
+        settings = Settings(**_given(args, "device", "trust_remote_code"))  # flags only override what was given
+        prepare_environment(settings)
+        result = args.run(args, settings)
     except KeyboardInterrupt:
         print("secateur: interrupted", file=sys.stderr)
         return 130

@@ -106,7 +106,7 @@ def main() -> int:
     )
     print(f"state dir:   {settings.root}   (batch file: {batch_file}; rerun it with `secateur run {batch_file}`)")
     started = time.perf_counter()
-    summary = _run_and_report(config)
+    summary = _run_and_report(settings, config, verbose=False, pool=None)
     from infra.tracking import Tracker
     from tasks.review import batch_report, render
 

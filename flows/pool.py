@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from flows.pairs import PairRequest, PairResult
-from infra.artifacts import ArtifactStore, ArtifactStoreError, open_store
+from infra.artifacts import ArtifactStore, ArtifactStoreError
 from infra.redact import redact
 from infra.settings import Settings
 
@@ -43,67 +42,6 @@ def heartbeat_key(flow_run_id: UUID | str) -> str:
 
 def result_key(flow_run_id: UUID | str) -> str:
     return f"pool/results/{flow_run_id}.json"
-
-
-def pool_store(settings: Settings) -> ArtifactStore:
-    return open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
-
-
-def ensure_pool(pool: str) -> None:
-    """Create the work pool (process type) unless it exists."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(pool)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another process made it meanwhile
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-
-
-def deploy_by_module_path(flows: list, pool: str, image: str | None = None, **options) -> list[UUID]:
-    """Deployments of `flows` on `pool`, entered by module path: workers run the installed package (or image)."""
-    from prefect.deployments.runner import EntrypointType, deploy
-
-    ensure_pool(pool)
-    deployments = [
-        flow.to_deployment(work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH, **options) for flow in flows
-    ]
-    return deploy(
-        *deployments,
-        work_pool_name=pool,
-        image=image,
-        build=False,
-        push=False,
-        print_next_steps_message=False,
-        ignore_warnings=True,
-    )
-
-
-def deploy_model_flow(pool: str, image: str | None = None) -> UUID:
-    """The pair and prepare flows on `pool`, each deployment named after the pool."""
-    from flows.batch import compress_model, prepare_model
-
-    return deploy_by_module_path([compress_model, prepare_model], pool, image, name=pool)[0]
-
-
-@contextlib.contextmanager
-def pool_run(settings: Settings) -> Iterator[None]:
-    """Inside a flow run started from a pool deployment: a heartbeat in the store while the block runs, and
-    results shared and checkpoints mirrored through the store (unless the worker's environment says no).
-
-    The process is the flow run's own (a process worker starts one per run), so its environment is too.
-    """
-    run_id = deployed_run_id()
-    if run_id is None:
-        yield
-        return
-    os.environ.setdefault("SECATEUR_SHARE_RESULTS", "true")
-    os.environ.setdefault("SECATEUR_MIRROR_CHECKPOINTS", "true")
-    with heartbeat(pool_store(settings), run_id, settings.heartbeat_seconds):
-        yield
 
 
 def deployed_run_id() -> UUID | None:
@@ -251,7 +189,7 @@ def run_on_pool(
 
     prepares, pairs_of = _jobs(pool, requests)
     with get_client(sync_client=True) as client:
-        watch = _Watch(settings, client, pool_store(settings))
+        watch = _Watch(settings, client, settings.artifact_store())
         children = [watch.submit(job) for job in prepares]
         while children:
             time.sleep(settings.poll_seconds)

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from flows.pairs import PairResult
-from infra.artifacts import ArtifactStoreError, open_store
+from infra.artifacts import ArtifactStoreError
 from infra.durable import write_atomic
 from infra.settings import Settings
 
@@ -42,7 +42,7 @@ def local_path(settings: Settings, run_id: str) -> Path:
 
 
 def _store(settings: Settings):
-    return open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
+    return settings.artifact_store()
 
 
 def save_record(settings: Settings, record: RunRecord) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from infra.artifacts import ArtifactStoreError, open_store
+from infra.artifacts import ArtifactStoreError
 from infra.redact import redact
 from infra.settings import Settings
 
@@ -20,7 +20,7 @@ class ServiceUnavailable(RuntimeError):
 
 def check_services(settings: Settings) -> None:
     started = time.monotonic()
-    store = open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
+    store = settings.artifact_store()
     try:
         store.check()
     except ArtifactStoreError as error:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +21,8 @@ class Settings(BaseSettings):
     (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, ...), so they never pass through here.
     """
 
-    model_config = SettingsConfigDict(env_prefix="SECATEUR_", env_file=".env", extra="ignore")
+    # Built once per process at its entry point (the CLI, a flow run) and passed down; never changed after.
+    model_config = SettingsConfigDict(env_prefix="SECATEUR_", env_file=".env", extra="ignore", frozen=True)
 
     home: Path = Field(default=Path(".secateur"), description="state dir: work, checkpoints, caches, databases")
     artifacts: str | None = Field(default=None, description="artifact store: a folder or s3://bucket/prefix")
@@ -91,6 +95,18 @@ class Settings(BaseSettings):
             return location.rstrip("/") + "/mlflow"
         return (Path(location).expanduser().resolve() / "mlflow").as_uri()
 
+    def on_pool(self) -> Settings:
+        """These settings inside a pair run on a work pool: results shared and block checkpoints mirrored through
+        the artifact store, the pool's one shared service, unless the worker's environment says otherwise."""
+        pool = {"share_results": True, "mirror_checkpoints": True}
+        return self.model_copy(update={k: v for k, v in pool.items() if k not in self.model_fields_set})
+
+    def artifact_store(self):
+        """The artifact store these settings name (with their attempts and timeout)."""
+        from infra.artifacts import open_store
+
+        return open_store(self.artifact_location, self.upload_attempts, self.service_timeout_seconds)
+
     def path(self, *parts: str) -> Path:
         """A folder under the state dir, created on first use."""
         folder = self.root.joinpath(*parts)
@@ -99,20 +115,37 @@ class Settings(BaseSettings):
 
 
 HOME_MARK = "$SECATEUR_HOME"
+# The state dir that state paths are written relative to and read back under, while a stage runs.
+_STATE_ROOT: ContextVar[Path | None] = ContextVar("secateur_state_root", default=None)
+
+
+@contextlib.contextmanager
+def state_paths_under(settings: Settings) -> Iterator[None]:
+    """Within the block, `StatePath` values are written as `$SECATEUR_HOME/...` and read back under this
+    process's state dir (Prefect serialises a task's result after the task returns, so a binding inside the
+    task would be gone by then)."""
+    token = _STATE_ROOT.set(settings.root)
+    try:
+        yield
+    finally:
+        _STATE_ROOT.reset(token)
 
 
 def _portable(path: str) -> str:
-    """A path under this process's state dir as `$SECATEUR_HOME/...`; any other path as it is."""
-    root, local = Settings().root, Path(path)
-    if local.is_absolute() and local.is_relative_to(root):
+    """A path under the bound state dir as `$SECATEUR_HOME/...`; any other path (or none bound) as it is."""
+    root, local = _STATE_ROOT.get(), Path(path)
+    if root is not None and local.is_absolute() and local.is_relative_to(root):
         return f"{HOME_MARK}/{local.relative_to(root).as_posix()}".rstrip("/")
     return path
 
 
 def _local(value: object) -> object:
-    """`$SECATEUR_HOME/...` under the state dir of the process reading it."""
+    """`$SECATEUR_HOME/...` under the bound state dir."""
     if isinstance(value, str) and (value == HOME_MARK or value.startswith(HOME_MARK + "/")):
-        return str(Settings().root / value[len(HOME_MARK) + 1 :])
+        root = _STATE_ROOT.get()
+        if root is None:
+            raise ValueError(f"{value} is a state dir path, read outside `state_paths_under` (a bug)")
+        return str(root / value[len(HOME_MARK) + 1 :])
     return value
 
 
@@ -122,7 +155,11 @@ StatePath = Annotated[str, BeforeValidator(_local), PlainSerializer(_portable, w
 
 
 def prepare_environment(settings: Settings) -> None:
-    """Defaults for Prefect's own variables, before prefect is imported; values the user set win."""
+    """At an entry point (the CLI, a flow run): defaults for Prefect's and MLflow's own variables, before they
+    are imported (values the user set win), and the tracking URI's credentials where MLflow's client reads them."""
+    from infra.tracking import credentials_environment
+
+    os.environ.update(credentials_environment(settings.tracking_uri))
     os.environ.setdefault("PREFECT_HOME", str(settings.root / "prefect"))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # SQLite needs the folder
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -37,7 +37,7 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
 
 
 def without_credentials(uri: str) -> str:
-    """`uri` for MLflow's client: `user:password@` moves into MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD.
+    """`uri` as MLflow's client is given it: without `user:password@` (`credentials_environment` carries those).
 
     MLflow prints and raises with the URI it was given (its "View run ... at: URL" line, request errors that
     end up in Prefect's state messages); given none with credentials, it has none to show.
@@ -45,12 +45,22 @@ def without_credentials(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or parts.password is None:
         return uri
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def credentials_environment(uri: str) -> dict[str, str]:
+    """The `user:password@` of a tracking URI as MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD (what its
+    client reads; an entry point puts them in the environment), and its MLFLOW_TRACKING_URI without them."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return {}
+    values = {
+        "MLFLOW_TRACKING_USERNAME": unquote(parts.username or ""),
+        "MLFLOW_TRACKING_PASSWORD": unquote(parts.password),
+    }
     if os.environ.get("MLFLOW_TRACKING_URI") == uri:  # what mlflow's own helpers read
-        os.environ["MLFLOW_TRACKING_URI"] = clean
-    return clean
+        values["MLFLOW_TRACKING_URI"] = without_credentials(uri)
+    return values
 
 
 class Tracker:

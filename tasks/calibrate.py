@@ -5,21 +5,21 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from infra.durable import fsync_path
 from infra.hashing import fingerprint, sha256_file
 from infra.integrity import file_intact, recorded_digest, seal
-from infra.locks import exclusive
 from infra.settings import Settings, StatePath
 from pruning_core.data import calibration_windows, local_path, read_rows, tokenize_text
 from pruning_core.modeling import load_tokenizer
 from tasks.fetch import ModelSnapshot
 from tasks.shared import pull_file, push_file
+from tasks.stage import Stage, run_stage
 
 
 class CalibrationSpec(BaseModel):
@@ -52,32 +52,58 @@ def calibration_fingerprint(snapshot: ModelSnapshot, spec: CalibrationSpec) -> s
     return fingerprint({"model": snapshot.fingerprint, "spec": spec.model_dump(), "data": data_identity(spec.data)})
 
 
-def _cache_key(context, parameters: dict) -> str:
-    return "calibration-" + calibration_fingerprint(parameters["snapshot"], parameters["spec"])
+class CalibrationStage(Stage[CalibrationSet]):
+    """The token windows of (model tokenizer, data spec): one file under `calibration/`, shared as it is."""
+
+    kind: ClassVar[str] = "calibration"
+    task_name: ClassVar[str] = "build_calibration"
+
+    snapshot: ModelSnapshot
+    spec: CalibrationSpec
+
+    def fingerprint(self) -> str:
+        return calibration_fingerprint(self.snapshot, self.spec)
+
+    def _path(self, settings: Settings) -> Path:
+        return settings.path("calibration") / f"{self.fingerprint()}.safetensors"
+
+    def _result(self, path: Path, sha256: str, started: float) -> CalibrationSet:
+        return CalibrationSet(
+            path=str(path),
+            fingerprint=self.fingerprint(),
+            sha256=sha256,
+            samples=self.spec.samples,
+            seq_len=self.spec.seq_len,
+            seconds=time.perf_counter() - started,
+        )
+
+    def local(self, settings: Settings) -> CalibrationSet | None:
+        started, path = time.perf_counter(), self._path(settings)
+        if file_intact(path) and valid_calibration(path, self.fingerprint()):
+            return self._result(path, recorded_digest(path), started)
+        return None
+
+    def pull(self, settings: Settings) -> CalibrationSet | None:
+        started, path = time.perf_counter(), self._path(settings)
+        if pull_file(settings, shared_key(self.fingerprint()), path) and valid_calibration(path, self.fingerprint()):
+            return self._result(path, seal(path, [""])[""], started)  # matched the sha256 its maker recorded
+        return None
+
+    def compute(self, settings: Settings) -> CalibrationSet:
+        started, path = time.perf_counter(), self._path(settings)
+        tokenizer = load_tokenizer(self.snapshot.path, trust_remote_code=settings.trust_remote_code)
+        _write_calibration(tokenizer, self.spec, self.fingerprint(), path)
+        return self._result(path, seal(path, [""])[""], started)
+
+    def push(self, result: CalibrationSet, settings: Settings) -> None:
+        push_file(settings, shared_key(result.fingerprint), Path(result.path), result.sha256)
+
+    def intact(self, result: CalibrationSet) -> bool:
+        return file_intact(Path(result.path), result.sha256 or None)
 
 
 def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: Settings) -> CalibrationSet:
-    started = time.perf_counter()
-    key = calibration_fingerprint(snapshot, spec)
-    path = settings.path("calibration") / f"{key}.safetensors"
-    with exclusive(settings.path("locks"), f"calibration-{key}"):
-        if file_intact(path) and valid_calibration(path, key):
-            sha = recorded_digest(path)
-        elif pull_file(settings, shared_key(key), path) and valid_calibration(path, key):
-            sha = seal(path, [""])[""]  # the store's copy matched the sha256 its maker recorded
-        else:
-            tokenizer = load_tokenizer(snapshot.path, trust_remote_code=settings.trust_remote_code)
-            _write_calibration(tokenizer, spec, key, path)
-            sha = seal(path, [""])[""]
-            push_file(settings, shared_key(key), path, sha)
-    return CalibrationSet(
-        path=str(path),
-        fingerprint=key,
-        sha256=sha,
-        samples=spec.samples,
-        seq_len=spec.seq_len,
-        seconds=time.perf_counter() - started,
-    )
+    return run_stage(CalibrationStage(snapshot=snapshot, spec=spec), settings)
 
 
 def _write_calibration(tokenizer, spec: CalibrationSpec, key: str, path: Path) -> None:
@@ -108,8 +134,3 @@ def valid_calibration(path: Path, key: str) -> bool:
 
 def load_calibration(calibration: CalibrationSet) -> torch.Tensor:
     return load_file(calibration.path)["input_ids"]
-
-
-@task(name="build_calibration", cache_key_fn=_cache_key, persist_result=True)
-def build_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec) -> CalibrationSet:
-    return make_calibration(snapshot, spec, Settings())

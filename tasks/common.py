@@ -1,4 +1,4 @@
-"""What every task shares: settings-aware result storage, retry policy, memory readings."""
+"""What every task shares: the retry policy, memory readings."""
 
 from __future__ import annotations
 
@@ -23,16 +23,6 @@ def retry_if_transient(task: Task, task_run: Any, state: Any) -> bool:
     except Exception:  # noqa: BLE001 - anything else may be transient
         return True
     return False
-
-
-def stored(task: Task, settings: Settings) -> Task:
-    """The task with its results persisted (JSON, never pickle): under the state dir, or where results are
-    shared (a pool), in the artifact store, where every worker's cache lookup finds them."""
-    if settings.share_results:
-        from tasks.result_storage import saved_result_storage
-
-        return task.with_options(result_storage=saved_result_storage(settings), result_serializer="json")
-    return task.with_options(result_storage=settings.path("prefect-results"), result_serializer="json")
 
 
 def retried(task: Task, settings: Settings) -> Task:

@@ -7,15 +7,14 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import ClassVar
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra import assets
 from infra.durable import write_atomic
 from infra.hashing import fingerprint
 from infra.integrity import file_intact, seal, sealed_text, unsealed_text
-from infra.locks import exclusive
 from infra.settings import Settings
 from pruning_core.data import read_rows, tokenize_text
 from pruning_core.footprint import Footprint, footprint
@@ -25,6 +24,7 @@ from pruning_core.perplexity import perplexity
 from pruning_core.speed import SpeedProtocol, measure_speed
 from pruning_core.zero_shot import HUB, evaluate_zero_shot
 from tasks.shared import pull_text, push_text
+from tasks.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -167,35 +167,52 @@ def task_data_folder(task_data: str | None) -> Path | str:
     return task_data if task_data == HUB else Path(task_data)
 
 
-def evaluation_key(model_fingerprint: str, spec: EvaluationSpec) -> str:
-    return "evaluate-" + fingerprint({"model": model_fingerprint, "spec": spec.model_dump(), "v": EVALUATION_VERSION})
+class EvaluateStage(Stage[Evaluation]):
+    """An evaluation of a model's content under a spec: sealed JSON under `evaluations/`, shared as text.
 
+    Keyed on the model's fingerprint, not its path: the dense baseline is computed once per model."""
 
-def _cache_key(context, parameters: dict) -> str:
-    return evaluation_key(parameters["model_fingerprint"], parameters["spec"])
+    kind: ClassVar[str] = "evaluate"
+    task_name: ClassVar[str] = "evaluate"
 
+    model_path: str
+    model_fingerprint: str
+    spec: EvaluationSpec
 
-def evaluate_once(model_path: str, model_fingerprint: str, spec: EvaluationSpec, settings: Settings) -> Evaluation:
-    """Evaluated by one process at a time and kept under the state dir: a second process reuses the result."""
-    key = evaluation_key(model_fingerprint, spec)
-    path = settings.path("evaluations") / f"{key}.json"
-    with exclusive(settings.path("locks"), key):
-        # Reused only while the file holds the bytes written here (or the store's copy its recorded sha256).
-        text = path.read_text() if file_intact(path) else None
+    def fingerprint(self) -> str:
+        return fingerprint({"model": self.model_fingerprint, "spec": self.spec.model_dump(), "v": EVALUATION_VERSION})
+
+    def _path(self, settings: Settings) -> Path:
+        return settings.path("evaluations") / f"{self.cache_key()}.json"
+
+    def _read(self, text: str | None, settings: Settings) -> Evaluation | None:
+        """A saved evaluation of this version, kept here (sealed); else None."""
         if text is None:
-            text = unsealed_text(pull_text(settings, f"evaluations/{key}.json"))
-        if text is not None:
-            try:
-                evaluation = Evaluation.model_validate_json(text)
-                _keep(path, evaluation.model_dump_json(indent=1))
-                return evaluation
-            except ValidationError:
-                log.warning("ignoring the saved %s: not an evaluation of this version", key)
-        evaluation = evaluate_folder(model_path, spec, settings)
-        text = evaluation.model_dump_json(indent=1)
-        _keep(path, text)
-        push_text(settings, f"evaluations/{key}.json", sealed_text(text))
+            return None
+        try:
+            evaluation = Evaluation.model_validate_json(text)
+        except ValidationError:
+            log.warning("ignoring the saved %s: not an evaluation of this version", self.cache_key())
+            return None
+        _keep(self._path(settings), evaluation.model_dump_json(indent=1))
         return evaluation
+
+    def local(self, settings: Settings) -> Evaluation | None:
+        # Reused only while the file holds the bytes written here.
+        path = self._path(settings)
+        return self._read(path.read_text() if file_intact(path) else None, settings)
+
+    def pull(self, settings: Settings) -> Evaluation | None:
+        # The store's copy only with the sha256 recorded beside it.
+        return self._read(unsealed_text(pull_text(settings, f"evaluations/{self.cache_key()}.json")), settings)
+
+    def compute(self, settings: Settings) -> Evaluation:
+        evaluation = evaluate_folder(self.model_path, self.spec, settings)
+        _keep(self._path(settings), evaluation.model_dump_json(indent=1))
+        return evaluation
+
+    def push(self, result: Evaluation, settings: Settings) -> None:
+        push_text(settings, f"evaluations/{self.cache_key()}.json", sealed_text(result.model_dump_json(indent=1)))
 
 
 def _keep(path: Path, text: str) -> None:
@@ -261,9 +278,3 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
         speed_notes=speed.notes if speed else {},
         footprint=loaded,
     )
-
-
-@task(name="evaluate", cache_key_fn=_cache_key, persist_result=True)
-def evaluate(model_path: str, model_fingerprint: str, spec: EvaluationSpec) -> Evaluation:
-    """Keyed on the model's fingerprint, not its path: the dense baseline is computed once per model."""
-    return evaluate_once(model_path, model_fingerprint, spec, Settings())

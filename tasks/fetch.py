@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from infra.durable import read_json, write_atomic
@@ -114,7 +115,8 @@ def snapshot_model(spec: str, settings: Settings) -> ModelSnapshot:
     )
 
 
-@task(name="fetch_model", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_if_transient)
-def fetch_model(spec: str) -> ModelSnapshot:
-    """Not cached by Prefect: the content hash is the identity, and it is cheap to recheck (hash cache)."""
-    return snapshot_model(spec, Settings())
+@task(name="fetch_model", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def fetch_model(spec: str, settings: Settings) -> ModelSnapshot:
+    """Not cached by Prefect: the content hash is the identity, and it is cheap to recheck (hash cache).
+    Retried as the settings say (`tasks.common.retried`)."""
+    return snapshot_model(spec, settings)

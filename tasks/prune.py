@@ -6,18 +6,18 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from prefect import task
 from pydantic import BaseModel
 
-from infra.artifacts import open_store
 from infra.checkpoints import BlockCheckpoints
 from infra.durable import fsync_path, write_atomic
 from infra.hashing import fingerprint, sha256_file
 from infra.integrity import hash_files, mismatch, record_stamps
-from infra.locks import exclusive, process_alive
+from infra.locks import process_alive
 from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.adapters import adapter_for
@@ -33,6 +33,7 @@ from tasks.calibrate import CalibrationSet, load_calibration
 from tasks.common import numeric_environment, peak_gpu_mib, peak_rss_mib
 from tasks.fetch import ModelSnapshot
 from tasks.shared import pull_folder, push_folder
+from tasks.stage import Stage, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,27 @@ class PrunedModel(BaseModel):
     # Structured pruning: parameters_before/after, latency_ms_before/after (CPU forward pass), block_share.
     structure: dict[str, float] = {}
 
+    @classmethod
+    def from_report(cls, out: Path, run: str, recipe_fingerprint: str, report: PruneReport) -> PrunedModel:
+        return cls(
+            path=str(out),
+            fingerprint=run,
+            content=report_digest(out),
+            recipe_fingerprint=recipe_fingerprint,
+            sparsity=report.total,
+            parameters=report.parameters,
+            block_errors=report.block_errors,
+            prune_seconds=report.prune_seconds,
+            resumed_from_block=report.resumed_from_block,
+            resumed_gradients=report.resumed_gradients,
+            peak_rss_mib=report.peak_rss_mib,
+            peak_gpu_mib=report.peak_gpu_mib,
+            block_sparsity=report.block_sparsity or [],
+            environment=report.environment,
+            resumed_environment=report.resumed_environment,
+            structure=report.structure.metrics() if report.structure else {},
+        )
+
 
 def run_fingerprint(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe) -> str:
     code = {"engine": ENGINE_VERSION, "method": method_version(recipe.method)}
@@ -69,10 +91,6 @@ def run_fingerprint(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe
             "code": code,
         }
     )
-
-
-def _cache_key(context, parameters: dict) -> str:
-    return "prune-" + run_fingerprint(parameters["snapshot"], parameters["calibration"], parameters["recipe"])
 
 
 def _block_means(errors: dict[str, float], blocks: int, prefix_of) -> list[float]:
@@ -113,39 +131,72 @@ def report_digest(folder: Path) -> str:
     return sha256_file(folder / REPORT_FILE)
 
 
+class PruneStage(Stage[PrunedModel]):
+    """One (model, calibration, recipe): a model folder under `models/`, checkpointed after every block."""
+
+    kind: ClassVar[str] = "prune"
+    task_name: ClassVar[str] = "prune"
+
+    snapshot: ModelSnapshot
+    calibration: CalibrationSet
+    recipe: Recipe
+    progress: bool = False  # bars on the terminal (the CLI)
+
+    def fingerprint(self) -> str:
+        return run_fingerprint(self.snapshot, self.calibration, self.recipe)
+
+    def _folder(self, settings: Settings) -> Path:
+        return settings.root / "models" / self.snapshot.slug / self.recipe.fingerprint()[:16] / self.fingerprint()
+
+    def _result(self, out: Path, report: PruneReport) -> PrunedModel:
+        return PrunedModel.from_report(out, self.fingerprint(), self.recipe.fingerprint(), report)
+
+    def local(self, settings: Settings) -> PrunedModel | None:
+        out = self._folder(settings)
+        report = finished_report(out)
+        if report is None:
+            return None
+        log.info("reusing the finished prune of %s with %s", self.snapshot.spec, self.recipe.describe())
+        return self._result(out, report)
+
+    def pull(self, settings: Settings) -> PrunedModel | None:
+        out = self._folder(settings)
+        report = pull_finished(settings, f"pruned/{self.fingerprint()}", out)
+        return self._result(out, report) if report is not None else None
+
+    def compute(self, settings: Settings) -> PrunedModel:
+        run, out = self.fingerprint(), self._folder(settings)
+        log.info("pruning %s with %s (run %s)", self.snapshot.spec, self.recipe.describe(), run[:16])
+        job = PruneJob(
+            snapshot=self.snapshot,
+            calibration=self.calibration,
+            recipe=self.recipe,
+            settings=settings,
+            run=run,
+            out=out,
+            progress=self.progress,
+        )
+        report = _prune_structured(job) if self.recipe.structured else _prune(job)
+        return self._result(out, report)
+
+    def push(self, result: PrunedModel, settings: Settings) -> None:
+        push_folder(settings, f"pruned/{result.fingerprint}", Path(result.path))
+
+    def intact(self, result: PrunedModel) -> bool:
+        return made_folder_intact(result.path, result.content)
+
+
+def made_folder_intact(path: str, content: str) -> bool:
+    """Whether a made model's folder is here with the report (and so every file) it was made with."""
+    return bool(content) and finished_report(Path(path), content) is not None
+
+
 def prune_with_checkpoints(
     snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe, settings: Settings, progress: bool = False
 ) -> PrunedModel:
     """Prune one (model, calibration, recipe); a rerun resumes from the last valid block checkpoint."""
-    run = run_fingerprint(snapshot, calibration, recipe)
-    out = settings.root / "models" / snapshot.slug / recipe.fingerprint()[:16] / run
-    with exclusive(settings.path("locks"), f"prune-{run}"):  # another process may be pruning it: wait, reuse
-        report = finished_report(out) or pull_finished(settings, f"pruned/{run}", out)
-        if report is None:
-            log.info("pruning %s with %s (run %s)", snapshot.spec, recipe.describe(), run[:16])
-            prune_stage = _prune_structured if recipe.structured else _prune
-            report = prune_stage(snapshot, calibration, recipe, settings, run, out, progress)
-            push_folder(settings, f"pruned/{run}", out)
-        else:
-            log.info("reusing the finished prune of %s with %s (run %s)", snapshot.spec, recipe.describe(), run[:16])
-    return PrunedModel(
-        path=str(out),
-        fingerprint=run,
-        content=report_digest(out),
-        recipe_fingerprint=recipe.fingerprint(),
-        sparsity=report.total,
-        parameters=report.parameters,
-        block_errors=report.block_errors,
-        prune_seconds=report.prune_seconds,
-        resumed_from_block=report.resumed_from_block,
-        resumed_gradients=report.resumed_gradients,
-        peak_rss_mib=report.peak_rss_mib,
-        peak_gpu_mib=report.peak_gpu_mib,
-        block_sparsity=report.block_sparsity or [],
-        environment=report.environment,
-        resumed_environment=report.resumed_environment,
-        structure=report.structure.metrics() if report.structure else {},
-    )
+    stage = PruneStage(snapshot=snapshot, calibration=calibration, recipe=recipe, progress=progress)
+    return run_stage(stage, settings)
 
 
 def pull_finished(settings: Settings, key: str, out: Path) -> PruneReport | None:
@@ -203,24 +254,59 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _provenance(snapshot: ModelSnapshot, calibration: CalibrationSet, run: str) -> Provenance:
-    return Provenance(
-        model=snapshot.spec,
-        model_fingerprint=snapshot.fingerprint,
-        run_fingerprint=run,
-        calibration_fingerprint=calibration.fingerprint,
-    )
+@dataclass(frozen=True)
+class PruneJob:
+    """One prune being computed: its inputs, where its work and result go."""
+
+    snapshot: ModelSnapshot
+    calibration: CalibrationSet
+    recipe: Recipe
+    settings: Settings
+    run: str  # its fingerprint
+    out: Path  # the finished folder
+    progress: bool
+
+    def work(self, part: str) -> Path:
+        """Its checkpoints' folder `part` (removed with the rest of its work once the folder is committed)."""
+        return self.settings.root / "work" / self.run / part
+
+    def provenance(self) -> Provenance:
+        return Provenance(
+            model=self.snapshot.spec,
+            model_fingerprint=self.snapshot.fingerprint,
+            run_fingerprint=self.run,
+            calibration_fingerprint=self.calibration.fingerprint,
+        )
+
+    def load(self) -> tuple[torch.nn.Module, object, torch.Tensor]:
+        """The dense model on the compute device, its tokenizer and the calibration windows."""
+        settings = self.settings
+        model, tokenizer = load_for_compute(self.snapshot.path, settings.device, settings.trust_remote_code)
+        return model, tokenizer, load_calibration(self.calibration)
+
+    def commit(self, staging: Path, report: PruneReport, started: float, **fields) -> PruneReport:
+        """The finished folder in place with its report completed, and the job's work removed."""
+        report = report.model_copy(
+            update={
+                "prune_seconds": time.perf_counter() - started,
+                "dtype": _dtype_name(output_dtype(self.recipe.dtype, self.snapshot.path)),
+                **fields,
+            }
+        )
+        report = commit_folder(staging, self.out, report)
+        shutil.rmtree(self.work(""), ignore_errors=True)  # block, allocation and gradient checkpoints
+        return report
 
 
-def _allocation(model, ids, recipe: Recipe, settings: Settings, run: str, progress: bool) -> list[float] | None:
+def _allocation(job: PruneJob, model: torch.nn.Module, ids: torch.Tensor) -> list[float] | None:
     """OWL's per-block sparsity, computed once on the dense model and kept for a resume (None: uniform)."""
-    if recipe.allocation == "uniform":
+    if job.recipe.allocation == "uniform":
         return None
-    checkpoint = StageCheckpoint(settings.root / "work" / run / "allocation", run)
+    checkpoint = StageCheckpoint(job.work("allocation"), job.run)
     saved = checkpoint.read()
     if saved is not None:
         return saved[0]["block_sparsity"].tolist()
-    block_sparsity = allocate_sparsity(model, ids, recipe, settings.device, progress)
+    block_sparsity = allocate_sparsity(model, ids, job.recipe, job.settings.device, job.progress)
     checkpoint.write({"block_sparsity": torch.tensor(block_sparsity, dtype=torch.float64)}, {})
     return block_sparsity
 
@@ -238,88 +324,84 @@ def structured_statistics(
     return importance_statistics(model, ids, recipe.structured_settings(), device, progress)
 
 
-def _prune_structured(
-    snapshot: ModelSnapshot,
-    calibration: CalibrationSet,
-    recipe: Recipe,
-    settings: Settings,
-    run: str,
-    out: Path,
-    progress: bool,
-) -> PruneReport:
+def _prune_structured(job: PruneJob) -> PruneReport:
     """Width or depth pruning; its checkpoint is the importance statistics (the slow part), so a rerun skips
     that pass."""
-    started = time.perf_counter()
-    checkpoint = StageCheckpoint(settings.root / "work" / run / "gradients", run)
-    model, tokenizer = load_for_compute(snapshot.path, settings.device, settings.trust_remote_code)
-    ids = load_calibration(calibration)
+    started, device = time.perf_counter(), job.settings.device
+    checkpoint = StageCheckpoint(job.work("gradients"), job.run)
+    model, tokenizer, ids = job.load()
     saved = checkpoint.read()
     if saved is None:
-        statistics = structured_statistics(model, ids, recipe, settings.device, progress)
+        statistics = structured_statistics(model, ids, job.recipe, device, job.progress)
         checkpoint.write(statistics, {"seconds": time.perf_counter() - started})
     else:
         statistics = saved[0]
-        log.info("resuming %s from checkpointed importance statistics", snapshot.spec)
-    staging = staging_folder(out)
-    save_dtype = output_dtype(recipe.dtype, snapshot.path)
+        log.info("resuming %s from checkpointed importance statistics", job.snapshot.spec)
+    staging = staging_folder(job.out)
     report = prune_structured_to_folder(
         model,
         tokenizer,
         ids,
-        recipe,
+        job.recipe,
         staging,
-        device=settings.device,
-        progress=progress,
-        provenance=_provenance(snapshot, calibration, run),
+        device=device,
+        progress=job.progress,
+        provenance=job.provenance(),
         statistics=statistics,
-        save_dtype=save_dtype,
+        save_dtype=output_dtype(job.recipe.dtype, job.snapshot.path),
     )
-    report = report.model_copy(
-        update={
-            "resumed_gradients": saved is not None,
-            "prune_seconds": time.perf_counter() - started,
-            "environment": numeric_environment(settings.device),
-            "dtype": _dtype_name(save_dtype),
-        }
+    return job.commit(
+        staging, report, started, resumed_gradients=saved is not None, environment=numeric_environment(device)
     )
-    report = commit_folder(staging, out, report)
-    checkpoint.clear()
-    shutil.rmtree(checkpoint.folder.parent, ignore_errors=True)
-    return report
 
 
-def _prune(
-    snapshot: ModelSnapshot,
-    calibration: CalibrationSet,
-    recipe: Recipe,
-    settings: Settings,
-    run: str,
-    out: Path,
-    progress: bool,
-) -> PruneReport:
-    started = time.perf_counter()
-    mirror = (
-        open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
-        if settings.mirror_checkpoints
-        else None
-    )
-    checkpoints = BlockCheckpoints(settings.root / "work" / run / "checkpoints", run, mirror, f"checkpoints/{run}")
-    model, tokenizer = load_for_compute(snapshot.path, settings.device, settings.trust_remote_code)
-    ids = load_calibration(calibration)
-    block_sparsity = _allocation(model, ids, recipe, settings, run, progress)
+@dataclass(frozen=True)
+class _Resumed:
+    """What the checkpointed blocks of an interrupted prune contribute to its report."""
+
+    start_block: int
+    errors: dict[str, float]
+    experts: dict[str, dict]
+    refits: dict[int, BlockReconstructionReport]
+    environment: dict[str, str] | None  # of the checkpointed blocks
+
+    @classmethod
+    def of(cls, resume) -> _Resumed:
+        return cls(
+            start_block=resume.start_block,
+            errors={k: v for meta in resume.meta for k, v in meta["errors"].items()},
+            experts={k: v for meta in resume.meta for k, v in meta.get("experts", {}).items()},
+            refits={
+                index: BlockReconstructionReport(**meta["reconstruction"])
+                for index, meta in enumerate(resume.meta)  # blocks 0 .. start_block - 1, in order
+                if meta.get("reconstruction") is not None
+            },
+            environment=resume.meta[-1].get("environment") if resume.meta else None,
+        )
+
+
+def _block_checkpoints(job: PruneJob) -> BlockCheckpoints:
+    """Under the job's work; mirrored to the artifact store where the settings say (a pool)."""
+    mirror = job.settings.artifact_store() if job.settings.mirror_checkpoints else None
+    return BlockCheckpoints(job.work("checkpoints"), job.run, mirror, f"checkpoints/{job.run}")
+
+
+def _prune(job: PruneJob) -> PruneReport:
+    started, settings = time.perf_counter(), job.settings
+    checkpoints = _block_checkpoints(job)
+    model, tokenizer, ids = job.load()
+    block_sparsity = _allocation(job, model, ids)
     resume = checkpoints.resume_point()
     if resume.start_block:
         restore_blocks(model, [checkpoints.load_weights(path) for path in resume.block_weights])
-        log.info("resuming %s at block %d of a checkpointed prune", snapshot.spec, resume.start_block)
-
-    environment = numeric_environment(settings.device)
-    earlier = resume.meta[-1].get("environment") if resume.meta else None
-    if earlier is not None and earlier != environment:
+        log.info("resuming %s at block %d of a checkpointed prune", job.snapshot.spec, resume.start_block)
+    earlier, environment = _Resumed.of(resume), numeric_environment(settings.device)
+    if earlier.environment is not None and earlier.environment != environment:
         log.warning(
             "resuming %s: blocks before %d were pruned with %s, the rest with %s",
-            snapshot.spec,
+            job.snapshot.spec,
             resume.start_block,
-            earlier,
+            earlier.environment,
             environment,
         )
 
@@ -333,53 +415,35 @@ def _prune(
         }
         checkpoints.write(result.index, result.state_dict, result.next_inputs, meta)
 
-    staging = staging_folder(out)
-    save_dtype = output_dtype(recipe.dtype, snapshot.path)
-    earlier_errors = {k: v for meta in resume.meta for k, v in meta["errors"].items()}
-    earlier_experts = {k: v for meta in resume.meta for k, v in meta.get("experts", {}).items()}
-    earlier_refits = {
-        index: BlockReconstructionReport(**meta["reconstruction"])
-        for index, meta in enumerate(resume.meta)  # blocks 0 .. start_block - 1, in order
-        if meta.get("reconstruction") is not None
-    }
-    adapter = adapter_for(model)
+    staging = staging_folder(job.out)
     report = prune_to_folder(
         model,
         tokenizer,
         ids,
-        recipe,
+        job.recipe,
         staging,
         settings.device,
-        progress=progress,
-        provenance=_provenance(snapshot, calibration, run),
+        progress=job.progress,
+        provenance=job.provenance(),
         start_block=resume.start_block,
         start_inputs=resume.inputs,
         on_block=on_block,
         block_sparsity=block_sparsity,
         forward_budget_mib=settings.forward_budget_mib,
-        save_dtype=save_dtype,
+        save_dtype=output_dtype(job.recipe.dtype, job.snapshot.path),
     )
-    errors = {**earlier_errors, **report.reconstruction_error}
-    report = report.model_copy(
-        update={
-            "reconstruction_error": errors,
-            "experts": {**earlier_experts, **report.experts},
-            "block_reconstruction": {**earlier_refits, **report.block_reconstruction},
-            "block_errors": _block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
-            "resumed_from_block": resume.start_block,
-            "prune_seconds": time.perf_counter() - started,
-            "environment": environment,
-            "resumed_environment": earlier if earlier != environment else None,
-            "dtype": _dtype_name(save_dtype),
-        }
+    errors, adapter = {**earlier.errors, **report.reconstruction_error}, adapter_for(model)
+    report = job.commit(
+        staging,
+        report,
+        started,
+        reconstruction_error=errors,
+        experts={**earlier.experts, **report.experts},
+        block_reconstruction={**earlier.refits, **report.block_reconstruction},
+        block_errors=_block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
+        resumed_from_block=resume.start_block,
+        environment=environment,
+        resumed_environment=earlier.environment if earlier.environment != environment else None,
     )
-    report = commit_folder(staging, out, report)
-    checkpoints.clear()
-    shutil.rmtree(checkpoints.folder.parent, ignore_errors=True)  # the allocation checkpoint too
+    checkpoints.clear()  # the mirrored ones in the store too
     return report
-
-
-@task(name="prune", cache_key_fn=_cache_key, persist_result=True)
-def prune(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe: Recipe) -> PrunedModel:
-    """No retries: the checkpoints already make a rerun cheap, and a bad recipe fails the same way twice."""
-    return prune_with_checkpoints(snapshot, calibration, recipe, Settings())

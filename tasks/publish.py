@@ -10,10 +10,11 @@ from pathlib import Path
 
 import yaml
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from infra.artifacts import MANIFEST, open_store
+from infra.artifacts import MANIFEST
 from infra.locks import exclusive
 from infra.plots import line_plot
 from infra.settings import Settings
@@ -230,7 +231,7 @@ def publish_pair(record: PairRecord, settings: Settings, parent_run_id: str | No
 
 def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
     expected = verified_files(record)
-    store = open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
+    store = settings.artifact_store()
     key = artifact_key(record)
     report_dir = _report_folder(record, settings.root / "work" / record.fingerprint / "report")
     meta = {"run_fingerprint": record.fingerprint}
@@ -272,7 +273,8 @@ def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, 
     return publication.model_copy(update={"mlflow_run_id": run_id})
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient)
-def publish(record: PairRecord, parent_run_id: str | None, experiment: str) -> Publication:
-    """Not cached: uploads skip identical objects, and each batch run gets its own MLflow runs."""
-    return publish_pair(record, Settings(), parent_run_id, experiment)
+@task(name="publish", cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient)
+def publish(record: PairRecord, settings: Settings, parent_run_id: str | None, experiment: str) -> Publication:
+    """Not cached: uploads skip identical objects, and each batch run gets its own MLflow runs. Retried as the
+    settings say (`tasks.common.retried`)."""
+    return publish_pair(record, settings, parent_run_id, experiment)

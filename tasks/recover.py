@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import ClassVar
 
-from prefect import task
 from pydantic import BaseModel
 
 from infra.hashing import fingerprint
-from infra.locks import exclusive
 from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
 from pruning_core.data import read_rows
@@ -26,11 +25,13 @@ from tasks.prune import (
     PrunedModel,
     commit_folder,
     finished_report,
+    made_folder_intact,
     pull_finished,
     report_digest,
     staging_folder,
 )
 from tasks.shared import push_folder
+from tasks.stage import Stage, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ def recovery_fingerprint(pruned: PrunedModel, spec: RecoveryKind) -> str:
     )
 
 
-def _cache_key(context, parameters: dict) -> str:
-    return "recover-" + recovery_fingerprint(parameters["pruned"], parameters["spec"])
-
-
 def _state_tensors(state: TrainingState) -> dict:
     return {
         **{f"adapter.{k}": v for k, v in state.adapter.items()},
@@ -87,41 +84,66 @@ def _state_from(tensors: dict, meta: dict) -> TrainingState:
     )
 
 
+class RecoverStage(Stage[RecoveredModel]):
+    """Recovery training of a pruned model: a folder beside it, checkpointed every few steps."""
+
+    kind: ClassVar[str] = "recover"
+    task_name: ClassVar[str] = "recover"
+
+    pruned: PrunedModel
+    spec: RecoveryKind
+    teacher: ModelSnapshot  # the dense model (distillation's teacher)
+    progress: bool = False
+
+    def fingerprint(self) -> str:
+        return recovery_fingerprint(self.pruned, self.spec)
+
+    def folder(self) -> Path:
+        pruned = Path(self.pruned.path)
+        return pruned.with_name(f"{pruned.name}-recovered-{self.fingerprint()[:16]}")
+
+    def _result(self, report: PruneReport | None) -> RecoveredModel | None:
+        if report is None or report.recovery is None:
+            return None
+        out, recovery = self.folder(), report.recovery
+        return RecoveredModel(
+            path=str(out),
+            fingerprint=self.fingerprint(),
+            content=report_digest(out),
+            steps=self.spec.steps,
+            tokens=self.spec.steps * self.spec.batch_size * self.spec.seq_len,
+            losses=recovery.losses,
+            seconds=recovery.seconds,
+            resumed_from_step=recovery.resumed_from_step,
+            heldout=recovery.heldout,
+            precision=recovery.precision,
+        )
+
+    def local(self, settings: Settings) -> RecoveredModel | None:
+        return self._result(finished_report(self.folder()))
+
+    def pull(self, settings: Settings) -> RecoveredModel | None:
+        return self._result(pull_finished(settings, f"recovered/{self.fingerprint()}", self.folder()))
+
+    def compute(self, settings: Settings) -> RecoveredModel:
+        return self._result(_recover(self, settings))
+
+    def push(self, result: RecoveredModel, settings: Settings) -> None:
+        push_folder(settings, f"recovered/{result.fingerprint}", Path(result.path))
+
+    def intact(self, result: RecoveredModel) -> bool:
+        return made_folder_intact(result.path, result.content)
+
+
 def recover_with_checkpoints(
     pruned: PrunedModel, spec: RecoveryKind, settings: Settings, teacher: ModelSnapshot, progress: bool = False
 ) -> RecoveredModel:
-    run = recovery_fingerprint(pruned, spec)
-    out = Path(pruned.path).with_name(f"{Path(pruned.path).name}-recovered-{run[:16]}")
-    with exclusive(settings.path("locks"), f"recover-{run}"):
-        report = finished_report(out) or pull_finished(settings, f"recovered/{run}", out)
-        if report is None or report.recovery is None:
-            report = _recover(pruned, spec, settings, teacher=teacher, run=run, out=out, progress=progress)
-            push_folder(settings, f"recovered/{run}", out)
-    recovery = report.recovery
-    return RecoveredModel(
-        path=str(out),
-        fingerprint=run,
-        content=report_digest(out),
-        steps=spec.steps,
-        tokens=spec.steps * spec.batch_size * spec.seq_len,
-        losses=recovery.losses,
-        seconds=recovery.seconds,
-        resumed_from_step=recovery.resumed_from_step,
-        heldout=recovery.heldout,
-        precision=recovery.precision,
-    )
+    stage = RecoverStage(pruned=pruned, spec=spec, teacher=teacher, progress=progress)
+    return run_stage(stage, settings)
 
 
-def _recover(
-    pruned: PrunedModel,
-    spec: RecoveryKind,
-    settings: Settings,
-    *,
-    teacher: ModelSnapshot,
-    run: str,
-    out: Path,
-    progress: bool,
-) -> PruneReport:
+def _recover(stage: RecoverStage, settings: Settings) -> PruneReport:
+    pruned, spec, run, out = stage.pruned, stage.spec, stage.fingerprint(), stage.folder()
     started = time.perf_counter()
     pruned_report = finished_report(Path(pruned.path), pruned.content)
     if pruned_report is None:
@@ -145,7 +167,7 @@ def _recover(
     model, tokenizer = load_for_compute(pruned.path, settings.device, settings.trust_remote_code)
     dense = None
     if isinstance(spec, DistillSpec):
-        dense, _ = load_for_compute(teacher.path, settings.device, settings.trust_remote_code)
+        dense, _ = load_for_compute(stage.teacher.path, settings.device, settings.trust_remote_code)
     staging = staging_folder(out)
     _, result = recover_to_folder(
         model,
@@ -154,7 +176,7 @@ def _recover(
         spec,
         staging,
         device=settings.device,
-        progress=progress,
+        progress=stage.progress,
         start=start,
         on_checkpoint=on_checkpoint,
         checkpoint_every=CHECKPOINT_EVERY,
@@ -173,9 +195,3 @@ def _recover(
     report = commit_folder(staging, out, pruned_report.model_copy(update={"recovery": recovery}))
     checkpoint.clear()
     return report
-
-
-@task(name="recover", cache_key_fn=_cache_key, persist_result=True)
-def recover(pruned: PrunedModel, spec: RecoveryKind, teacher: ModelSnapshot) -> RecoveredModel:
-    """No retries: the training-state checkpoint already makes a rerun cheap."""
-    return recover_with_checkpoints(pruned, spec, Settings(), teacher)

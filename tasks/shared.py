@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from infra.artifacts import ArtifactStore, ArtifactStoreError, open_store
+from infra.artifacts import ArtifactStore, ArtifactStoreError
 from infra.hashing import sha256_file
 from infra.settings import Settings
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def shared_store(settings: Settings) -> ArtifactStore | None:
     if not settings.share_results:
         return None
-    return open_store(settings.artifact_location, settings.upload_attempts, settings.service_timeout_seconds)
+    return settings.artifact_store()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from infra.plots import scatter_plot
 from infra.redact import redact
@@ -20,18 +21,20 @@ from tasks.selection import SearchOutcome, SelectionSpec, Verdict
 log = logging.getLogger(__name__)
 
 
-@task(name="start_batch_run", retries=2, retry_delay_seconds=5)
-def start_batch_run(experiment: str, run_name: str, params: dict, tags: dict[str, str]) -> str:
-    tracker = Tracker(Settings())
+@task(name="start_batch_run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def start_batch_run(settings: Settings, experiment: str, run_name: str, params: dict, tags: dict[str, str]) -> str:
+    tracker = Tracker(settings)
     tracker.end_abandoned_runs(experiment)
     run_id = tracker.start_run(experiment, run_name, tags=tags)
     tracker.log(run_id, params=params)
     return run_id
 
 
-@task(name="record_failed_pair", retries=2, retry_delay_seconds=5)
-def record_failed_pair(experiment: str, parent_run_id: str, model: str, recipe_name: str, error: str) -> str:
-    tracker = Tracker(Settings())
+@task(name="record_failed_pair", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def record_failed_pair(
+    settings: Settings, experiment: str, parent_run_id: str, model: str, recipe_name: str, error: str
+) -> str:
+    tracker = Tracker(settings)
     run_id = tracker.start_run(
         experiment, f"{model}/{recipe_name}", parent_run_id, tags={"recipe": recipe_name, "error": error[:5000]}
     )
@@ -40,11 +43,11 @@ def record_failed_pair(experiment: str, parent_run_id: str, model: str, recipe_n
     return run_id
 
 
-def judge_probe(run_id: str | None, spec: SelectionSpec) -> Verdict:
+def judge_probe(settings: Settings, run_id: str | None, spec: SelectionSpec) -> Verdict:
     """A search probe's published metrics against the budget."""
     if run_id is None:
         return Verdict(recipe="?", problem="the probe has no MLflow run")
-    return pair_verdict(Tracker(Settings()), run_id, spec)
+    return pair_verdict(Tracker(settings), run_id, spec)
 
 
 def search_plots(searches: list[SearchOutcome], folder: Path) -> list[Path]:
@@ -74,8 +77,9 @@ def search_plots(searches: list[SearchOutcome], folder: Path) -> list[Path]:
     return paths
 
 
-@task(name="finish_batch_run", retries=2, retry_delay_seconds=5)
+@task(name="finish_batch_run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def finish_batch_run(
+    settings: Settings,
     parent_run_id: str,
     summary: str,
     metrics: dict[str, float],
@@ -85,7 +89,7 @@ def finish_batch_run(
 ) -> list[str]:
     """Logs the summary and the review (table, plots, generations) read back from the children; with a
     selection, ships each model's chosen variant (registry, alias). Returns a line per model on what ships."""
-    tracker = Tracker(Settings())
+    tracker = Tracker(settings)
     tracker.log(parent_run_id, metrics=metrics)
     report = batch_report(tracker, parent_run_id)
     shipped = ship(tracker, report)

@@ -84,10 +84,10 @@ def test_a_calibration_set_made_on_one_machine_is_reused_on_another(tmp_path, ti
 
 @flow
 def _prepare_here(model: str, calibration: CalibrationSpec, evaluation) -> dict[str, str]:
-    from flows.batch import _Stages
+    from flows.pair import PairStages
 
-    stages = _Stages()
-    stages.prepare(Settings(), model, calibration, evaluation)
+    stages = PairStages(Settings())
+    stages.prepare(model, calibration, evaluation)
     return stages.states
 
 

@@ -79,7 +79,7 @@ def measure() -> dict:
         "functions_over_60_lines": sum(f["lines"] > 60 for f in orchestration),
         "functions_over_6_positional": sum(f["positional"] > 6 for f in orchestration),
         "settings_constructed": [s for path in sources(ORCHESTRATION) for s in settings_constructions(path)],
-        "environ_writes": [w for path in sources(ORCHESTRATION + ("pruning_core",)) for w in environ_writes(path)],
+        "environ_writes": [w for path in sources((*ORCHESTRATION, "pruning_core")) for w in environ_writes(path)],
     }
 
 
