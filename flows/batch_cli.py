@@ -25,6 +25,13 @@ class PairFailures(RuntimeError):
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_run_commands(commands)
+    _add_pool_commands(commands)
+    _add_review_commands(commands)
+
+
+def _add_run_commands(commands: argparse._SubParsersAction) -> None:
+    """run, retry, serve: a batch here (its pairs here or on a pool)."""
     run = commands.add_parser("run", help="run a batch file now (models x recipes) and print its summary")
     run.add_argument("batch", type=Path, help="batch YAML file")
     run.add_argument("--pool", help=POOL_HELP)
@@ -37,18 +44,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     retry.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     retry.set_defaults(run=retry_batch)
 
+    serve = commands.add_parser("serve", help="run a batch on a cron schedule (long-running, Prefect serve)")
+    serve.add_argument("batch", type=Path)
+    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *"')
+    serve.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(run=serve_batch)
+
+
+def _add_pool_commands(commands: argparse._SubParsersAction) -> None:
+    """worker, deploy, stack: the services and workers a pool runs on."""
     worker = commands.add_parser("worker", help="Prefect workers on a pool: one per GPU (or --slots), a pair each")
     worker.add_argument("--pool", required=True, help="work pool to take pairs from (created if missing)")
     worker.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3: one worker each, pinned by CUDA_VISIBLE_DEVICES")
     worker.add_argument("--slots", type=int, default=1, help="without --gpus: workers on this machine's CPUs")
     worker.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(run=worker_command)
-
-    serve = commands.add_parser("serve", help="run a batch on a cron schedule (long-running, Prefect serve)")
-    serve.add_argument("batch", type=Path)
-    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *"')
-    serve.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
-    serve.set_defaults(run=serve_batch)
 
     deploy = commands.add_parser("deploy", help="create a Prefect deployment of a batch on a work pool")
     deploy.add_argument("batch", type=Path)
@@ -59,6 +69,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     deploy.set_defaults(run=deploy_batch)
 
+    stack = commands.add_parser("stack", help="local Prefect server and MLflow UI over the state dir")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="up: also N worker slots on --pool (try a pool here)"
+    )
+    stack.add_argument("--pool", default="local", help="up --workers: the work pool they serve (default: local)")
+    stack.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    stack.set_defaults(run=stack_command)
+
+
+def _add_review_commands(commands: argparse._SubParsersAction) -> None:
+    """report, promote: what a batch gave, and what ships."""
     report = commands.add_parser("report", help="the model x recipe table of a batch run, read from MLflow")
     report.add_argument(
         "batch_run", metavar="BATCH_RUN", help="MLflow run id, Prefect flow run id or name, or batch name (latest)"
@@ -76,15 +98,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     promote.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     promote.set_defaults(run=promote_variant)
-
-    stack = commands.add_parser("stack", help="local Prefect server and MLflow UI over the state dir")
-    stack.add_argument("action", choices=["up", "down", "status"])
-    stack.add_argument(
-        "--workers", type=int, default=0, metavar="N", help="up: also N worker slots on --pool (try a pool here)"
-    )
-    stack.add_argument("--pool", default="local", help="up --workers: the work pool they serve (default: local)")
-    stack.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    stack.set_defaults(run=stack_command)
 
 
 def load_batch(path: Path) -> tuple[dict, object]:

@@ -246,46 +246,51 @@ def _print_structured(report: PruneReport) -> dict:
 
 
 def _run_evaluate(args: argparse.Namespace, settings: Settings) -> dict:
+    """The flows' evaluation (`tasks.evaluate.evaluate_folder`) of any model, uncached, printed per dataset."""
     from pruning_core.data import read_rows
-    from pruning_core.job import evaluate_perplexities
     from pruning_core.memory import check_memory, evaluation_estimate, model_shape
-    from pruning_core.modeling import load_for_compute
-    from pruning_core.zero_shot import evaluate_zero_shot
+    from tasks.evaluate import EvaluationSpec, evaluate_folder
 
     _check_device(settings.device)
     if not args.perplexity and not args.task:
         raise ValueError("give --perplexity DATA, --task NAME, or both")
-    datasets = {spec: read_rows(spec) for spec in args.perplexity}  # fail on a bad spec before loading
-    task_data = _task_data(args)
+    for spec in args.perplexity:
+        read_rows(spec)  # fail on a bad spec before loading
+    _task_data(args)
     shape = model_shape(args.model)
     if shape is not None:  # the weights and one window's logits, before the model is read
         estimate = evaluation_estimate(shape, args.seq_len, settings.device)
-        check_memory(
-            estimate, settings.device, memory_limit(settings), "lower --seq-len, or set SECATEUR_MEMORY_LIMIT_GIB"
-        )
-    model, tokenizer = load_for_compute(args.model, settings.device, settings.trust_remote_code)
-    model.to(settings.device)
-    results = evaluate_perplexities(model, tokenizer, datasets, args.seq_len, args.max_tokens, settings.device)
-    if results:
-        print(f"{'dataset':<60} {'perplexity':>12} {'tokens scored':>14} {'of':>10}")
-    for spec, result in results.items():
-        print(f"{spec:<60} {result.perplexity:>12.3f} {result.tokens_scored:>14,} {result.tokens_available:>10,}")
-    print(f"seq_len {args.seq_len}")
-    zero_shot = evaluate_zero_shot(
-        model, tokenizer, args.task, task_data, settings.path("lm_eval"), args.limit, device=settings.device
+        hint = "lower --seq-len, or set SECATEUR_MEMORY_LIMIT_GIB"
+        check_memory(estimate, settings.device, memory_limit(settings), hint)
+    spec = EvaluationSpec(
+        perplexity=args.perplexity,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        tasks=args.task,
+        task_data=args.task_data,
+        limit=args.limit,
+        generation_tokens=0,
     )
-    for name, score in zero_shot.scores.items():
+    evaluation = evaluate_folder(args.model, spec, settings, progress=True)
+    data = evaluation.datasets  # label -> the spec given
+    if data:
+        print(f"{'dataset':<60} {'perplexity':>12} {'tokens scored':>14} {'of':>10}")
+    for label, value in evaluation.perplexity.items():
+        scored, available = evaluation.tokens_scored[label], evaluation.tokens_available.get(label, 0)
+        print(f"{data[label]:<60} {value:>12.3f} {scored:>14,} {available:>10,}")
+    print(f"seq_len {args.seq_len}")
+    for name, score in evaluation.zero_shot.items():
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in score.metrics.items() if "stderr" not in k)
         print(f"{name:<16} {metrics}  ({score.items} items, {score.split} split)")
-    for name, reason in zero_shot.skipped.items():
+    for name, reason in evaluation.skipped_tasks.items():
         print(f"{name:<16} skipped: {reason}")
     return {
         "model": args.model,
         "seq_len": args.seq_len,
-        "perplexity": {spec: r.perplexity for spec, r in results.items()},
-        "tokens_scored": {spec: r.tokens_scored for spec, r in results.items()},
-        "tasks": {name: {**s.metrics, "items": s.items, "split": s.split} for name, s in zero_shot.scores.items()},
-        "skipped_tasks": zero_shot.skipped,
+        "perplexity": {data[label]: value for label, value in evaluation.perplexity.items()},
+        "tokens_scored": {data[label]: value for label, value in evaluation.tokens_scored.items()},
+        "tasks": {name: {**s.metrics, "items": s.items, "split": s.split} for name, s in evaluation.zero_shot.items()},
+        "skipped_tasks": evaluation.skipped_tasks,
     }
 
 

@@ -157,26 +157,35 @@ def compress_model(
             before_recovery=before_recovery,
             stage_seconds=stages.seconds,
         )
-        get_run_logger().info("stage publish started")
-        publication = retried(publish, settings)(record, settings, parent_run_id, experiment)
-        pair = PairResult(
-            model=model,
-            recipe_name=recipe_name,
-            status="completed",
-            sparsity=pruned.sparsity,
-            perplexity=result.perplexity,
-            dense_perplexity=dense.perplexity,
-            generations=generations_text(dense.generations, result.generations, recipe_name) or None,
-            prune_seconds=pruned.prune_seconds,
-            model_uri=publication.model_uri,
-            mlflow_run_id=publication.mlflow_run_id,
-            task_states=stages.states,
-            stage_seconds=stages.seconds,
-            worker=f"{socket.gethostname()}:{settings.root}",
-        )
-        run_id = deployed_run_id()
-        if run_id is not None:  # on a pool: the batch reads the result from the store
-            settings.artifact_store().write_text(result_key(run_id), pair.model_dump_json())
+        pair = _published(record, stages, settings, parent_run_id=parent_run_id, experiment=experiment)
+    return pair
+
+
+def _published(
+    record: PairRecord, stages: PairStages, settings: Settings, *, parent_run_id: str | None, experiment: str
+) -> PairResult:
+    """The pair published (artifact store, MLflow) and its result; on a pool, left in the store for the batch."""
+    get_run_logger().info("stage publish started")
+    publication = retried(publish, settings)(record, settings, parent_run_id, experiment)
+    dense, result = record.dense, record.evaluation
+    pair = PairResult(
+        model=record.snapshot.spec,
+        recipe_name=record.recipe_name,
+        status="completed",
+        sparsity=record.pruned.sparsity,
+        perplexity=result.perplexity,
+        dense_perplexity=dense.perplexity,
+        generations=generations_text(dense.generations, result.generations, record.recipe_name) or None,
+        prune_seconds=record.pruned.prune_seconds,
+        model_uri=publication.model_uri,
+        mlflow_run_id=publication.mlflow_run_id,
+        task_states=stages.states,
+        stage_seconds=stages.seconds,
+        worker=f"{socket.gethostname()}:{settings.root}",
+    )
+    run_id = deployed_run_id()
+    if run_id is not None:  # on a pool: the batch reads the result from the store
+        settings.artifact_store().write_text(result_key(run_id), pair.model_dump_json())
     return pair
 
 

@@ -96,12 +96,3 @@ class Registry:
         self.client.set_registered_model_alias(name, alias, version)
         for key, value in (tags or {}).items():
             self.client.set_model_version_tag(name, version, key, redact(str(value))[:TAG_LIMIT])
-
-    def alias_version(self, name: str, alias: str = CHAMPION):
-        """The model version an alias points at, or None (no such model or alias)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            return None

@@ -131,6 +131,7 @@ class TaskAccuracy(BaseModel):
 class Evaluation(BaseModel):
     perplexity: dict[str, float]  # dataset label -> perplexity
     tokens_scored: dict[str, int]
+    tokens_available: dict[str, int] = {}  # the dataset's tokens (scored: the first max_tokens of them)
     datasets: dict[str, str]  # dataset label -> spec
     seq_len: dict[str, int]  # dataset label -> seq_len it was scored with
     zero_shot: dict[str, TaskAccuracy] = {}
@@ -261,6 +262,7 @@ def evaluate_folder(model_path: str, spec: EvaluationSpec, settings: Settings, p
     return Evaluation(
         perplexity={label: r.perplexity for label, r in perplexities.items()},
         tokens_scored={label: r.tokens_scored for label, r in perplexities.items()},
+        tokens_available={label: r.tokens_available for label, r in perplexities.items()},
         datasets={label: d.data for label, d in datasets.items()},
         seq_len={label: r.seq_len for label, r in perplexities.items()},
         zero_shot={

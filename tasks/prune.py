@@ -379,6 +379,16 @@ class _Resumed:
             environment=resume.meta[-1].get("environment") if resume.meta else None,
         )
 
+    def warn_if_changed(self, model: str, environment: dict[str, str]) -> None:
+        if self.environment is not None and self.environment != environment:
+            log.warning(
+                "resuming %s: blocks before %d were pruned with %s, the rest with %s",
+                model,
+                self.start_block,
+                self.environment,
+                environment,
+            )
+
 
 def _block_checkpoints(job: PruneJob) -> BlockCheckpoints:
     """Under the job's work; mirrored to the artifact store where the settings say (a pool)."""
@@ -396,14 +406,7 @@ def _prune(job: PruneJob) -> PruneReport:
         restore_blocks(model, [checkpoints.load_weights(path) for path in resume.block_weights])
         log.info("resuming %s at block %d of a checkpointed prune", job.snapshot.spec, resume.start_block)
     earlier, environment = _Resumed.of(resume), numeric_environment(settings.device)
-    if earlier.environment is not None and earlier.environment != environment:
-        log.warning(
-            "resuming %s: blocks before %d were pruned with %s, the rest with %s",
-            job.snapshot.spec,
-            resume.start_block,
-            earlier.environment,
-            environment,
-        )
+    earlier.warn_if_changed(job.snapshot.spec, environment)
 
     def on_block(result: BlockResult) -> None:
         meta = {

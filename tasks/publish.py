@@ -19,13 +19,13 @@ from infra.locks import exclusive
 from infra.plots import line_plot
 from infra.settings import Settings
 from infra.tracking import FLOW_RUN_TAG, Tracker
-from pruning_core.footprint import gains
 from pruning_core.recipe import Recipe
 from pruning_core.report import REPORT_FILE
 from tasks.calibrate import CalibrationSpec
 from tasks.common import retry_if_transient
 from tasks.evaluate import Evaluation
 from tasks.fetch import ModelSnapshot
+from tasks.metrics import BLOCK_ERROR, pair_metrics
 from tasks.prune import ENGINE_VERSION, PrunedModel, finished_report
 from tasks.recover import RecoveredModel
 
@@ -67,77 +67,6 @@ class Publication(BaseModel):
 def artifact_key(record: PairRecord) -> str:
     """Content-addressed: <model-slug>/<recipe-fingerprint>/<run-fingerprint>."""
     return f"{record.snapshot.slug}/{record.recipe.fingerprint()[:16]}/{record.fingerprint}"
-
-
-def folder_mib(path: str | Path) -> float:
-    """Size on disk of a model folder (or a single file such as a .gguf), in MiB."""
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return sum(p.stat().st_size for p in files) / 2**20
-
-
-def evaluation_metrics(evaluation: Evaluation, prefix: str = "") -> dict[str, float]:
-    """ppl.<dataset>, acc.<task>, acc_norm.<task> (and their stderr), speed.<measure>.b<batch>,
-    params.{total,decoder,embeddings} and loaded_mib, each under `prefix`."""
-    metrics = {f"{prefix}ppl.{label}": value for label, value in evaluation.perplexity.items()}
-    metrics.update({f"{prefix}speed.{key}": value for key, value in evaluation.speed.items()})
-    for name, accuracy in evaluation.zero_shot.items():
-        metrics.update({f"{prefix}{metric}.{name}": value for metric, value in accuracy.metrics.items()})
-    if evaluation.footprint is not None:
-        metrics.update({f"{prefix}{key}": value for key, value in evaluation.footprint.metrics().items()})
-    return metrics
-
-
-def gain_measures(evaluation: Evaluation, size_mib: float) -> dict[str, float]:
-    """What a gain over dense is computed from, by unprefixed name: size on disk, footprint, throughputs."""
-    measures = {"size_mib": size_mib, **evaluation.speed}
-    if evaluation.footprint is not None:
-        measures.update(evaluation.footprint.metrics())
-    return measures
-
-
-def gain_metrics(evaluation: Evaluation, dense: Evaluation, size_mib: float, dense_size_mib: float) -> dict[str, float]:
-    """gain.<measure>: the variant x dense (above 1 it gains), e.g. gain.decode_tok_s.b1 (variant / dense),
-    gain.size_mib, gain.loaded_mib and gain.params.total (dense / variant)."""
-    measured = gains(gain_measures(evaluation, size_mib), gain_measures(dense, dense_size_mib))
-    return {f"gain.{key}": value for key, value in measured.items()}
-
-
-def metrics_of(record: PairRecord) -> dict[str, float]:
-    size_mib = folder_mib(record.model_path)
-    # A GGUF's file is quantized: the dense model's size is its weights as its variants store them.
-    dense_size_mib = record.dense.weights_mib or folder_mib(record.snapshot.path)
-    metrics = {
-        "sparsity": record.pruned.sparsity,
-        "peak_rss_mib": record.pruned.peak_rss_mib,
-        "resumed_from_block": float(record.pruned.resumed_from_block),
-        "model_size_mib": size_mib,
-        "dense_size_mib": dense_size_mib,
-        **record.pruned.structure,
-    }
-    if record.pruned.peak_gpu_mib:
-        metrics["peak_gpu_mib"] = record.pruned.peak_gpu_mib
-    metrics.update(evaluation_metrics(record.evaluation))
-    metrics.update(evaluation_metrics(record.dense, "dense_"))
-    metrics.update(gain_metrics(record.evaluation, record.dense, size_mib, dense_size_mib))
-    if record.before_recovery is not None:
-        metrics.update(evaluation_metrics(record.before_recovery, "before_recovery_"))
-    if record.recovered is not None:
-        metrics.update(
-            {
-                "recovery.steps": float(record.recovered.steps),
-                "recovery.final_loss": record.recovered.losses[-1],
-                "recovery.resumed_from_step": float(record.recovered.resumed_from_step),
-                "recovery.seconds": record.recovered.seconds,
-            }
-        )
-        if record.recovered.heldout:
-            last = max(record.recovered.heldout)
-            metrics["recovery.heldout_ppl_before"] = record.recovered.heldout.get(0, float("nan"))
-            metrics["recovery.heldout_ppl"] = record.recovered.heldout[last]
-            metrics["recovery.tokens"] = float(record.recovered.tokens)
-    metrics.update({f"seconds.{stage}": s for stage, s in record.stage_seconds.items()})
-    return metrics
 
 
 def params_of(record: PairRecord) -> dict:
@@ -254,15 +183,15 @@ def _publish(record: PairRecord, settings: Settings, parent_run_id: str | None, 
             FLOW_RUN_TAG: str(flow_run.get_id() or "-"),  # a lost pair's run is ended by the batch
         },
     )
-    series = {"block_error": record.pruned.block_errors, "block_sparsity": record.pruned.block_sparsity}
+    series = {BLOCK_ERROR: record.pruned.block_errors, "block_sparsity": record.pruned.block_sparsity}
     if record.recovered is not None:
         series["recovery_loss"] = record.recovered.losses
         if record.recovered.heldout:  # distillation: held-out perplexity against training steps
             series["recovery_heldout_ppl"] = record.recovered.heldout
     try:
-        tracker.log(run_id, params=params_of(record), metrics=metrics_of(record), series=series)
+        tracker.log(run_id, params=params_of(record), metrics=pair_metrics(record), series=series)
         (report_dir / "model_uri.txt").write_text(publication.model_uri + "\n")
-        (report_dir / "summary.json").write_text(json.dumps(metrics_of(record), indent=2, sort_keys=True))
+        (report_dir / "summary.json").write_text(json.dumps(pair_metrics(record), indent=2, sort_keys=True))
         tracker.log_artifacts(run_id, report_dir)
     except BaseException:
         # A retry starts a new run; this one must not stay RUNNING beside it.

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from infra.registry import CHAMPION, RegisteredVersion, Registry, who_and_when
 from infra.tracking import Tracker
 from tasks.fetch import slug_of
+from tasks.metrics import VERSION_TAGS
 from tasks.publish import MANIFEST_SHA256_TAG, MANIFEST_URI_TAG
 from tasks.review import BatchReport
 from tasks.selection import ModelChoice
@@ -19,8 +20,6 @@ from tasks.selection import ModelChoice
 log = logging.getLogger(__name__)
 
 SELECTED_TAG = "secateur.selected"  # on the pair run that ships
-# Version tags copied from the pair run's metrics (prefixes): what a downstream job compares.
-METRIC_TAGS = ("sparsity", "model_size_mib", "ppl.", "acc.", "acc_norm.", "speed.")
 
 
 class Shipped(BaseModel):
@@ -56,7 +55,7 @@ def register_run(registry: Registry, tracker: Tracker, run_id: str, origin: dict
         "dtype": params.get("dtype", "-"),
         MANIFEST_URI_TAG: tags.get(MANIFEST_URI_TAG, "-"),
         MANIFEST_SHA256_TAG: tags.get(MANIFEST_SHA256_TAG, "-"),
-        **{key: f"{value:.6g}" for key, value in metrics.items() if key.startswith(METRIC_TAGS)},
+        **{key: f"{value:.6g}" for key, value in metrics.items() if key.startswith(VERSION_TAGS)},
         **origin,
     }
     return registry.register(

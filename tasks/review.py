@@ -14,11 +14,23 @@ from infra.plots import bar_plot, line_plot, scatter_plot
 from infra.tracking import Tracker
 from pruning_core.footprint import THROUGHPUT
 from pruning_core.methods import METHODS, STRUCTURED_METHODS
+from tasks.metrics import (
+    BLOCK_ERROR,
+    DENSE_PREFIX,
+    DENSE_SIZE,
+    GAIN,
+    LOADS_WITH_FROM_PRETRAINED,
+    SECONDS,
+    SIZE,
+    SPARSE_RATIO,
+    SPARSITY,
+    measured,
+    prefixed,
+)
 from tasks.selection import ModelChoice, SelectionSpec, Variant, Verdict, choose, describe_choice, judge
 
 FORMATS = ("table", "csv", "markdown")
 DENSE = "dense"
-SPARSE_RATIO = "semi_structured_ratio."  # speed with the 2:4 sparse kernels / with the dense ones
 SELECTION_PARAM = "selection"  # the batch run's param holding its selection spec (JSON)
 SIZE_GAIN = "size_mib"  # the gain shown first: size on disk, dense / variant
 ZEROS_GAIN_NOTHING = (
@@ -86,54 +98,35 @@ class BatchReport(BaseModel):
         return next((r for r in self.rows if r.model == model and r.recipe == DENSE), None)
 
 
-def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
-
-
-def _accuracies(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
-    values = {}
-    for metric in ("acc.", "acc_norm."):
-        values.update({f"{metric}{task}": v for task, v in _prefixed(metrics, prefix + metric).items()})
-    return values
-
-
 def _rows_of(tracker: Tracker, run) -> tuple[ReportRow | None, ReportRow]:
     """A pair run's row, and its model's dense row (from the dense metrics it logged, when it finished)."""
     metrics, params = run.data.metrics, run.data.params
     model = params.get("model", run.info.run_name.split("/")[0])
     dense = None
-    if "dense_size_mib" in metrics:
+    if DENSE_SIZE in metrics:
         dense = ReportRow(
             model=model,
             recipe=DENSE,
             method=DENSE,
             status="FINISHED",
-            perplexity=_prefixed(metrics, "dense_ppl."),
-            accuracy=_accuracies(metrics, "dense_"),
-            size_mib=metrics["dense_size_mib"],
-            speed=_prefixed(metrics, "dense_speed."),
+            size_mib=metrics[DENSE_SIZE],
             dtype=params.get("dense_dtype"),
-            parameters=metrics.get("dense_params.total"),
-            loaded_mib=metrics.get("dense_loaded_mib"),
+            **measured(metrics, DENSE_PREFIX).model_dump(),
         )
     row = ReportRow(
         model=model,
         recipe=params.get("recipe_name", run.data.tags.get("recipe", "?")),
         method=params.get("recipe.method", "?"),
         status=run.info.status,
-        sparsity=metrics.get("sparsity"),
-        perplexity=_prefixed(metrics, "ppl."),
-        accuracy=_accuracies(metrics),
-        prune_seconds=metrics.get("seconds.prune"),
-        size_mib=metrics.get("model_size_mib"),
-        speed=_prefixed(metrics, "speed."),
+        sparsity=metrics.get(SPARSITY),
+        prune_seconds=metrics.get(f"{SECONDS}prune"),
+        size_mib=metrics.get(SIZE),
         dtype=params.get("dtype"),
-        parameters=metrics.get("params.total"),
-        loaded_mib=metrics.get("loaded_mib"),
-        gain=_prefixed(metrics, "gain."),
-        secateur_only=metrics.get("loads_with_from_pretrained") == 0.0,
+        gain=prefixed(metrics, GAIN),
+        secateur_only=metrics.get(LOADS_WITH_FROM_PRETRAINED) == 0.0,
         run_id=run.info.run_id,
-        block_errors=tracker.series(run.info.run_id, "block_error") if "block_error" in metrics else [],
+        block_errors=tracker.series(run.info.run_id, BLOCK_ERROR) if BLOCK_ERROR in metrics else [],
+        **measured(metrics).model_dump(),
     )
     return dense, row
 

@@ -81,6 +81,7 @@ def search_plots(searches: list[SearchOutcome], folder: Path) -> list[Path]:
 def finish_batch_run(
     settings: Settings,
     parent_run_id: str,
+    *,
     summary: str,
     metrics: dict[str, float],
     failed: bool,

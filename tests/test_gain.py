@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pruning_core.footprint import Footprint, footprint, gains
 from tasks.evaluate import Evaluation, EvaluationSpec, evaluate_folder
-from tasks.publish import evaluation_metrics, gain_metrics
+from tasks.metrics import evaluation_metrics, gain_metrics
 from tasks.review import DENSE, BatchReport, ReportRow, render
 from tests.conftest import WIKITEXT_TEST
 

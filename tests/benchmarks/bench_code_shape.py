@@ -10,64 +10,16 @@ tests/benchmarks/results/code-shape-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import ast
-from pathlib import Path
 
 from tests.benchmarks.common import write_results
-
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("flows", "tasks", "infra", "pruning_core")
-ORCHESTRATION = ("flows", "tasks", "infra")
-ENVIRON_WRITES = ("setdefault", "update", "pop", "__setitem__")
-
-
-def functions(path: Path) -> list[dict]:
-    tree = ast.parse(path.read_text())
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            positional = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
-            found.append(
-                {
-                    "where": f"{path.relative_to(ROOT)}:{node.name}",
-                    "lines": node.end_lineno - node.lineno + 1,
-                    "positional": len(positional),
-                    "parameters": len(positional) + len(node.args.kwonlyargs),
-                }
-            )
-    return found
-
-
-def settings_constructions(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
-    return [
-        f"{path.relative_to(ROOT)}:{node.lineno}"
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Settings"
-    ]
-
-
-def environ_writes(path: Path) -> list[str]:
-    """`os.environ[...] = ...` and `os.environ.setdefault/update/pop(...)`."""
-    tree = ast.parse(path.read_text())
-    found = []
-
-    def is_environ(node: ast.AST) -> bool:
-        return isinstance(node, ast.Attribute) and node.attr == "environ"
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign | ast.AugAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Subscript) and is_environ(t.value) for t in targets):
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            if node.func.attr in ENVIRON_WRITES and is_environ(node.func.value):
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    return found
-
-
-def sources(packages: tuple[str, ...]) -> list[Path]:
-    return sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
+from tests.code_shape import (
+    ORCHESTRATION,
+    PACKAGES,
+    environ_writes,
+    functions,
+    settings_constructions,
+    sources,
+)
 
 
 def measure() -> dict:
