@@ -256,7 +256,9 @@ class BlockPruner:
 
     def statistics_plan(self) -> StatisticsPlan:
         """The method's statistics; a held-out split of the tokens for an APT refit whose ridge they choose."""
-        heldout = HELDOUT_FRACTION if self.recipe.refit_ridge == "heldout" else 0.0
+        heldout = (
+            HELDOUT_FRACTION if getattr(self.recipe.method_settings(), "refit_ridge", "none") == "heldout" else 0.0
+        )
         return StatisticsPlan(hessian=self.method.needs == "hessian", heldout_fraction=heldout)
 
     def prune(
@@ -325,9 +327,7 @@ class BlockPruner:
             target=target,
             block_size=self.recipe.block_size,
             damping=self.recipe.damping,
-            refit=self.recipe.refit,
-            refit_ridge=self.recipe.refit_ridge,
-            mask_refinement=self.recipe.mask_refinement,
+            settings=self.recipe.method_settings(),
         )
 
     def _prune_linear(

@@ -1,4 +1,5 @@
-"""One prune or one evaluation end to end, as the CLI and the demo run them."""
+"""A loaded model pruned (block by block, or structurally), recovered or evaluated, into a folder with its report:
+what the pipeline's stages (`tasks.prune`, `tasks.recover`) and the benchmarks call."""
 
 from __future__ import annotations
 

@@ -13,43 +13,33 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from pruning_core.distill import DistillSpec
 from pruning_core.masks import SparsityTarget
-from pruning_core.methods.base import Refit, RefitRidge
-from pruning_core.methods.refine import MaskRefinement
+from pruning_core.method_settings import MethodSettings, NoSettings
+from pruning_core.methods import method_settings
 from pruning_core.reconstruct import BlockReconstruction
 from pruning_core.recovery import RecoverySpec
-from pruning_core.structured.depth import DepthImportance, DepthSettings
-from pruning_core.structured.groups import AttentionUnit
-from pruning_core.structured.importance import Aggregation, Importance
-from pruning_core.structured.llm_pruner import RatioOf, StructuredSettings, WidthRefit, Widths
+from pruning_core.structured.depth import DepthSettings
+from pruning_core.structured.llm_pruner import RatioOf, StructuredSettings
 
-# Fields added after recipes were first fingerprinted: left out of the canonical JSON while they hold
-# their defaults, so that existing recipes keep their fingerprints (and their cached results).
-_WIDTH_FIELDS = ("importance", "aggregation", "keep_first", "keep_last", "attention_unit", "widths", "channel_refit")
+# The fields of the first fingerprinted recipes: always in the canonical JSON. Every field added since (a
+# method's own, the target's later ones) is left out while it holds its default, so that existing recipes keep
+# their fingerprints (and their cached results).
+_FIRST_FIELDS = (
+    "method",
+    "sparsity",
+    "pattern",
+    "block_size",
+    "damping",
+    "calibration_samples",
+    "seq_len",
+    "seed",
+    "layer_sparsity",
+    "skip",
+    "true_sequential",
+)
 # What a structured ratio means changed with them (uniform widths, ratios of the decoder): structured
 # recipes always carry them, so none keeps the fingerprint of a result made under the old meaning.
 _STRUCTURED_MEANING = ("widths", "ratio_of")
 _OWL_FIELDS = ("owl_m", "owl_lambda")
-_LATER_FIELDS = (
-    "ratio",
-    "importance",
-    "aggregation",
-    "keep_first",
-    "keep_last",
-    "attention_unit",
-    "widths",
-    "channel_refit",
-    "ratio_of",
-    "depth_importance",
-    "recovery",
-    "allocation",
-    "owl_m",
-    "owl_lambda",
-    "block_reconstruction",
-    "refit",
-    "refit_ridge",
-    "mask_refinement",
-    "dtype",
-)
 
 
 def _recovery_kind(value: Any) -> str:
@@ -63,8 +53,16 @@ Recovery = Annotated[
 ]
 
 
-class Recipe(BaseModel):
-    """A validated pruning recipe; `fingerprint()` identifies it for caching and resume."""
+# Each registered method's own fields (declared next to the method), flat in a recipe as users write them.
+_METHOD_SETTINGS = tuple(dict.fromkeys(s for s in method_settings().values() if s is not NoSettings))
+
+
+class Recipe(*_METHOD_SETTINGS, BaseModel):
+    """A validated pruning recipe; `fingerprint()` identifies it for caching and resume.
+
+    Its fields: the method, the calibration, the target (an unstructured sparsity or N:M pattern with its
+    allocation, or a structured ratio with its recovery), and each method's own settings (`MethodSettings`
+    next to the method: a method refuses another's fields unless they keep their defaults)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,21 +81,6 @@ class Recipe(BaseModel):
     true_sequential: bool = Field(
         default=False, description="prune attn q/k/v -> o -> mlp in order, re-running the block"
     )
-    refit: Refit = Field(
-        default="cg",
-        description="apt: least-squares refit on the final mask: cg (conjugate gradient over whole-layer "
-        "products) | exact (one Cholesky per row, the reference)",
-    )
-    refit_ridge: RefitRidge = Field(
-        default="none",
-        description="apt: heldout (pull the refit toward the removal updates by a ridge chosen per layer on "
-        "a held-out quarter of the calibration tokens: for layers wide for their calibration) | none",
-    )
-    mask_refinement: MaskRefinement | None = Field(
-        default=MaskRefinement(),
-        description="apt: after the first mask, ADMM steps that may swap kept and removed weights where the "
-        "layer's loss says so (same sparsity, same N:M pattern), kept only when the loss is lower; null: off",
-    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="dtype the variant is saved in; auto: the source's (bfloat16 for a GGUF)"
     )
@@ -109,36 +92,6 @@ class Recipe(BaseModel):
         default="decoder",
         description="llm_pruner, depth: what `ratio` counts: decoder (the blocks, the default: the same meaning "
         "whatever the vocabulary) | all (embeddings included, as LLM-Pruner's paper counts)",
-    )
-    widths: Widths = Field(
-        default="uniform",
-        description="llm_pruner: uniform (every block the same widths: a stock config) | per_block "
-        "(keep_first/keep_last blocks whole; loads with secateur only)",
-    )
-    importance: Importance | None = Field(
-        default=None,
-        description="llm_pruner: activation | element1 | element2 | vector (default: activation with uniform "
-        "widths, element1 with per_block)",
-    )
-    channel_refit: WidthRefit = Field(
-        default="least_squares",
-        description="llm_pruner: least_squares (down_proj/o_proj refit to the dense outputs on the calibration "
-        "inputs) | none",
-    )
-    aggregation: Aggregation = Field(default="sum", description="llm_pruner: per-group sum | mean | max | prod")
-    keep_first: int | None = Field(
-        default=None, ge=0, description="llm_pruner, widths per_block: leading blocks kept whole (default 4)"
-    )
-    keep_last: int | None = Field(
-        default=None, ge=0, description="llm_pruner, widths per_block: trailing blocks kept whole (default 2)"
-    )
-    attention_unit: AttentionUnit | None = Field(
-        default=None,
-        description="llm_pruner: q_heads | kv_groups | none (attention kept whole; the default with uniform "
-        "widths, q_heads with per_block)",
-    )
-    depth_importance: DepthImportance = Field(
-        default="loss", description="depth: loss (calibration loss increase when a block is skipped) | influence"
     )
     recovery: Recovery | None = Field(
         default=None, description="llm_pruner, depth: recovery after pruning (distill, or LoRA on next tokens)"
@@ -191,14 +144,11 @@ class Recipe(BaseModel):
                 raise ValueError(f"{self.method} takes 'ratio' (fraction of parameters removed), not sparsity/pattern")
             if self.allocation != "uniform":
                 raise ValueError(f"allocation {self.allocation!r} is for unstructured methods, not {self.method}")
-            if self.layer_sparsity or self.skip or self.true_sequential or self.refit != "cg":
+            if self.layer_sparsity or self.skip or self.true_sequential:
                 raise ValueError(f"{self.method} prunes whole blocks: use keep_first/keep_last, not per-layer fields")
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
-            self._only_defaults(("refit_ridge", "mask_refinement"), "apt")
-            if self.method == "depth":
-                self._only_defaults(_WIDTH_FIELDS, "llm_pruner (width pruning), not depth")
-            else:
-                self._only_defaults(("depth_importance",), "depth")
+            self._only_own_settings()
+            if self.method == "llm_pruner":
                 self.structured_settings()  # widths and kept blocks agree
             if self.block_reconstruction is not None:
                 raise ValueError(f"block_reconstruction is for unstructured methods, not {self.method}")
@@ -214,17 +164,20 @@ class Recipe(BaseModel):
                 raise ValueError(f"with owl_lambda {self.owl_lambda} the sparsity must lie in (2λ, 1 - 2λ)")
         else:
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
-        self._only_defaults(_WIDTH_FIELDS, "llm_pruner")
-        self._only_defaults(("depth_importance",), "depth")
+        self._only_own_settings()
         self._only_defaults(("ratio_of",), "structured methods (llm_pruner, depth)")
-        if self.method != "apt":
-            self._only_defaults(("refit", "refit_ridge", "mask_refinement"), "apt")
-        if self.refit_ridge != "none" and (self.refit == "exact" or self.mask_refinement is not None):
-            raise ValueError(
-                "refit_ridge is for the conjugate-gradient refit of the first mask: set refit: cg and "
-                "mask_refinement: null"
-            )
         return self
+
+    def _only_own_settings(self) -> None:
+        own = method_settings()[self.method]
+        for settings in _METHOD_SETTINGS:
+            if settings is not own:
+                self._only_defaults(tuple(settings.model_fields), settings.applies_to)
+
+    def method_settings(self) -> MethodSettings:
+        """The recipe's fields that its method declares as its own (what the method reads)."""
+        settings = method_settings()[self.method]
+        return settings.model_validate({name: getattr(self, name) for name in settings.model_fields})
 
     def _only_defaults(self, names: tuple[str, ...], owner: str) -> None:
         """Fields of another method would change the fingerprint without changing the result: refuse them."""
@@ -268,8 +221,8 @@ class Recipe(BaseModel):
 
     def canonical_json(self) -> str:
         data = self.model_dump(mode="json")
-        for name in _LATER_FIELDS:
-            if getattr(self, name) == type(self).model_fields[name].default:
+        for name, field in type(self).model_fields.items():
+            if name not in _FIRST_FIELDS and getattr(self, name) == field.default:
                 if not (self.structured and name in _STRUCTURED_MEANING):
                     del data[name]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -10,6 +10,7 @@ from pruning_core.methods import METHODS, LayerProblem
 from pruning_core.methods.apt import (
     CG_MAX_ITERATIONS,
     CG_TOLERANCE,
+    AptSettings,
     conjugate_gradient_refit,
     exact_refit,
     removal_coefficients,
@@ -128,7 +129,10 @@ def test_apt_refits_with_fixed_mask_equal_least_squares(mask_kind):
 @pytest.mark.parametrize("refit", ["cg", "exact"])
 def test_apt_final_weights_are_least_squares_of_its_own_mask(refit):
     weight, inputs = correlated_layer(rows=32, cols=64)
-    problem = LayerProblem("layer", weight, statistics(inputs), SparsityTarget.parse_pattern("2:4"), BLOCK, 0.01, refit)
+    target = SparsityTarget.parse_pattern("2:4")
+    problem = LayerProblem(
+        "layer", weight, statistics(inputs), target, BLOCK, 0.01, AptSettings(refit=refit, mask_refinement=None)
+    )
     pruned = METHODS["apt"].prune(problem)
     hessian = statistics(inputs).hessian()
     reference = lstsq_reference(weight, inputs, hessian, pruned == 0, 0.01)

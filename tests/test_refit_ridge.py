@@ -7,7 +7,7 @@ import torch
 
 from pruning_core.masks import SparsityTarget
 from pruning_core.methods import METHODS, LayerProblem
-from pruning_core.methods.apt import conjugate_gradient_refit, exact_refit, select_mask
+from pruning_core.methods.apt import AptSettings, conjugate_gradient_refit, exact_refit, select_mask
 from pruning_core.methods.refine import MaskRefinement, admm_mask, layer_loss
 from pruning_core.stats import InputStatistics, StatisticsPlan, damped
 from tests.conftest import correlated_layer
@@ -71,7 +71,11 @@ def test_on_a_layer_wide_for_its_calibration_the_ridge_is_never_worse_held_out_t
     calibration, unseen = inputs[:384], inputs[384:]
     stats = split_statistics(calibration)
     pruned = {
-        name: METHODS[method].prune(LayerProblem("layer", weight, stats, target, 64, 0.01, refit_ridge=ridge))
+        name: METHODS[method].prune(
+            LayerProblem(
+                "layer", weight, stats, target, 64, 0.01, settings=AptSettings(refit_ridge=ridge, mask_refinement=None)
+            )
+        )
         for name, method, ridge in (
             ("sparsegpt", "sparsegpt", "none"),
             ("apt", "apt", "none"),
@@ -91,7 +95,9 @@ def test_with_ample_calibration_the_ridge_keeps_the_plain_refit_gain():
     stats = split_statistics(calibration, batch=512)
     target = SparsityTarget(ratio=0.5)
     plain = METHODS["apt"].prune(LayerProblem("layer", weight, stats, target))
-    ridge = METHODS["apt"].prune(LayerProblem("layer", weight, stats, target, refit_ridge="heldout"))
+    ridge = METHODS["apt"].prune(
+        LayerProblem("layer", weight, stats, target, settings=AptSettings(refit_ridge="heldout", mask_refinement=None))
+    )
     sparsegpt = METHODS["sparsegpt"].prune(LayerProblem("layer", weight, stats, target))
     assert heldout_loss(weight, ridge, unseen) <= heldout_loss(weight, plain, unseen) * 1.02
     assert heldout_loss(weight, ridge, unseen) < heldout_loss(weight, sparsegpt, unseen)
@@ -102,7 +108,9 @@ def test_mask_refinement_keeps_the_exact_sparsity_and_pattern_and_never_raises_t
     weight, inputs = correlated_layer(rows=48, cols=128, tokens=2048, seed=3)
     stats = split_statistics(inputs, heldout_fraction=0.0, batch=256)
     first = LayerProblem("layer", weight, stats, target, 64)
-    refined_problem = LayerProblem("layer", weight, stats, target, 64, mask_refinement=MaskRefinement(iterations=30))
+    refined_problem = LayerProblem(
+        "layer", weight, stats, target, 64, settings=AptSettings(mask_refinement=MaskRefinement(iterations=30))
+    )
     plain, refined = METHODS["apt"].prune(first), METHODS["apt"].prune(refined_problem)
     system = damped(stats.hessian(), 0.01)
     assert layer_loss(weight, refined, system) <= layer_loss(weight, plain, system)

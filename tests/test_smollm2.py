@@ -18,6 +18,7 @@ from pruning_core.methods import METHODS, LayerProblem
 from pruning_core.methods.apt import (
     CG_MAX_ITERATIONS,
     CG_TOLERANCE,
+    AptSettings,
     conjugate_gradient_refit,
     exact_refit,
     select_mask,
@@ -165,7 +166,9 @@ def test_refined_and_ridge_refits_are_not_worse_than_sparsegpt_on_held_out_token
         "refined": ("apt", {"mask_refinement": MaskRefinement()}),
     }
     pruned = {
-        name: METHODS[method].prune(LayerProblem(module, weight, stats, sparsity, **fields))
+        name: METHODS[method].prune(
+            LayerProblem(module, weight, stats, sparsity, settings=AptSettings(**{"mask_refinement": None, **fields}))
+        )
         for name, (method, fields) in options.items()
     }
     held_out = {name: layer_loss(weight, result, unseen_hessian) for name, result in pruned.items()}

@@ -27,16 +27,53 @@ import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from pydantic import Field, model_validator
 
 from pruning_core.masks import lowest_overall, quota
-from pruning_core.methods.base import LayerProblem
-from pruning_core.methods.refine import admm_mask, layer_loss
+from pruning_core.methods.base import LayerProblem, MethodSettings, Refit, RefitRidge
+from pruning_core.methods.refine import MaskRefinement, admm_mask, layer_loss
 from pruning_core.methods.sparsegpt import aligned_block_size
 from pruning_core.stats import InputStatistics, damped
 
 log = logging.getLogger(__name__)
+
+
+class AptSettings(MethodSettings):
+    """APT's recipe fields."""
+
+    applies_to: ClassVar[str] = "apt"
+
+    refit: Refit = Field(
+        default="cg",
+        description="apt: least-squares refit on the final mask: cg (conjugate gradient over whole-layer "
+        "products) | exact (one Cholesky per row, the reference)",
+    )
+    refit_ridge: RefitRidge = Field(
+        default="none",
+        description="apt: heldout (pull the refit toward the removal updates by a ridge chosen per layer on "
+        "a held-out quarter of the calibration tokens: for layers wide for their calibration) | none",
+    )
+    mask_refinement: MaskRefinement | None = Field(
+        default=MaskRefinement(),
+        description="apt: after the first mask, ADMM steps that may swap kept and removed weights where the "
+        "layer's loss says so (same sparsity, same N:M pattern), kept only when the loss is lower; null: off",
+    )
+
+    @model_validator(mode="after")
+    def _ridge_with_the_plain_refit(self):
+        if self.refit_ridge != "none" and (self.refit == "exact" or self.mask_refinement is not None):
+            raise ValueError(
+                "refit_ridge is for the conjugate-gradient refit of the first mask: set refit: cg and "
+                "mask_refinement: null"
+            )
+        return self
+
+
+# A bare layer problem (tests, benchmarks) gets the plain solve; a recipe's default refines its mask.
+PLAIN = AptSettings(mask_refinement=None)
 
 ROW_CHUNK_ELEMENTS = 2**25  # bounds the batched |P| x |P| systems held at once
 # Conjugate-gradient refit: stop when every row's residual norm is below this fraction of its
@@ -55,17 +92,18 @@ RIDGE_STRENGTHS = (1.0, 0.3, 0.1, 0.03, 0.0)
 
 
 def prune_apt(problem: LayerProblem) -> torch.Tensor:
+    settings = problem.settings if isinstance(problem.settings, AptSettings) else PLAIN
     weight = problem.weight.clone()
     weight[:, problem.stats.dead_columns()] = 0
     inverse, damping = problem.stats.inverse(problem.damping, problem.name)
     updated, mask = select_mask(weight, inverse, problem, aligned_block_size(problem.block_size, problem))
     system = damped(problem.stats.hessian(), damping)
-    if problem.mask_refinement is not None:
-        return refined(weight, system, updated, mask, problem)
-    if problem.refit == "exact":
+    if settings.mask_refinement is not None:
+        return refined(weight, system, updated, mask, problem, settings)
+    if settings.refit == "exact":
         return exact_refit(weight, system, mask)
     strength = 0.0
-    if problem.refit_ridge == "heldout" and problem.stats.has_heldout():
+    if settings.refit_ridge == "heldout" and problem.stats.has_heldout():
         strength = heldout_ridge(weight, updated, mask, problem.stats, damping)
     ridge = strength * float(torch.diagonal(system).mean())
     refit = conjugate_gradient_refit(
@@ -209,7 +247,12 @@ def removal_coefficients(w_block: torch.Tensor, inverse_block: torch.Tensor, cho
 
 
 def refined(
-    weight: torch.Tensor, system: torch.Tensor, updated: torch.Tensor, mask: torch.Tensor, problem: LayerProblem
+    weight: torch.Tensor,
+    system: torch.Tensor,
+    updated: torch.Tensor,
+    mask: torch.Tensor,
+    problem: LayerProblem,
+    settings: AptSettings,
 ) -> torch.Tensor:
     """The refit of the ADMM-refined mask when its loss is lower than the first mask's refit, else the latter.
 
@@ -221,8 +264,8 @@ def refined(
     """
     inverse, damping = problem.stats.inverse(problem.damping, problem.name)
     eigen = problem.stats.eigen(damping)
-    other, start = admm_mask(weight, eigen, updated, mask, problem.target, problem.mask_refinement)
-    exact = problem.refit == "exact"
+    other, start = admm_mask(weight, eigen, updated, mask, problem.target, settings.mask_refinement)
+    exact = settings.refit == "exact"
 
     def refit(support: torch.Tensor, begin: torch.Tensor, tolerance: float = CG_TOLERANCE) -> CGRefit:
         if exact:

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from pruning_core.masks import SparsityTarget
-from pruning_core.methods.refine import MaskRefinement
+from pruning_core.method_settings import MethodSettings, NoSettings
 from pruning_core.stats import InputStatistics
 
 Needs = Literal["nothing", "column_norms", "hessian"]
@@ -27,9 +27,7 @@ class LayerProblem:
     target: SparsityTarget
     block_size: int = 128
     damping: float = 0.01
-    refit: Refit = "cg"  # APT: how the kept weights are re-solved on the final mask
-    refit_ridge: RefitRidge = "none"  # APT: pull the refit toward the removal updates, as held-out tokens say
-    mask_refinement: MaskRefinement | None = None  # APT: ADMM steps that may move the first mask
+    settings: MethodSettings | None = None  # the method's own (its recipe fields); None: the method's plain solve
 
 
 @dataclass(frozen=True)
@@ -39,3 +37,12 @@ class Method:
     prune: Callable[[LayerProblem], torch.Tensor]
     needs: Needs
     version: str = "1"  # bump when the method's output changes: it is part of every run fingerprint
+    settings: type[MethodSettings] = NoSettings  # its own recipe fields
+
+
+@dataclass(frozen=True)
+class StructuredMethod:
+    """A structured method (whole heads, channels or blocks over the whole model, `pruning_core.structured`)."""
+
+    version: str  # bump when its output changes: it is part of every run fingerprint
+    settings: type[MethodSettings] = NoSettings

@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning_core.adapters import adapter_for
+from pruning_core.method_settings import MethodSettings
 from pruning_core.structured.llm_pruner import (
     RatioOf,
     StructuredPruningError,
@@ -34,6 +35,16 @@ from pruning_core.structured.llm_pruner import (
 
 DepthImportance = Literal["loss", "influence"]
 PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per block
+
+
+class DepthImportanceSettings(MethodSettings):
+    """Depth pruning's own recipe field (besides the structured target: ratio, ratio_of, recovery)."""
+
+    applies_to: ClassVar[str] = "depth"
+
+    depth_importance: DepthImportance = Field(
+        default="loss", description="depth: loss (calibration loss increase when a block is skipped) | influence"
+    )
 
 
 class DepthSettings(BaseModel):

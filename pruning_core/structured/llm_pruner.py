@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics as stats
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,6 +26,7 @@ from torch import nn
 
 from pruning_core.adapters import STRUCTURED_PROJECTIONS, Projections, adapter_for
 from pruning_core.footprint import footprint
+from pruning_core.method_settings import MethodSettings
 from pruning_core.structured.groups import (
     AttentionUnit,
     BlockShape,
@@ -66,6 +67,40 @@ CHANNEL_MULTIPLES = (32, 16, 8)
 def channel_multiple(intermediate_size: int) -> int:
     """The largest of CHANNEL_MULTIPLES that is at most 1/16 of the MLP width (so small models stay prunable)."""
     return next((m for m in CHANNEL_MULTIPLES if 16 * m <= intermediate_size), CHANNEL_MULTIPLES[-1])
+
+
+class WidthSettings(MethodSettings):
+    """LLM-Pruner's own recipe fields (besides the structured target: ratio, ratio_of, recovery)."""
+
+    applies_to: ClassVar[str] = "llm_pruner"
+
+    widths: Widths = Field(
+        default="uniform",
+        description="llm_pruner: uniform (every block the same widths: a stock config) | per_block "
+        "(keep_first/keep_last blocks whole; loads with secateur only)",
+    )
+    importance: Importance | None = Field(
+        default=None,
+        description="llm_pruner: activation | element1 | element2 | vector (default: activation with uniform "
+        "widths, element1 with per_block)",
+    )
+    channel_refit: WidthRefit = Field(
+        default="least_squares",
+        description="llm_pruner: least_squares (down_proj/o_proj refit to the dense outputs on the calibration "
+        "inputs) | none",
+    )
+    aggregation: Aggregation = Field(default="sum", description="llm_pruner: per-group sum | mean | max | prod")
+    keep_first: int | None = Field(
+        default=None, ge=0, description="llm_pruner, widths per_block: leading blocks kept whole (default 4)"
+    )
+    keep_last: int | None = Field(
+        default=None, ge=0, description="llm_pruner, widths per_block: trailing blocks kept whole (default 2)"
+    )
+    attention_unit: AttentionUnit | None = Field(
+        default=None,
+        description="llm_pruner: q_heads | kv_groups | none (attention kept whole; the default with uniform "
+        "widths, q_heads with per_block)",
+    )
 
 
 class StructuredSettings(BaseModel):

@@ -34,11 +34,12 @@ def one_layer(name: str, weight, fit, target, seq_len: int) -> dict:
     import pruning_core.methods.apt as apt
     import pruning_core.stats as stats_module
     from pruning_core.methods import METHODS, LayerProblem
-    from pruning_core.methods.refine import MaskRefinement, layer_loss
+    from pruning_core.methods.apt import AptSettings
+    from pruning_core.methods.refine import layer_loss
     from pruning_core.stats import damped
 
     def problem() -> LayerProblem:
-        return LayerProblem(name, weight, layer_statistics(fit, seq_len), target, mask_refinement=MaskRefinement())
+        return LayerProblem(name, weight, layer_statistics(fit, seq_len), target, settings=AptSettings())
 
     parts: dict[str, float] = defaultdict(float)
     refits: list[dict] = []
