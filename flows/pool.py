@@ -175,50 +175,62 @@ def _jobs(pool: str, requests: list[PairRequest]) -> tuple[list[_Job], dict[int,
     return prepares, pairs
 
 
+class _PoolRun:
+    """The batch's flow runs on the pool as a small state machine. Each child run is polled until it ends:
+
+    running  -> keep watching
+    lost     -> its MLflow run ended; submitted again (a new attempt) while attempts remain, else failed
+    failed   -> a prepare fails its model's pairs; a pair is a failed pair
+    completed-> a prepare submits its model's pairs; a pair's result is read from the store
+    """
+
+    def __init__(self, watch: _Watch, requests: list[PairRequest], pairs_of: dict[int, list[_Job]], on_result) -> None:
+        self.watch, self.requests, self.pairs_of, self.on_result = watch, requests, pairs_of, on_result
+        self.results: dict[int, PairResult] = {}
+
+    def finish(self, index: int, result: PairResult) -> None:
+        self.results[index] = result
+        self.on_result(result)
+
+    def advance(self, child: _Child) -> list[_Child]:
+        """The children that replace `child` after one look at it (itself while it runs)."""
+        status, why = self.watch.status(child)
+        if status == "running":
+            return [child]
+        kind, index = child.job.key
+        outcome = self.watch.result(child, self.requests[index]) if kind == "pair" and status == "completed" else None
+        self.watch.forget(child)
+        if status == "lost":
+            self.watch.end_tracking(child)
+            if child.attempt < self.watch.settings.pair_attempts:
+                log.warning("%s (%s): %s; running it again", child.job.name, child.job.parameters["model"], why)
+                return [self.watch.submit(child.job, child.attempt + 1)]
+            why = f"{why} (gave up after {child.attempt} runs)"
+        if kind == "prepare":
+            return self._prepared(index, status, why)
+        self.finish(index, outcome or PairResult.failed(self.requests[index], why, child.attempt))
+        return []
+
+    def _prepared(self, model: int, status: str, why: str) -> list[_Child]:
+        if status == "completed":
+            return [self.watch.submit(job) for job in self.pairs_of[model]]
+        for job in self.pairs_of[model]:
+            request = self.requests[job.key[1]]
+            self.finish(job.key[1], PairResult.failed(request, f"preparing {request.model} failed: {why}"))
+        return []
+
+
 def run_on_pool(
     pool: str, requests: list[PairRequest], settings: Settings, on_result: Callable[[PairResult], None]
 ) -> list[PairResult]:
     """Prepare each model once on the pool, then its pairs; lost runs go again; results in `requests` order."""
     from prefect.client.orchestration import get_client
 
-    results: dict[int, PairResult] = {}
-
-    def finish(index: int, result: PairResult) -> None:
-        results[index] = result
-        on_result(result)
-
     prepares, pairs_of = _jobs(pool, requests)
     with get_client(sync_client=True) as client:
-        watch = _Watch(settings, client, settings.artifact_store())
-        children = [watch.submit(job) for job in prepares]
+        run = _PoolRun(_Watch(settings, client, settings.artifact_store()), requests, pairs_of, on_result)
+        children = [run.watch.submit(job) for job in prepares]
         while children:
             time.sleep(settings.poll_seconds)
-            waiting = []
-            for child in children:
-                status, why = watch.status(child)
-                kind, index = child.job.key
-                if status == "running":
-                    waiting.append(child)
-                    continue
-                outcome = watch.result(child, requests[index]) if kind == "pair" and status == "completed" else None
-                watch.forget(child)
-                if status == "lost":
-                    watch.end_tracking(child)
-                if status == "lost" and child.attempt < settings.pair_attempts:
-                    log.warning("%s (%s): %s; running it again", child.job.name, child.job.parameters["model"], why)
-                    waiting.append(watch.submit(child.job, child.attempt + 1))
-                    continue
-                if status == "lost":
-                    why = f"{why} (gave up after {child.attempt} runs)"
-                if kind == "prepare" and status == "completed":
-                    waiting.extend(watch.submit(job) for job in pairs_of[index])
-                elif kind == "prepare":
-                    for job in pairs_of[index]:
-                        request = requests[job.key[1]]
-                        finish(job.key[1], PairResult.failed(request, f"preparing {request.model} failed: {why}"))
-                elif outcome is not None:
-                    finish(index, outcome)
-                else:
-                    finish(index, PairResult.failed(requests[index], why, child.attempt))
-            children = waiting
-    return [results[index] for index in range(len(requests))]
+            children = [after for child in children for after in run.advance(child)]
+    return [run.results[index] for index in range(len(requests))]
