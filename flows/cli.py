@@ -195,13 +195,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def deliver_folder(source: Path, out: Path) -> None:
     """Copy the finished folder next to `out`, then rename it into place: `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    from infra.durable import replace_with, staging_path
+
+    staging = staging_path(out)
     shutil.copytree(source, staging)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    replace_with(staging, out)
 
 
 def _print_unstructured(report: PruneReport) -> dict:

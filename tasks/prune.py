@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import torch
 from pydantic import BaseModel
 
 from infra.checkpoints import BlockCheckpoints
-from infra.durable import fsync_path, write_atomic
+from infra.durable import fsync_path, replace_with, staging_path, write_atomic
 from infra.hashing import fingerprint, sha256_file
 from infra.integrity import hash_files, mismatch, record_stamps
 from infra.locks import process_alive
@@ -206,16 +205,9 @@ def pull_finished(settings: Settings, key: str, out: Path) -> PruneReport | None
     if report is None:
         shutil.rmtree(staging, ignore_errors=True)
         return None
-    _move_into_place(staging, out)
+    replace_with(staging, out)
     record_stamps(out, {**report.sha256, REPORT_FILE: report_digest(out)})
     return report
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, out)
-    fsync_path(out.parent)
 
 
 def commit_folder(staging: Path, out: Path, report: PruneReport) -> PruneReport:
@@ -234,7 +226,7 @@ def commit_folder(staging: Path, out: Path, report: PruneReport) -> PruneReport:
         }
     )
     write_atomic(staging / REPORT_FILE, report.to_json())
-    _move_into_place(staging, out)
+    replace_with(staging, out)
     record_stamps(out, {**report.sha256, REPORT_FILE: report_digest(out)})
     return report
 
@@ -245,9 +237,7 @@ def staging_folder(out: Path) -> Path:
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
+    return staging_path(out)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
