@@ -1,7 +1,8 @@
-"""The batch flow: `compress_batch` runs a batch's models x recipes, here or on a work pool.
+"""The Prefect flows: `compress_batch` runs a batch's models x recipes, here or on a work pool, as `compress_model`
+runs (one pair each, `flows.pair_stages`), after a `prepare_model` run per model on a pool.
 
-Its steps: start (the MLflow parent run, the run record), run the pairs, run the sparsity searches, finish
-(summary, review, what ships). The pairs themselves are `flows.pair.compress_model` runs.
+The batch's steps: start (the MLflow parent run, the run record), run the pairs, run the sparsity searches,
+finish (summary, review, what ships).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.batch_config import BatchConfig, BatchRecipe
-from flows.pair import compress_model
+from flows.pair_stages import PairStages, compress_pair, flow_settings
 from flows.pairs import PairRequest, PairResult, progress_line, summary_table
 from flows.pool import run_on_pool
 from flows.run_records import RunRecord, save_record
@@ -21,12 +22,48 @@ from flows.search import SearchOutcome, probe_name, run_searches, search_of
 from infra.preflight import check_services
 from infra.redact import install_log_redaction, redact
 from infra.settings import Settings, prepare_environment
+from pruning_core.recipe import Recipe
+from tasks.calibrate import CalibrationSpec
+from tasks.evaluate import EvaluationSpec
 from tasks.review import SELECTION_PARAM
 from tasks.track import finish_batch_run, judge_probe, record_failed_pair, start_batch_run
 
 
 class PairsFailed(RuntimeError):
     pass
+
+
+@flow(name="compress-model", flow_run_name="{recipe_name}")
+def compress_model(
+    model: str,
+    recipe: Recipe,
+    calibration: CalibrationSpec,
+    evaluation: EvaluationSpec,
+    *,
+    recipe_name: str = "recipe",
+    parent_run_id: str | None = None,
+    experiment: str = "secateur",
+) -> PairResult:
+    """One pair (`flows.pair_stages.compress_pair`). Run from its pool deployment, it beats a heartbeat into the store
+    and leaves its result there."""
+    request = PairRequest(
+        model=model,
+        recipe=recipe,
+        calibration=calibration,
+        evaluation=evaluation,
+        recipe_name=recipe_name,
+        parent_run_id=parent_run_id,
+        experiment=experiment,
+    )
+    with flow_settings() as settings:
+        return compress_pair(settings, request)
+
+
+@flow(name="prepare-model", flow_run_name="prepare")
+def prepare_model(model: str, calibration: CalibrationSpec, evaluation: EvaluationSpec) -> None:
+    """On a pool, before a model's pairs: fetch, calibration and dense evaluation once, shared via the store."""
+    with flow_settings() as settings:
+        PairStages(settings).prepare(model, calibration, evaluation)
 
 
 def _error_line(state) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from uuid import UUID
 
-from flows.pair import compress_model, prepare_model
+from flows.batch import compress_model, prepare_model
 
 
 def ensure_pool(pool: str) -> None:

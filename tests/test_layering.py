@@ -43,15 +43,15 @@ COMMAND_LINE = {"flows.cli", "flows.batch_cli", "flows.demo", "flows.console"}
 FLOWS_FORBIDDEN = {
     "flows.deployment": COMMAND_LINE,
     "flows.batch": COMMAND_LINE | {"flows.deployment"},
-    "flows.pair": COMMAND_LINE | {"flows.deployment", "flows.batch"},
-    "flows.pool": COMMAND_LINE | {"flows.deployment", "flows.batch", "flows.pair"},
+    "flows.pair_stages": COMMAND_LINE | {"flows.deployment", "flows.batch"},
+    "flows.pool": COMMAND_LINE | {"flows.deployment", "flows.batch", "flows.pair_stages"},
 }
 # Where a process starts: the command line's main, the demo, and each flow (a worker runs one in its own process).
 ENTRY_POINTS = {
     "flows/cli.py:main",
     "flows/demo.py:main",
     "flows/batch.py:compress_batch",
-    "flows/pair.py:flow_settings",
+    "flows/pair_stages.py:flow_settings",
 }
 
 

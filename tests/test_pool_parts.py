@@ -84,7 +84,7 @@ def test_a_calibration_set_made_on_one_machine_is_reused_on_another(tmp_path, ti
 
 @flow
 def _prepare_here(model: str, calibration: CalibrationSpec, evaluation) -> dict[str, str]:
-    from flows.pair import PairStages
+    from flows.pair_stages import PairStages
 
     stages = PairStages(Settings())
     stages.prepare(model, calibration, evaluation)

@@ -1,7 +1,8 @@
-"""The flows of one model: `compress-model` runs a (model, recipe) pair, `prepare-model` what its pairs share.
+"""One (model, recipe) pair: its stages as Prefect tasks, and what a flow run of it starts with.
 
-Each is an entry point (a pool worker starts it in a process of its own): it builds the settings once, and on a
-pool shares results and mirrors checkpoints through the store while a heartbeat there says it is alive.
+The pair and prepare flows (`flows.batch.compress_model`, `prepare_model`) are entry points: a pool worker
+starts each in a process of its own. `flow_settings` builds their settings once and, on a pool, shares results
+and mirrors checkpoints through the store while a heartbeat there says the run is alive.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import time
 from collections.abc import Iterator
 from typing import TypeVar
 
-from prefect import Task, flow, get_run_logger
+from prefect import Task, get_run_logger
 from pydantic import BaseModel
 
-from flows.pairs import PairResult
+from flows.pairs import PairRequest, PairResult
 from flows.pool import deployed_run_id, heartbeat, result_key
 from infra.settings import Settings, prepare_environment, state_paths_under
-from pruning_core.recipe import Recipe
 from tasks.calibrate import CalibrationSet, CalibrationSpec, CalibrationStage
 from tasks.common import retried
 from tasks.evaluate import EvaluateStage, Evaluation, EvaluationSpec
@@ -113,52 +113,38 @@ def flow_settings() -> Iterator[Settings]:
         yield settings
 
 
-@flow(name="compress-model", flow_run_name="{recipe_name}")
-def compress_model(
-    model: str,
-    recipe: Recipe,
-    calibration: CalibrationSpec,
-    evaluation: EvaluationSpec,
-    *,
-    recipe_name: str = "recipe",
-    parent_run_id: str | None = None,
-    experiment: str = "secateur",
-) -> PairResult:
+def compress_pair(settings: Settings, request: PairRequest) -> PairResult:
     """fetch -> calibrate -> dense baseline -> prune (checkpointed) [-> recover] -> evaluate -> publish.
 
-    With a recovery (structured recipes), the pruned model's perplexity is measured before it too.
-    Run from its pool deployment, it beats a heartbeat into the store and leaves its result there.
-    """
-    with flow_settings() as settings:
-        stages = PairStages(settings)
-        snapshot, calibration_set, dense = stages.prepare(model, calibration, evaluation)
-        # Recipes that differ only in their recovery share one prune.
-        prune = PruneStage(snapshot=snapshot, calibration=calibration_set, recipe=recipe.without_recovery())
-        pruned = stages.cached("prune", prune)
-        recovered = before_recovery = None
-        final: PrunedModel | RecoveredModel = pruned
-        if recipe.recovery is not None:
-            before_spec = evaluation.perplexity_only()
-            if before_spec is not None:
-                before_recovery = stages.evaluate("evaluate_before_recovery", pruned, before_spec)
-            recovery = RecoverStage(pruned=pruned, spec=recipe.recovery, teacher=snapshot)
-            final = recovered = stages.cached("recover", recovery)
-        result = stages.evaluate("evaluate", final, evaluation)
-        record = PairRecord(
-            recipe_name=recipe_name,
-            recipe=recipe,
-            snapshot=snapshot,
-            calibration=calibration,
-            calibration_fingerprint=calibration_set.fingerprint,
-            pruned=pruned,
-            evaluation=result,
-            dense=dense,
-            recovered=recovered,
-            before_recovery=before_recovery,
-            stage_seconds=stages.seconds,
-        )
-        pair = _published(record, stages, settings, parent_run_id=parent_run_id, experiment=experiment)
-    return pair
+    With a recovery (structured recipes), the pruned model's perplexity is measured before it too."""
+    recipe, evaluation = request.recipe, request.evaluation
+    stages = PairStages(settings)
+    snapshot, calibration_set, dense = stages.prepare(request.model, request.calibration, evaluation)
+    # Recipes that differ only in their recovery share one prune.
+    prune = PruneStage(snapshot=snapshot, calibration=calibration_set, recipe=recipe.without_recovery())
+    pruned = stages.cached("prune", prune)
+    recovered = before_recovery = None
+    final: PrunedModel | RecoveredModel = pruned
+    if recipe.recovery is not None:
+        before_spec = evaluation.perplexity_only()
+        if before_spec is not None:
+            before_recovery = stages.evaluate("evaluate_before_recovery", pruned, before_spec)
+        recovery = RecoverStage(pruned=pruned, spec=recipe.recovery, teacher=snapshot)
+        final = recovered = stages.cached("recover", recovery)
+    record = PairRecord(
+        recipe_name=request.recipe_name,
+        recipe=recipe,
+        snapshot=snapshot,
+        calibration=request.calibration,
+        calibration_fingerprint=calibration_set.fingerprint,
+        pruned=pruned,
+        evaluation=stages.evaluate("evaluate", final, evaluation),
+        dense=dense,
+        recovered=recovered,
+        before_recovery=before_recovery,
+        stage_seconds=stages.seconds,
+    )
+    return _published(record, stages, settings, parent_run_id=request.parent_run_id, experiment=request.experiment)
 
 
 def _published(
@@ -187,10 +173,3 @@ def _published(
     if run_id is not None:  # on a pool: the batch reads the result from the store
         settings.artifact_store().write_text(result_key(run_id), pair.model_dump_json())
     return pair
-
-
-@flow(name="prepare-model", flow_run_name="prepare")
-def prepare_model(model: str, calibration: CalibrationSpec, evaluation: EvaluationSpec) -> None:
-    """On a pool, before a model's pairs: fetch, calibration and dense evaluation once, shared via the store."""
-    with flow_settings() as settings:
-        PairStages(settings).prepare(model, calibration, evaluation)
