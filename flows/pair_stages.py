@@ -152,7 +152,8 @@ def _published(
 ) -> PairResult:
     """The pair published (artifact store, MLflow) and its result; on a pool, left in the store for the batch."""
     get_run_logger().info("stage publish started")
-    publication = retried(publish, settings)(record, settings, parent_run_id, experiment)
+    with state_paths_under(settings):  # report.json holds `$SECATEUR_HOME/...`, never this machine's paths
+        publication = retried(publish, settings)(record, settings, parent_run_id, experiment)
     dense, result = record.dense, record.evaluation
     pair = PairResult(
         model=record.snapshot.spec,

@@ -15,6 +15,10 @@ class MethodSettings(BaseModel):
 
     applies_to: ClassVar[str]  # who may set them, as an error names it
 
+    def check_settings(self) -> None:
+        """Rules across the method's own fields (raise ValueError); `Recipe` calls its method's, after the
+        target's checks. `self` may be the recipe: read only the fields declared here."""
+
 
 class NoSettings(MethodSettings):
     """A method without recipe fields of its own."""

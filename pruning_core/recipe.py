@@ -166,6 +166,7 @@ class Recipe(*_METHOD_SETTINGS, BaseModel):
             self._only_defaults(_OWL_FIELDS, "allocation 'owl'")
         self._only_own_settings()
         self._only_defaults(("ratio_of",), "structured methods (llm_pruner, depth)")
+        method_settings()[self.method].check_settings(self)
         return self
 
     def _only_own_settings(self) -> None:

@@ -1,4 +1,4 @@
-"""build_calibration: token windows for a (model tokenizer, data spec), computed once per batch."""
+"""The calibration stage: token windows for a (model tokenizer, data spec), made once and shared."""
 
 from __future__ import annotations
 

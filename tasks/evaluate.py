@@ -104,6 +104,10 @@ class EvaluationSpec(BaseModel):
     def _something_to_measure(self) -> EvaluationSpec:
         if not self.perplexity and not self.tasks:
             raise ValueError("give perplexity datasets, tasks, or both")
+        labels = [dataset_label(item if isinstance(item, str) else item.data) for item in self.perplexity]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"perplexity datasets named alike ({', '.join(twice)}): give files of distinct names")
         return self
 
     def perplexity_only(self) -> EvaluationSpec | None:

@@ -2,7 +2,7 @@
 
 Each pair run logs its own evaluation and, under `dense_`, its model's dense evaluation (so that a review
 needs no other run); `publish` writes them with `pair_metrics`, and review, selection and registration read
-them through `measured` and the names here, never by spelling a prefix of their own.
+them through `measured` and the names here (selection compares the `acc.<task>` keys `measured` makes).
 
     ppl.<dataset>                      perplexity of the variant on a dataset (its label)
     acc.<task>, acc_norm.<task>        lm-eval zero-shot accuracy (and their _stderr)

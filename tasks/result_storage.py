@@ -41,7 +41,7 @@ class ArtifactStoreResults(WritableFileSystem):
         return text.encode()
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
-        # JSON serializer only (tasks.common.stored): records are text.
+        # JSON serializer only (tasks.stage.stage_task): records are text.
         self._store().write_text(f"{PREFIX}/{path}", content.decode())
         return path
 

@@ -82,3 +82,20 @@ RECORDED = [
 @pytest.mark.parametrize(("fields", "recorded"), RECORDED)
 def test_a_recipe_keeps_the_fingerprint_it_had(fields, recorded):
     assert Recipe.model_validate(fields).fingerprint() == recorded
+
+
+def test_another_methods_field_is_refused_by_name_before_its_own_rules():
+    with pytest.raises(ValueError, match="'refit_ridge' applies to apt only"):
+        Recipe.model_validate({"method": "wanda", "sparsity": 0.5, "refit_ridge": "heldout"})
+    with pytest.raises(ValueError, match="refit_ridge is for the conjugate-gradient refit"):
+        Recipe.model_validate({"method": "apt", "sparsity": 0.5, "refit_ridge": "heldout"})
+
+
+def test_two_perplexity_datasets_named_alike_are_refused(tmp_path):
+    from tasks.evaluate import EvaluationSpec
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "wiki.txt").write_text("text\n")
+    with pytest.raises(ValueError, match=r"named alike \(wiki\)"):
+        EvaluationSpec(perplexity=[str(tmp_path / "a" / "wiki.txt"), str(tmp_path / "b" / "wiki.txt")])

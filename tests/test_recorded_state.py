@@ -43,3 +43,8 @@ def test_a_batch_recorded_before_the_change_is_all_cache_hits(prefect_api, tmp_p
     assert {"prune", "recover", "evaluate", "evaluate_before_recovery"} <= set(results[2].task_states)
     assert {part: _files(home / part) for part in made} == made, "nothing was made again"
     assert [round(r.perplexity["wiki"], 2) for r in results] == [259.71, 260.51, 260.3]
+    reports = list((tmp_path / "store").rglob("report/report.json"))
+    assert len(reports) == 3
+    for report in reports:  # the published record names state paths portably, never this machine's
+        text = report.read_text()
+        assert str(home) not in text and "$SECATEUR_HOME/models/" in text
