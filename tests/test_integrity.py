@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from flows.batch import compress_batch
 from infra.artifacts import FilesystemStore
 from infra.integrity import file_intact, mismatch, seal, stamp_path
-from infra.settings import Settings
+from infra.settings import Settings, state_paths_under
 from pruning_core.report import REPORT_FILE, PruneReport
 from tasks.prune import commit_folder, finished_report, report_digest
 from tasks.publish import PairRecord, UnverifiedModel, publish_pair
@@ -124,7 +124,8 @@ def test_an_altered_cached_model_is_made_again_and_never_published(
 
 def _published_record(uri: str) -> PairRecord:
     report = Path(uri.removeprefix("file://")).parent / "report" / "report.json"
-    return PairRecord.model_validate_json(report.read_text())
+    with state_paths_under(Settings()):  # its `$SECATEUR_HOME/...` paths, read under this state dir
+        return PairRecord.model_validate_json(report.read_text())
 
 
 @pytest.mark.long
