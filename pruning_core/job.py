@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pruning_core.adapters import adapter_for
 from pruning_core.data import calibration_windows, tokenize_text
 from pruning_core.distill import DistillSpec, distill
 from pruning_core.engine import BlockResult, prune_model
@@ -18,7 +19,7 @@ from pruning_core.owl import outlier_fractions, owl_sparsities
 from pruning_core.perplexity import PerplexityResult, perplexity
 from pruning_core.recipe import Recipe
 from pruning_core.recovery import RecoveryResult, RecoverySpec, TrainingState, recover
-from pruning_core.report import ParameterCounts, Provenance, PruneReport, StructureReport
+from pruning_core.report import ParameterCounts, Provenance, PruneReport, ResumedBlocks, RunFacts, StructureReport
 from pruning_core.structured.depth import prune_depth
 from pruning_core.structured.llm_pruner import forward_latency_ms, prune_structured
 from pruning_core.structured.storage import save_structured
@@ -44,13 +45,16 @@ def prune_to_folder(
     block_sparsity: list[float] | None = None,
     forward_budget_mib: int | None = None,
     save_dtype: torch.dtype | None = None,
+    run: RunFacts | None = None,
+    resumed: ResumedBlocks | None = None,
 ) -> PruneReport:
     """Prune `model` in place, save it in Hugging Face format with `sparsity.json`; return that report.
 
-    `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks;
-    `block_sparsity` comes from `allocate_sparsity` (computed on the dense model);
-    `forward_budget_mib` bounds the activations of one batched block forward (None: the device's default);
-    `save_dtype`: the dtype the weights are saved in (None: the model's own).
+    `start_block`, `start_inputs` and `on_block` are the engine's resume and checkpoint hooks, and `resumed`
+    what the blocks before `start_block` measured; `block_sparsity` comes from `allocate_sparsity` (computed
+    on the dense model); `forward_budget_mib` bounds the activations of one batched block forward (None: the
+    device's default); `save_dtype`: the dtype the weights are saved in (None: the model's own); `run`: how
+    and where the prune ran, as its runner knows it.
     """
     summary = prune_model(
         model,
@@ -66,20 +70,34 @@ def prune_to_folder(
     )
     save_model(model, tokenizer, out_dir, save_dtype)
     measured = sparsity_report(out_dir, saved_weight_names(model))
+    resumed = resumed or ResumedBlocks()
+    errors = {**resumed.errors, **summary.errors}
     report = PruneReport(
         **measured,
+        **dict(run or RunFacts()),
         recipe=recipe.model_dump(mode="json"),
         recipe_fingerprint=recipe.fingerprint(),
         provenance=provenance,
-        reconstruction_error=summary.errors,
-        experts=summary.experts,
+        reconstruction_error=errors,
+        block_errors=block_means(model, errors),
+        experts={**resumed.experts, **summary.experts},
         prune_seconds=summary.seconds,
         phase_seconds=summary.phase_seconds,
         block_sparsity=block_sparsity,
-        block_reconstruction=summary.reconstruction,
+        block_reconstruction={**resumed.refits, **summary.reconstruction},
     )
     report.write(out_dir)
     return report
+
+
+def block_means(model: nn.Module, errors: dict[str, float]) -> list[float]:
+    """The mean relative reconstruction error of each block's linears (0 for a block without any)."""
+    adapter = adapter_for(model)
+    means = []
+    for index in range(len(adapter.blocks(model))):
+        values = [v for k, v in errors.items() if k.startswith(adapter.block_prefix(index) + ".")]
+        means.append(sum(values) / len(values) if values else 0.0)
+    return means
 
 
 def allocate_sparsity(
@@ -104,6 +122,7 @@ def prune_structured_to_folder(
     statistics: dict[str, torch.Tensor] | None = None,
     latency_tokens: int = 128,
     save_dtype: torch.dtype | None = None,
+    run: RunFacts | None = None,
 ) -> PruneReport:
     """Width (llm_pruner) or depth pruning of `model` in place; save the smaller model with `sparsity.json`.
 
@@ -144,6 +163,7 @@ def prune_structured_to_folder(
     )
     counted = "total" if recipe.ratio_of == "all" else "decoder"
     report = PruneReport(
+        **dict(run or RunFacts()),
         total=1 - getattr(counts_after, counted) / getattr(counts_before, counted),
         parameters=counts_after.total,
         recipe=recipe.model_dump(mode="json"),

@@ -99,7 +99,38 @@ class BlockReconstructionReport(BaseModel):
     kept: bool  # False: the refit did not lower the error and the layer-wise weights were restored
 
 
+class RunFacts(BaseModel):
+    """What the runner of a prune knows of it besides what the engine measures: how and where it ran."""
+
+    resumed_from_block: int = 0
+    resumed_gradients: bool = False  # structured: gradient statistics came from a checkpoint
+    environment: dict[str, str] = {}  # device, torch version, threads: results differ across them
+    resumed_environment: dict[str, str] | None = None  # the earlier blocks' environment, where it differed
+    dtype: str = ""  # of the saved weights
+
+
+class ResumedBlocks(BaseModel):
+    """What the checkpointed blocks of an interrupted prune measured (the engine goes on after them)."""
+
+    errors: dict[str, float] = {}  # relative output error per linear
+    experts: dict[str, ExpertUsage] = {}
+    refits: dict[int, BlockReconstructionReport] = {}  # per block, with `block_reconstruction`
+
+
+class FolderFacts(BaseModel):
+    """What is known once a folder's files are written: their sizes and sha256, and what making it cost."""
+
+    prune_seconds: float
+    peak_rss_mib: float
+    peak_gpu_mib: float
+    files: dict[str, int]
+    sha256: dict[str, str]
+
+
 class PruneReport(BaseModel):
+    """Built once by the job (`pruning_core.job`) from the engine's measurements and the runner's `RunFacts`;
+    completed once, when its folder is committed, by `FolderFacts`."""
+
     model_config = ConfigDict(extra="forbid")
 
     total: float  # zero fraction over the prunable weights (structured: share of parameters removed)
@@ -127,6 +158,13 @@ class PruneReport(BaseModel):
     peak_gpu_mib: float = 0.0
     files: dict[str, int] = {}  # every other file of the folder with its size in bytes
     sha256: dict[str, str] = {}  # every other file of the folder with its sha256, recorded when it was made
+
+    def completed(self, facts: FolderFacts) -> PruneReport:
+        return self.model_copy(update=dict(facts))
+
+    def with_recovery(self, recovery: RecoveryReport) -> PruneReport:
+        """The report of a recovered folder: its pruned model's, with the recovery's."""
+        return self.model_copy(update={"recovery": recovery})
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / REPORT_FILE

@@ -19,13 +19,20 @@ from infra.integrity import hash_files, mismatch, record_stamps
 from infra.locks import process_alive
 from infra.settings import Settings, StatePath
 from infra.stage_checkpoint import StageCheckpoint
-from pruning_core.adapters import adapter_for
 from pruning_core.engine import BlockResult, restore_blocks
 from pruning_core.job import allocate_sparsity, prune_structured_to_folder, prune_to_folder
 from pruning_core.methods import method_version
 from pruning_core.modeling import load_for_compute, output_dtype
 from pruning_core.recipe import Recipe
-from pruning_core.report import REPORT_FILE, BlockReconstructionReport, Provenance, PruneReport
+from pruning_core.report import (
+    REPORT_FILE,
+    BlockReconstructionReport,
+    FolderFacts,
+    Provenance,
+    PruneReport,
+    ResumedBlocks,
+    RunFacts,
+)
 from pruning_core.structured.depth import block_importance, blocks_to_remove
 from pruning_core.structured.llm_pruner import importance_statistics
 from tasks.calibrate import CalibrationSet, load_calibration
@@ -90,14 +97,6 @@ def run_fingerprint(snapshot: ModelSnapshot, calibration: CalibrationSet, recipe
             "code": code,
         }
     )
-
-
-def _block_means(errors: dict[str, float], blocks: int, prefix_of) -> list[float]:
-    means = []
-    for index in range(blocks):
-        values = [v for k, v in errors.items() if k.startswith(prefix_of(index) + ".")]
-        means.append(sum(values) / len(values) if values else 0.0)
-    return means
 
 
 def finished_report(
@@ -210,21 +209,21 @@ def pull_finished(settings: Settings, key: str, out: Path) -> PruneReport | None
     return report
 
 
-def commit_folder(staging: Path, out: Path, report: PruneReport) -> PruneReport:
-    """Files synced and hashed, then the report (each file's size and sha256) last, then the folder moved
-    into place and stamped as verified."""
+def commit_folder(staging: Path, out: Path, report: PruneReport, seconds: float | None = None) -> PruneReport:
+    """Files synced and hashed, then the report completed (each file's size and sha256; `seconds`, what making
+    it took, else the report's own) and written last, then the folder moved into place and stamped as verified."""
     files = {p.relative_to(staging).as_posix(): p for p in sorted(staging.rglob("*")) if p.is_file()}
     files.pop(REPORT_FILE, None)
     for path in files.values():
         fsync_path(path)
-    report = report.model_copy(
-        update={
-            "peak_rss_mib": peak_rss_mib(),
-            "peak_gpu_mib": peak_gpu_mib(),
-            "files": {name: path.stat().st_size for name, path in files.items()},
-            "sha256": hash_files(staging, list(files)),
-        }
+    facts = FolderFacts(
+        prune_seconds=report.prune_seconds if seconds is None else seconds,
+        peak_rss_mib=peak_rss_mib(),
+        peak_gpu_mib=peak_gpu_mib(),
+        files={name: path.stat().st_size for name, path in files.items()},
+        sha256=hash_files(staging, list(files)),
     )
+    report = report.completed(facts)
     write_atomic(staging / REPORT_FILE, report.to_json())
     replace_with(staging, out)
     record_stamps(out, {**report.sha256, REPORT_FILE: report_digest(out)})
@@ -274,16 +273,16 @@ class PruneJob:
         model, tokenizer = load_for_compute(self.snapshot.path, settings.device, settings.trust_remote_code)
         return model, tokenizer, load_calibration(self.calibration)
 
-    def commit(self, staging: Path, report: PruneReport, started: float, **fields) -> PruneReport:
+    def run_facts(self, **facts) -> RunFacts:
+        """How this prune ran: `facts` (its resume) with the dtype its folder is saved in."""
+        return RunFacts(dtype=_dtype_name(self.save_dtype()), **facts)
+
+    def save_dtype(self) -> torch.dtype:
+        return output_dtype(self.recipe.dtype, self.snapshot.path)
+
+    def commit(self, staging: Path, report: PruneReport, started: float) -> PruneReport:
         """The finished folder in place with its report completed, and the job's work removed."""
-        report = report.model_copy(
-            update={
-                "prune_seconds": time.perf_counter() - started,
-                "dtype": _dtype_name(output_dtype(self.recipe.dtype, self.snapshot.path)),
-                **fields,
-            }
-        )
-        report = commit_folder(staging, self.out, report)
+        report = commit_folder(staging, self.out, report, seconds=time.perf_counter() - started)
         shutil.rmtree(self.work(""), ignore_errors=True)  # block, allocation and gradient checkpoints
         return report
 
@@ -338,46 +337,24 @@ def _prune_structured(job: PruneJob) -> PruneReport:
         progress=job.progress,
         provenance=job.provenance(),
         statistics=statistics,
-        save_dtype=output_dtype(job.recipe.dtype, job.snapshot.path),
+        save_dtype=job.save_dtype(),
+        run=job.run_facts(resumed_gradients=saved is not None, environment=numeric_environment(device)),
     )
-    return job.commit(
-        staging, report, started, resumed_gradients=saved is not None, environment=numeric_environment(device)
+    return job.commit(staging, report, started)
+
+
+def _resumed(resume) -> tuple[ResumedBlocks, dict[str, str] | None]:
+    """What the checkpointed blocks measured, and the environment they were pruned in (None: no block)."""
+    blocks = ResumedBlocks(
+        errors={k: v for meta in resume.meta for k, v in meta["errors"].items()},
+        experts={k: v for meta in resume.meta for k, v in meta.get("experts", {}).items()},
+        refits={
+            index: BlockReconstructionReport(**meta["reconstruction"])
+            for index, meta in enumerate(resume.meta)  # blocks 0 .. start_block - 1, in order
+            if meta.get("reconstruction") is not None
+        },
     )
-
-
-@dataclass(frozen=True)
-class _Resumed:
-    """What the checkpointed blocks of an interrupted prune contribute to its report."""
-
-    start_block: int
-    errors: dict[str, float]
-    experts: dict[str, dict]
-    refits: dict[int, BlockReconstructionReport]
-    environment: dict[str, str] | None  # of the checkpointed blocks
-
-    @classmethod
-    def of(cls, resume) -> _Resumed:
-        return cls(
-            start_block=resume.start_block,
-            errors={k: v for meta in resume.meta for k, v in meta["errors"].items()},
-            experts={k: v for meta in resume.meta for k, v in meta.get("experts", {}).items()},
-            refits={
-                index: BlockReconstructionReport(**meta["reconstruction"])
-                for index, meta in enumerate(resume.meta)  # blocks 0 .. start_block - 1, in order
-                if meta.get("reconstruction") is not None
-            },
-            environment=resume.meta[-1].get("environment") if resume.meta else None,
-        )
-
-    def warn_if_changed(self, model: str, environment: dict[str, str]) -> None:
-        if self.environment is not None and self.environment != environment:
-            log.warning(
-                "resuming %s: blocks before %d were pruned with %s, the rest with %s",
-                model,
-                self.start_block,
-                self.environment,
-                environment,
-            )
+    return blocks, resume.meta[-1].get("environment") if resume.meta else None
 
 
 def _block_checkpoints(job: PruneJob) -> BlockCheckpoints:
@@ -395,8 +372,16 @@ def _prune(job: PruneJob) -> PruneReport:
     if resume.start_block:
         restore_blocks(model, [checkpoints.load_weights(path) for path in resume.block_weights])
         log.info("resuming %s at block %d of a checkpointed prune", job.snapshot.spec, resume.start_block)
-    earlier, environment = _Resumed.of(resume), numeric_environment(settings.device)
-    earlier.warn_if_changed(job.snapshot.spec, environment)
+    resumed, earlier = _resumed(resume)
+    environment = numeric_environment(settings.device)
+    if earlier is not None and earlier != environment:
+        log.warning(
+            "resuming %s: blocks before %d were pruned with %s, the rest with %s",
+            job.snapshot.spec,
+            resume.start_block,
+            earlier,
+            environment,
+        )
 
     def on_block(result: BlockResult) -> None:
         meta = {
@@ -423,20 +408,14 @@ def _prune(job: PruneJob) -> PruneReport:
         on_block=on_block,
         block_sparsity=block_sparsity,
         forward_budget_mib=settings.forward_budget_mib,
-        save_dtype=output_dtype(job.recipe.dtype, job.snapshot.path),
+        save_dtype=job.save_dtype(),
+        run=job.run_facts(
+            resumed_from_block=resume.start_block,
+            environment=environment,
+            resumed_environment=earlier if earlier != environment else None,
+        ),
+        resumed=resumed,
     )
-    errors, adapter = {**earlier.errors, **report.reconstruction_error}, adapter_for(model)
-    report = job.commit(
-        staging,
-        report,
-        started,
-        reconstruction_error=errors,
-        experts={**earlier.experts, **report.experts},
-        block_reconstruction={**earlier.refits, **report.block_reconstruction},
-        block_errors=_block_means(errors, len(adapter.blocks(model)), adapter.block_prefix),
-        resumed_from_block=resume.start_block,
-        environment=environment,
-        resumed_environment=earlier.environment if earlier.environment != environment else None,
-    )
+    report = job.commit(staging, report, started)
     checkpoints.clear()  # the mirrored ones in the store too
     return report

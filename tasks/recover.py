@@ -192,6 +192,6 @@ def _recover(stage: RecoverStage, settings: Settings) -> PruneReport:
         heldout=result.heldout,
         precision=result.precision,
     )
-    report = commit_folder(staging, out, pruned_report.model_copy(update={"recovery": recovery}))
+    report = commit_folder(staging, out, pruned_report.with_recovery(recovery))
     checkpoint.clear()
     return report

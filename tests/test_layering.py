@@ -37,10 +37,12 @@ def test_package_imports_only_what_the_layering_allows(package):
     assert not offenders, offenders
 
 
-# --- flows/: the command line on top, then deployment, the batch flow, the pair flows, the pool watcher ---
+# --- flows/: the command line on top, then deployment, the batch flow, the pair flows, the pool watcher;
+# the workers beside them (they start Prefect's own worker processes) ---
 
 COMMAND_LINE = {"flows.cli", "flows.batch_cli", "flows.demo", "flows.console"}
 FLOWS_FORBIDDEN = {
+    "flows.workers": COMMAND_LINE | {"flows.deployment", "flows.batch", "flows.pair_stages", "flows.pool"},
     "flows.deployment": COMMAND_LINE,
     "flows.batch": COMMAND_LINE | {"flows.deployment"},
     "flows.pair_stages": COMMAND_LINE | {"flows.deployment", "flows.batch"},

@@ -8,10 +8,10 @@ import time
 import pytest
 from prefect import flow
 
-from flows.batch_cli import worker_slots
 from flows.pairs import PairResult
 from flows.pool import heartbeat, heartbeat_key
 from flows.run_records import RunRecord, find_record, save_record
+from flows.workers import worker_slots
 from infra.artifacts import open_store
 from infra.settings import Settings
 from tasks.calibrate import CalibrationSpec, make_calibration
