@@ -13,6 +13,7 @@ import asyncio
 import functools
 from typing import ClassVar
 
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import Field
 
@@ -65,5 +66,9 @@ def _saved(location: str, attempts: int, timeout_seconds: int, api: str | None) 
     """Saved once per process and Prefect API (`api` is part of the cache key only)."""
     block = ArtifactStoreResults(location=location, attempts=attempts, timeout_seconds=timeout_seconds)
     # One block document per store; every worker saves the same fields under the same name.
-    block.save(f"secateur-results-{fingerprint({'location': location})}", overwrite=True)
+    name = f"secateur-results-{fingerprint({'location': location})}"
+    try:
+        block.save(name, overwrite=True)
+    except ObjectAlreadyExists:  # another worker registered the block type (or saved it) at the same moment
+        block.save(name, overwrite=True)
     return block
