@@ -251,14 +251,13 @@ class BlockPruner:
         self.recipe = recipe
         self.block_sparsity = block_sparsity
         self.method = METHODS[recipe.method]
+        self.settings = recipe.method_settings()  # what the method reads of the recipe, once per prune
         self.adapter = adapter
         self.device = device
 
     def statistics_plan(self) -> StatisticsPlan:
-        """The method's statistics; a held-out split of the tokens for an APT refit whose ridge they choose."""
-        heldout = (
-            HELDOUT_FRACTION if getattr(self.recipe.method_settings(), "refit_ridge", "none") == "heldout" else 0.0
-        )
+        """The method's statistics, with a held-out split of the tokens where its settings ask for one."""
+        heldout = HELDOUT_FRACTION if self.settings.needs_heldout() else 0.0
         return StatisticsPlan(hessian=self.method.needs == "hessian", heldout_fraction=heldout)
 
     def prune(
@@ -327,7 +326,7 @@ class BlockPruner:
             target=target,
             block_size=self.recipe.block_size,
             damping=self.recipe.damping,
-            settings=self.recipe.method_settings(),
+            settings=self.settings,
         )
 
     def _prune_linear(

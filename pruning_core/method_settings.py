@@ -15,6 +15,10 @@ class MethodSettings(BaseModel):
 
     applies_to: ClassVar[str]  # who may set them, as an error names it
 
+    def needs_heldout(self) -> bool:
+        """Whether the method scores its solve on held-out calibration tokens (the statistics keep some apart)."""
+        return False
+
     def check_settings(self) -> None:
         """Rules across the method's own fields (raise ValueError); `Recipe` calls its method's, after the
         target's checks. `self` may be the recipe: read only the fields declared here."""

@@ -60,16 +60,16 @@ class CalibrationStage(Stage[CalibrationSet]):
     snapshot: ModelSnapshot
     spec: CalibrationSpec
 
-    def fingerprint(self) -> str:
+    def identity(self) -> str:
         return calibration_fingerprint(self.snapshot, self.spec)
 
     def _path(self, settings: Settings) -> Path:
-        return settings.path("calibration") / f"{self.fingerprint()}.safetensors"
+        return settings.path("calibration") / f"{self.fingerprint}.safetensors"
 
     def _result(self, path: Path, sha256: str, started: float) -> CalibrationSet:
         return CalibrationSet(
             path=str(path),
-            fingerprint=self.fingerprint(),
+            fingerprint=self.fingerprint,
             sha256=sha256,
             samples=self.spec.samples,
             seq_len=self.spec.seq_len,
@@ -78,20 +78,20 @@ class CalibrationStage(Stage[CalibrationSet]):
 
     def local(self, settings: Settings) -> CalibrationSet | None:
         started, path = time.perf_counter(), self._path(settings)
-        if file_intact(path) and valid_calibration(path, self.fingerprint()):
+        if file_intact(path) and valid_calibration(path, self.fingerprint):
             return self._result(path, recorded_digest(path), started)
         return None
 
     def pull(self, settings: Settings) -> CalibrationSet | None:
         started, path = time.perf_counter(), self._path(settings)
-        if pull_file(settings, shared_key(self.fingerprint()), path) and valid_calibration(path, self.fingerprint()):
+        if pull_file(settings, shared_key(self.fingerprint), path) and valid_calibration(path, self.fingerprint):
             return self._result(path, seal(path, [""])[""], started)  # matched the sha256 its maker recorded
         return None
 
     def compute(self, settings: Settings) -> CalibrationSet:
         started, path = time.perf_counter(), self._path(settings)
         tokenizer = load_tokenizer(self.snapshot.path, trust_remote_code=settings.trust_remote_code)
-        _write_calibration(tokenizer, self.spec, self.fingerprint(), path)
+        _write_calibration(tokenizer, self.spec, self.fingerprint, path)
         return self._result(path, seal(path, [""])[""], started)
 
     def push(self, result: CalibrationSet, settings: Settings) -> None:

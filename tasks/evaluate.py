@@ -184,7 +184,7 @@ class EvaluateStage(Stage[Evaluation]):
     model_fingerprint: str
     spec: EvaluationSpec
 
-    def fingerprint(self) -> str:
+    def identity(self) -> str:
         return fingerprint({"model": self.model_fingerprint, "spec": self.spec.model_dump(), "v": EVALUATION_VERSION})
 
     def _path(self, settings: Settings) -> Path:

@@ -140,14 +140,14 @@ class PruneStage(Stage[PrunedModel]):
     recipe: Recipe
     progress: bool = False  # bars on the terminal (the CLI)
 
-    def fingerprint(self) -> str:
+    def identity(self) -> str:
         return run_fingerprint(self.snapshot, self.calibration, self.recipe)
 
     def _folder(self, settings: Settings) -> Path:
-        return settings.root / "models" / self.snapshot.slug / self.recipe.fingerprint()[:16] / self.fingerprint()
+        return settings.root / "models" / self.snapshot.slug / self.recipe.fingerprint()[:16] / self.fingerprint
 
     def _result(self, out: Path, report: PruneReport) -> PrunedModel:
-        return PrunedModel.from_report(out, self.fingerprint(), self.recipe.fingerprint(), report)
+        return PrunedModel.from_report(out, self.fingerprint, self.recipe.fingerprint(), report)
 
     def local(self, settings: Settings) -> PrunedModel | None:
         out = self._folder(settings)
@@ -159,11 +159,11 @@ class PruneStage(Stage[PrunedModel]):
 
     def pull(self, settings: Settings) -> PrunedModel | None:
         out = self._folder(settings)
-        report = pull_finished(settings, f"pruned/{self.fingerprint()}", out)
+        report = pull_finished(settings, f"pruned/{self.fingerprint}", out)
         return self._result(out, report) if report is not None else None
 
     def compute(self, settings: Settings) -> PrunedModel:
-        run, out = self.fingerprint(), self._folder(settings)
+        run, out = self.fingerprint, self._folder(settings)
         log.info("pruning %s with %s (run %s)", self.snapshot.spec, self.recipe.describe(), run[:16])
         job = PruneJob(
             snapshot=self.snapshot,

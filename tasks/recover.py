@@ -95,12 +95,12 @@ class RecoverStage(Stage[RecoveredModel]):
     teacher: ModelSnapshot  # the dense model (distillation's teacher)
     progress: bool = False
 
-    def fingerprint(self) -> str:
+    def identity(self) -> str:
         return recovery_fingerprint(self.pruned, self.spec)
 
     def folder(self) -> Path:
         pruned = Path(self.pruned.path)
-        return pruned.with_name(f"{pruned.name}-recovered-{self.fingerprint()[:16]}")
+        return pruned.with_name(f"{pruned.name}-recovered-{self.fingerprint[:16]}")
 
     def _result(self, report: PruneReport | None) -> RecoveredModel | None:
         if report is None or report.recovery is None:
@@ -108,7 +108,7 @@ class RecoverStage(Stage[RecoveredModel]):
         out, recovery = self.folder(), report.recovery
         return RecoveredModel(
             path=str(out),
-            fingerprint=self.fingerprint(),
+            fingerprint=self.fingerprint,
             content=report_digest(out),
             steps=self.spec.steps,
             tokens=self.spec.steps * self.spec.batch_size * self.spec.seq_len,
@@ -123,7 +123,7 @@ class RecoverStage(Stage[RecoveredModel]):
         return self._result(finished_report(self.folder()))
 
     def pull(self, settings: Settings) -> RecoveredModel | None:
-        return self._result(pull_finished(settings, f"recovered/{self.fingerprint()}", self.folder()))
+        return self._result(pull_finished(settings, f"recovered/{self.fingerprint}", self.folder()))
 
     def compute(self, settings: Settings) -> RecoveredModel:
         return self._result(_recover(self, settings))
@@ -143,7 +143,7 @@ def recover_with_checkpoints(
 
 
 def _recover(stage: RecoverStage, settings: Settings) -> PruneReport:
-    pruned, spec, run, out = stage.pruned, stage.spec, stage.fingerprint(), stage.folder()
+    pruned, spec, run, out = stage.pruned, stage.spec, stage.fingerprint, stage.folder()
     started = time.perf_counter()
     pruned_report = finished_report(Path(pruned.path), pruned.content)
     if pruned_report is None:

@@ -11,6 +11,7 @@ under the same lock, and fetches them from the store where this machine lacks th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import ClassVar, Generic, TypeVar
 
 from prefect import Task, task
@@ -31,11 +32,16 @@ class Stage(BaseModel, ABC, Generic[ResultT]):
     task_name: ClassVar[str]  # its Prefect task's name
 
     @abstractmethod
-    def fingerprint(self) -> str:
+    def identity(self) -> str:
         """Of everything its result depends on."""
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """`identity()`, computed once per stage (calibration and recovery hash their data files for it)."""
+        return self.identity()
+
     def cache_key(self) -> str:
-        return f"{self.kind}-{self.fingerprint()}"
+        return f"{self.kind}-{self.fingerprint}"
 
     @abstractmethod
     def local(self, settings: Settings) -> ResultT | None:

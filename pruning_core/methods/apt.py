@@ -62,6 +62,9 @@ class AptSettings(MethodSettings):
         "layer's loss says so (same sparsity, same N:M pattern), kept only when the loss is lower; null: off",
     )
 
+    def needs_heldout(self) -> bool:
+        return self.refit_ridge == "heldout"
+
     def check_settings(self) -> None:
         if self.refit_ridge != "none" and (self.refit == "exact" or self.mask_refinement is not None):
             raise ValueError(
