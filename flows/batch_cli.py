@@ -55,6 +55,12 @@ def _add_pool_commands(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--pool", required=True, help="work pool to take pairs from (created if missing)")
     worker.add_argument("--gpus", help="GPU indices, e.g. 0,1,2,3: one worker each, pinned by CUDA_VISIBLE_DEVICES")
     worker.add_argument("--slots", type=int, default=1, help="without --gpus: workers on this machine's CPUs")
+    worker.add_argument(
+        "--fresh-process",
+        action="store_true",
+        help="a new Python process per pair (Prefect's process worker) instead of warm workers that run pairs in "
+        "themselves: slower to start each pair, nothing carried between pairs",
+    )
     worker.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(run=worker_command)
 
@@ -73,6 +79,12 @@ def _add_pool_commands(commands: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=0, metavar="N", help="up: also N worker slots on --pool (try a pool here)"
     )
     stack.add_argument("--pool", default="local", help="up --workers: the work pool they serve (default: local)")
+    stack.add_argument(
+        "--postgres",
+        action="store_true",
+        help="up: servers on a PostgreSQL cluster of the state dir (initdb/pg_ctl), as in production, not SQLite",
+    )
+    stack.add_argument("--purge", action="store_true", help="down: delete the PostgreSQL cluster's data too")
     stack.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     stack.set_defaults(run=stack_command)
 
@@ -326,14 +338,17 @@ def stack_command(args: argparse.Namespace, settings: Settings) -> dict:
     if args.action == "up":
         if args.workers < 0:
             raise ValueError(f"--workers {args.workers}: give 0 or more")
-        urls = stack.up(settings, workers=args.workers, pool=args.pool)
-        print(f"Prefect UI: {urls['prefect']}   (export PREFECT_API_URL={urls['prefect']}/api to use it)")
+        urls = stack.up(settings, workers=args.workers, pool=args.pool, use_postgres=args.postgres)
+        print(f"Prefect UI: {urls['prefect']}")
         print(f"MLflow UI:  {urls['mlflow']}")
+        if stack.POSTGRES in urls:
+            print(f"PostgreSQL: {urls[stack.POSTGRES]}  (databases prefect, mlflow)")
+        print("Clients:    export " + " ".join(f"{key}={value}" for key, value in urls["env"].items()))
         if stack.WORKERS in urls:
             print(f"Workers:    {urls[stack.WORKERS]}   (secateur run BATCH --pool {args.pool})")
         return urls
     if args.action == "down":
-        stopped = stack.down(settings)
+        stopped = stack.down(settings, purge=args.purge)
         print("stopped " + (", ".join(stopped) if stopped else "nothing (no stack was running)"))
         return {"stopped": stopped}
     report = stack.status(settings)
@@ -351,5 +366,5 @@ def worker_command(args: argparse.Namespace, settings: Settings) -> dict:
     slots = worker_slots(args.gpus, args.slots)
     _use_stack_api(settings)
     ensure_pool(args.pool)
-    run_workers(args.pool, slots)
+    run_workers(args.pool, slots, fresh_process=args.fresh_process)
     return {}

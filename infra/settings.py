@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     )
     prefect_port: int = Field(default=4200, ge=1, le=65535, description="port of `secateur stack up`'s Prefect server")
     mlflow_port: int = Field(default=5000, ge=1, le=65535, description="port of `secateur stack up`'s MLflow UI")
+    postgres_port: int = Field(
+        default=5433, ge=1, le=65535, description="port of `secateur stack up --postgres`'s PostgreSQL (loopback)"
+    )
     task_retries: int = Field(default=2, ge=0, le=10, description="Prefect retries of fetch and publish")
     retry_delay_seconds: float = Field(default=10.0, ge=0, description="first retry delay; later ones grow x3")
     upload_attempts: int = Field(default=5, ge=1, le=20, description="S3 attempts per request (standard retry mode)")

@@ -1,4 +1,5 @@
-"""`secateur stack up|down|status`: a local Prefect server and MLflow UI over the state dir's databases."""
+"""`secateur stack up|down|status`: a local Prefect server and MLflow server over the state dir's databases
+(SQLite), or with `--postgres` over a PostgreSQL cluster of the state dir (`infra.postgres`), as in production."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra import postgres
 from infra.locks import process_alive
 from infra.settings import Settings
+
+POSTGRES = "postgres"
 
 
 @dataclass(frozen=True)
@@ -83,20 +87,75 @@ def _spawn(settings: Settings, name: str, command: list[str], env: dict[str, str
     (settings.path("stack") / f"{name}.json").write_text(json.dumps({"pid": process.pid, "url": url}))
 
 
-def up(settings: Settings, timeout: float = 180.0, workers: int = 0, pool: str = "local") -> dict[str, str]:
-    """Start whatever is not running; wait until each answers its health check; then `workers` pool slots."""
+def _database(settings: Settings) -> str | None:
+    """What the running stack's servers keep their state in: "postgres" or "sqlite" (None: no server runs)."""
+    for name in services(settings):
+        if running(settings, name):
+            return json.loads(_record_path(settings, name).read_text()).get("database", "sqlite")
+    return None
+
+
+def _server_env(settings: Settings, cluster: postgres.Cluster | None) -> dict[str, str]:
+    # Through the environment, not the command line: a database URL may hold a password (`ps`).
+    env = {
+        **os.environ,
+        "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect")),
+        "MLFLOW_BACKEND_STORE_URI": settings.tracking_uri,
+        "MLFLOW_DEFAULT_ARTIFACT_ROOT": settings.mlflow_artifact_root,
+    }
+    if cluster is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = cluster.url("prefect", driver="asyncpg")
+        env["MLFLOW_BACKEND_STORE_URI"] = cluster.url("mlflow", driver="psycopg2")
+    return env
+
+
+def _start_postgres(settings: Settings) -> postgres.Cluster:
+    """This state dir's cluster, created on first use, running, with the servers' databases."""
+    cluster = postgres.cluster_for(settings.root, settings.postgres_port)
+    record = _record_path(settings, POSTGRES)
+    if running(settings, POSTGRES) is None:
+        if not cluster.initialized():
+            cluster.init()
+        cluster.start(log=settings.path("stack") / "postgres.log")
+        record.write_text(json.dumps({"pid": cluster.pid(), "url": cluster.url(""), "data": str(cluster.data)}))
+    cluster.create_databases()
+    return cluster
+
+
+def _postgres_cluster(settings: Settings) -> postgres.Cluster | None:
+    record = _record_path(settings, POSTGRES)
+    if not record.is_file():
+        return None
+    data = Path(json.loads(record.read_text())["data"])
+    user = "postgres" if os.geteuid() == 0 else None
+    return postgres.Cluster(data, settings.postgres_port, user)
+
+
+def client_env(settings: Settings) -> dict[str, str]:
+    """What a client of the running stack exports: its Prefect API and where MLflow runs are tracked (the MLflow
+    server itself on PostgreSQL, as workers in production do; the state dir's SQLite file otherwise)."""
+    found = services(settings)
+    tracking = found["mlflow"].url() if _database(settings) == POSTGRES else settings.tracking_uri
+    return {"PREFECT_API_URL": found["prefect"].url() + "/api", "MLFLOW_TRACKING_URI": tracking}
+
+
+def up(
+    settings: Settings, timeout: float = 180.0, workers: int = 0, pool: str = "local", use_postgres: bool = False
+) -> dict:
+    """Start whatever is not running (first the PostgreSQL cluster when asked); wait until each answers its health
+    check; then `workers` pool slots."""
+    database = _database(settings)
+    wanted = POSTGRES if use_postgres else "sqlite"
+    if database is not None and database != wanted:
+        raise RuntimeError(f"the stack runs on {database}: `secateur stack down` first to start it on {wanted}")
+    cluster = _start_postgres(settings) if use_postgres else None
     started: dict[str, Service] = {}
     for service in services(settings).values():
         if running(settings, service.name):
             continue
-        env = {
-            **os.environ,
-            "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect")),
-            # Through the environment, not the command line: a database URL may hold a password (`ps`).
-            "MLFLOW_BACKEND_STORE_URI": settings.tracking_uri,
-            "MLFLOW_DEFAULT_ARTIFACT_ROOT": settings.mlflow_artifact_root,
-        }
-        _spawn(settings, service.name, _command(service, settings), env, service.url())
+        _spawn(settings, service.name, _command(service, settings), _server_env(settings, cluster), service.url())
+        record = _record_path(settings, service.name)
+        record.write_text(json.dumps({**json.loads(record.read_text()), "database": wanted}))
         started[service.name] = service
     deadline = time.monotonic() + timeout
     for service in started.values():
@@ -106,18 +165,22 @@ def up(settings: Settings, timeout: float = 180.0, workers: int = 0, pool: str =
                 log_path = settings.path("stack") / f"{service.name}.log"
                 raise RuntimeError(f"{service.name} did not start on {service.url()}; see {log_path}")
             time.sleep(1)
-    urls = {name: service.url() for name, service in services(settings).items()}
+    urls: dict = {name: service.url() for name, service in services(settings).items()}
+    if cluster is not None:
+        urls[POSTGRES] = cluster.url("")
     if workers and not running(settings, WORKERS):
         command = [sys.executable, "-m", "flows.cli", "worker", "--pool", pool, "--slots", str(workers)]
-        env = {**os.environ, "PREFECT_API_URL": urls["prefect"] + "/api"}
+        env = {**os.environ, **client_env(settings)}
         _spawn(settings, WORKERS, command, env, f"pool {pool}, {workers} slot(s)")
     if running(settings, WORKERS):
         urls[WORKERS] = json.loads(_record_path(settings, WORKERS).read_text())["url"]
+    urls["env"] = client_env(settings)
     return urls
 
 
-def down(settings: Settings, grace: float = 20.0) -> list[str]:
-    """Stop every service we started (workers first), with its whole process group; returns the names stopped."""
+def down(settings: Settings, grace: float = 20.0, purge: bool = False) -> list[str]:
+    """Stop every service we started (workers first), with its whole process group; returns the names stopped.
+    `purge`: the PostgreSQL cluster's data goes too."""
     stopped = []
     for name in [WORKERS, *services(settings)]:
         pid = running(settings, name)
@@ -125,6 +188,14 @@ def down(settings: Settings, grace: float = 20.0) -> list[str]:
             _stop_group(pid, grace)
             stopped.append(name)
         _record_path(settings, name).unlink(missing_ok=True)
+    cluster = _postgres_cluster(settings)
+    if cluster is not None:  # last: the servers on it are gone
+        if cluster.pid() is not None and process_alive(cluster.pid()):
+            cluster.stop()
+            stopped.append(POSTGRES)
+        if purge:
+            cluster.remove()
+        _record_path(settings, POSTGRES).unlink(missing_ok=True)
     return stopped
 
 
@@ -167,6 +238,10 @@ def status(settings: Settings) -> dict[str, dict]:
             "running": pid is not None,
             "healthy": pid is not None and _healthy(service),
         }
+    cluster = _postgres_cluster(settings)
+    if cluster is not None:
+        pid = running(settings, POSTGRES)
+        report[POSTGRES] = {"url": cluster.url(""), "pid": pid, "running": pid is not None, "healthy": pid is not None}
     pid = running(settings, WORKERS)
     if pid is not None:  # workers have no health URL: alive is healthy
         url = json.loads(_record_path(settings, WORKERS).read_text())["url"]

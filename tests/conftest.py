@@ -289,3 +289,49 @@ def trained_tiny(tiny_tokenizer):
         optimizer.step()
         optimizer.zero_grad()
     return model.eval(), tokens
+
+
+@pytest.fixture(scope="session")
+def postgres_stack(tmp_path_factory):
+    """The production stack on this machine, once per session: `secateur stack up --postgres` (PostgreSQL, a
+    Prefect server and an MLflow server on it) in a state dir of its own. Yields what its clients export
+    (PREFECT_API_URL, MLFLOW_TRACKING_URI: the MLflow server), with `home` and `env` for the CLI; `stack down
+    --purge` at the end, which must leave no process of it."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.services import free_port
+
+    home = tmp_path_factory.mktemp("stack")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SECATEUR_", "MLFLOW_", "PREFECT_API"))}
+    env |= {
+        "SECATEUR_HOME": str(home),
+        "SECATEUR_ARTIFACTS": str(home / "store"),
+        "SECATEUR_PREFECT_PORT": str(free_port()),
+        "SECATEUR_MLFLOW_PORT": str(free_port()),
+        "SECATEUR_POSTGRES_PORT": str(free_port()),
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    root = Path(__file__).resolve().parents[1]
+
+    def secateur(*argv: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "flows.cli", "stack", *argv]
+        return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+
+    up = secateur("up", "--postgres", "--json")
+    assert up.returncode == 0, up.stderr[-2000:]
+    urls = json.loads(up.stdout.strip().splitlines()[-1])
+    services = [json.loads(record.read_text())["pid"] for record in (home / "stack").glob("*.json")]
+    processes = [psutil.Process(pid) for pid in services]
+    processes += [child for process in list(processes) for child in process.children(recursive=True)]
+    try:
+        yield {"home": home, "env": env, "urls": urls, **urls["env"]}
+    finally:
+        down = secateur("down", "--purge")
+        assert down.returncode == 0, down.stderr[-2000:]
+        left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"stack down left {[p.cmdline() for p in left]}"

@@ -1,4 +1,5 @@
-"""A batch on a Prefect work pool: a real API, two `secateur worker` processes with own state dirs, one lost."""
+"""A batch on a Prefect work pool of the production stack (`secateur stack up --postgres`: PostgreSQL, a Prefect
+server and an MLflow server on it), two warm `secateur worker` processes with own state dirs, one lost."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import batch_mapping, save_tiny
 
-# Starting a pool (server, deployment, two workers) takes three minutes on 2 cores: make test-long.
+# Starting a pool (PostgreSQL stack, deployment, two workers) takes minutes on 2 cores: make test-long.
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,11 +63,12 @@ def _summary(process: subprocess.Popen, timeout: float = 600) -> tuple[int, dict
     return process.returncode, json.loads(lines[-1]) if lines else {}, stderr.decode()[-3000:]
 
 
-def _prepare_runs() -> dict[str, int]:
+def _prepare_runs(api: str) -> dict[str, int]:
     """How many prepare-model flow runs each model had on the Prefect API."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
     counts: dict[str, int] = {}
     for run in runs:
@@ -76,14 +78,12 @@ def _prepare_runs() -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def pool_batch(prefect_api, tmp_path_factory, tiny_tokenizer):
+def pool_batch(postgres_stack, tmp_path_factory, tiny_tokenizer):
     """2 models x 3 recipes on two workers with their own state dirs: one worker is killed mid-prune; the second
     model's weights are cut short (its pairs fail), then mended and retried from a third state dir.
 
     The workers stay up for the module's tests and are killed at its end.
     """
-    from prefect.settings import PREFECT_API_URL
-
     tmp_path = tmp_path_factory.mktemp("pool")
     good, broken = (str(save_tiny(tmp_path / f"deep-{i}", tiny_tokenizer, num_hidden_layers=6, seed=i)) for i in (0, 1))
     weights = Path(broken) / "model.safetensors"
@@ -95,10 +95,10 @@ def pool_batch(prefect_api, tmp_path_factory, tiny_tokenizer):
     batch = tmp_path / "batch.yaml"
     batch.write_text(yaml.safe_dump(mapping))
     shared = {
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_API_URL": postgres_stack["PREFECT_API_URL"],
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "SECATEUR_ARTIFACTS": str(tmp_path / "store"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": postgres_stack["MLFLOW_TRACKING_URI"],
         "SECATEUR_MIRROR_CHECKPOINTS": "true",
         "SECATEUR_HEARTBEAT_SECONDS": "1",
         "SECATEUR_STALE_AFTER_SECONDS": "5",
@@ -121,7 +121,7 @@ def pool_batch(prefect_api, tmp_path_factory, tiny_tokenizer):
             time.sleep(0.01)
         first = _summary(batch_run)
         assert killed is not None, f"no worker was caught in its second prune: {first[2]}"
-        prepared = _prepare_runs()
+        prepared = _prepare_runs(shared["PREFECT_API_URL"])
         record = json.loads(next((tmp_path / "batch-home" / "runs").glob("*.json")).read_text())
         weights.write_bytes(intact)
         workers[killed] = _start_worker(homes[killed], env)  # the lost machine is back
@@ -141,6 +141,7 @@ def pool_batch(prefect_api, tmp_path_factory, tiny_tokenizer):
             "record": record,
             "retry": retry,
             "mlflow": shared["MLFLOW_TRACKING_URI"],
+            "stack": postgres_stack["home"],
         }
     finally:
         for worker in workers:
@@ -181,6 +182,8 @@ def test_a_batch_fans_out_over_two_workers_and_survives_losing_one(pool_batch):
     experiment = client.get_experiment_by_name("pool-batch")
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert "RUNNING" not in statuses, statuses
+    logs = [*tmp_path.glob("*.log"), *(run["stack"] / "stack").glob("*.log")]
+    assert not [log for log in logs if "database is locked" in log.read_text(errors="replace")]
 
     # The resumed prune's weights equal those of an uninterrupted prune of the same pair.
     resumed_folder = next(

@@ -3,14 +3,16 @@
     .venv/bin/python -m tests.benchmarks.bench_pool
     .venv/bin/python -m tests.benchmarks.bench_pool --models 2 --recipes 3 --stale-after 20
 
-A local Prefect server (`secateur stack up`), `secateur worker --slots N` processes with their own state
-dirs, and the shared artifact store and MLflow (SQLite) in a scratch folder. Every mode runs the same batch
+The production stack on this machine (`secateur stack up --postgres`: PostgreSQL, a Prefect server and an MLflow
+server on it), `secateur worker --slots N` processes (warm, or `--fresh-process` to compare) with their own state
+dirs, and the shared artifact store in a scratch folder. Every mode runs the same batch
 (tiny 8-layer Llamas x SparseGPT recipes) from a fresh set of state dirs, one torch thread per process
 (`OMP_NUM_THREADS=1`), so 2 workers on 2 cores can at best halve the time. Measured: wall time of
 `secateur run` per mode and the speedup over one worker; orchestration seconds per pair on one worker (its
 wall time minus the compute the pairs and prepare runs report, over the number of pairs); and, in a last
 run on 2 workers, the seconds from kill -9 of the worker that is pruning to the moment the lost pair runs
-again on the other (it is declared lost after `--stale-after` seconds without a heartbeat).
+again on the other (it is declared lost after `--stale-after` seconds without a heartbeat); with `--load-pairs N`,
+N pairs on 2 workers, counting "database is locked" and heartbeat failures in every log.
 Writes tests/benchmarks/results/pool-<timestamp>.json.
 """
 
@@ -56,23 +58,26 @@ def _models(folder: Path, count: int) -> list[str]:
 
 
 class Cluster:
-    """A scratch folder with a Prefect server, shared store and MLflow, and worker processes on demand."""
+    """A scratch folder with the PostgreSQL-backed stack and a shared store, and worker processes on demand."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, fresh_process: bool = False) -> None:
         self.folder = folder
+        self.fresh_process = fresh_process
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SECATEUR_", "MLFLOW_"))}
         self.env = base | {
             "PYTHONPATH": str(ROOT),
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             "SECATEUR_ARTIFACTS": str(folder / "store"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
             "SECATEUR_PREFECT_PORT": str(_free_port()),
             "SECATEUR_MLFLOW_PORT": str(_free_port()),
+            "SECATEUR_POSTGRES_PORT": str(_free_port()),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
         self.stack_home = folder / "stack"
-        self.secateur("stack", "up", home=self.stack_home)
-        self.env["PREFECT_API_URL"] = f"http://127.0.0.1:{self.env['SECATEUR_PREFECT_PORT']}/api"
+        up = self.secateur("stack", "up", "--postgres", "--json", home=self.stack_home)
+        # Clients as in production: the Prefect API and the MLflow server (on PostgreSQL), never a database file.
+        self.env |= json.loads(up.stdout.strip().splitlines()[-1])["env"]
         self.workers: list[subprocess.Popen] = []
 
     def secateur(self, *argv: str, home: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -90,6 +95,7 @@ class Cluster:
             environment = {**self.env, **(env or {}), "SECATEUR_HOME": str(home)}
             log = open(self.folder / f"{home.name}.log", "wb")
             command = [sys.executable, "-m", "flows.cli", "worker", "--pool", POOL, "--slots", "1"]
+            command += ["--fresh-process"] if self.fresh_process else []
             self.workers.append(subprocess.Popen(command, env=environment, cwd=self.folder, stdout=log, stderr=log))
         return homes
 
@@ -101,7 +107,7 @@ class Cluster:
 
     def close(self) -> None:
         self.stop_workers()
-        self.secateur("stack", "down", home=self.stack_home)
+        self.secateur("stack", "down", "--purge", home=self.stack_home)
 
 
 def kill_tree(pid: int) -> None:
@@ -117,11 +123,8 @@ def kill_tree(pid: int) -> None:
 
 
 def own_services(cluster: Cluster, mode: str) -> dict[str, str]:
-    """A mode's own store and MLflow: results shared through the store would let a later mode compute nothing."""
-    return {
-        "SECATEUR_ARTIFACTS": str(cluster.folder / f"store-{mode}"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{cluster.folder / f'mlflow-{mode}.db'}",
-    }
+    """A mode's own store: results shared through the store would let a later mode compute nothing."""
+    return {"SECATEUR_ARTIFACTS": str(cluster.folder / f"store-{mode}")}
 
 
 def run_batch(cluster: Cluster, batch: Path, home: Path, pool: bool, env: dict) -> tuple[float, dict]:
@@ -197,67 +200,107 @@ def _second_attempt(folder: Path, batch_home: Path, killed_at: float | None) -> 
     return resubmitted, began
 
 
+PROBLEMS = {
+    "database_locked": "database is locked",
+    "heartbeat_not_written": "heartbeat not written",
+    "pair_declared_lost": "running it again",
+}
+
+
+def load(cluster: Cluster, models: list[str], pairs: int) -> dict:
+    """`pairs` pairs on 2 workers against the PostgreSQL-backed servers: every pair completes, and no log of the
+    batch, the workers or the servers holds a locked database, a failed heartbeat or a pair declared lost."""
+    per_model = pairs // len(models)
+    methods = ["sparsegpt", "wanda", "magnitude"]
+    recipes = [
+        {"name": f"l{n:02d}", "method": methods[n % 3], "sparsity": round(0.3 + 0.01 * n, 2)} for n in range(per_model)
+    ]
+    batch = _batch_file(cluster.folder / "load.yaml", models, recipes)
+    services = own_services(cluster, "load")
+    cluster.start_workers(2, "load", services)
+    seconds, record = run_batch(cluster, batch, cluster.folder / "load-batch", True, services)
+    cluster.stop_workers()
+    logs = [*cluster.folder.glob("load-*.log"), *(cluster.folder / "load-batch" / "logs").glob("*.log")]
+    logs += list((cluster.stack_home / "stack").glob("*.log"))
+    text = "\n".join(path.read_text(errors="replace") for path in logs)
+    completed = sum(result["status"] == "completed" for result in record["results"])
+    counts = {name: text.count(needle) for name, needle in PROBLEMS.items()}
+    return {"pairs": len(models) * per_model, "completed": completed, "seconds": seconds, **counts}
+
+
+def _batch_file(path: Path, models: list[str], recipes: list[dict]) -> Path:
+    mapping = batch_mapping(models, recipes, name=f"bench-{path.stem}")
+    mapping["calibration"].update(samples=32, seq_len=128)
+    mapping["evaluation"]["generation_tokens"] = 0
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=2)
-    parser.add_argument("--recipes", type=int, default=3, choices=range(1, len(METHODS) + 1))
+    parser.add_argument("--recipes", type=int, default=4, choices=range(1, len(METHODS) + 1))
     parser.add_argument("--stale-after", type=float, default=20.0)
-    parser.add_argument("--only-kill", action="store_true", help="only the kill -9 -> rerun measurement")
+    parser.add_argument("--fresh-process", action="store_true", help="workers start a process per pair (before)")
+    parser.add_argument("--load-pairs", type=int, default=40, help="pairs of the load run on 2 workers (0: none)")
+    parser.add_argument("--only", choices=["kill", "load"], help="only the kill -9 -> rerun or the load measurement")
     args = parser.parse_args()
-    rows = []
     with tempfile.TemporaryDirectory(prefix="secateur-pool-") as scratch:
         folder = Path(scratch)
+        models = _models(folder, args.models)
         recipes = [{"name": f"r{n}", **method} for n, method in enumerate(METHODS[: args.recipes])]
-        mapping = batch_mapping(_models(folder, args.models), recipes, name="bench-pool")
-        mapping["calibration"].update(samples=32, seq_len=128)
-        mapping["evaluation"]["generation_tokens"] = 0
-        batch = folder / "batch.yaml"
-        batch.write_text(yaml.safe_dump(mapping))
-        pairs = args.models * args.recipes
-        cluster = Cluster(folder)
-        if args.only_kill:
-            try:
-                recovery = kill_and_recover(cluster, batch, args.stale_after)
-            finally:
-                cluster.close()
-            print(json.dumps(recovery, indent=1))
-            header = {"batch": f"{args.models} tiny 8-layer Llamas x {args.recipes} recipes"}
-            write_results("pool-kill", header, [recovery])
-            return
+        batch = _batch_file(folder / "batch.yaml", models, recipes)
+        cluster = Cluster(folder, fresh_process=args.fresh_process)
         try:
-            seconds, record = run_batch(cluster, batch, folder / "in-process", False, own_services(cluster, "here"))
-            rows.append({"mode": "in-process", "seconds": seconds, "pairs": pairs})
-            print(f"in-process: {seconds:.1f} s", flush=True)
-            for workers in (1, 2):
-                services = own_services(cluster, f"pool{workers}")
-                cluster.start_workers(workers, f"pool{workers}", services)
-                seconds, record = run_batch(cluster, batch, folder / f"pool{workers}-batch", True, services)
-                cluster.stop_workers()
-                row = {"mode": f"{workers} worker(s)", "seconds": seconds, "pairs": pairs}
-                if workers == 1:
-                    row["pair_compute_seconds"] = compute_seconds(record)
-                rows.append(row)
-                print(f"{workers} worker(s): {seconds:.1f} s", flush=True)
-            recovery = kill_and_recover(cluster, batch, args.stale_after)
-            print(f"kill -> rerun: {recovery}", flush=True)
+            summary = _measure(cluster, args, batch, models)
         finally:
             cluster.close()
+    print(json.dumps(summary, indent=1))
+    header = {
+        "batch": f"{args.models} tiny 8-layer Llamas x {args.recipes} recipes, calibration 32 x 128",
+        "stack": "PostgreSQL 15 + Prefect server + MLflow server (secateur stack up --postgres)",
+        "workers": "fresh process per pair" if args.fresh_process else "warm",
+        "threads_per_process": 1,
+        **{key: value for key, value in summary.items() if key != "runs"},
+    }
+    write_results("pool", header, summary.get("runs", []))
+
+
+def _measure(cluster: Cluster, args: argparse.Namespace, batch: Path, models: list[str]) -> dict:
+    if args.only == "kill":
+        return {"recovery": kill_and_recover(cluster, batch, args.stale_after)}
+    if args.only == "load":
+        return {"load": load(cluster, models, args.load_pairs)}
+    pairs = args.models * args.recipes
+    seconds, _ = run_batch(cluster, batch, cluster.folder / "in-process", False, own_services(cluster, "here"))
+    rows = [{"mode": "in-process", "seconds": seconds, "pairs": pairs}]
+    print(f"in-process: {seconds:.1f} s", flush=True)
+    for workers in (1, 2):
+        services = own_services(cluster, f"pool{workers}")
+        cluster.start_workers(workers, f"pool{workers}", services)
+        seconds, record = run_batch(cluster, batch, cluster.folder / f"pool{workers}-batch", True, services)
+        cluster.stop_workers()
+        row = {"mode": f"{workers} worker(s)", "seconds": seconds, "pairs": pairs}
+        if workers == 1:
+            row["pair_compute_seconds"] = compute_seconds(record)
+        rows.append(row)
+        print(f"{workers} worker(s): {seconds:.1f} s", flush=True)
+    recovery = kill_and_recover(cluster, batch, args.stale_after)
+    print(f"kill -> rerun: {recovery}", flush=True)
     one, two = rows[1]["seconds"], rows[2]["seconds"]
     summary = {
         "speedup_2_workers_over_1": one / two,
         "speedup_2_workers_over_in_process": rows[0]["seconds"] / two,
-        # Everything on one worker that is not a pair's own stage work (flow-run process start, scheduling,
-        # polling, the prepare runs), per pair.
+        # Everything on one worker that is not a pair's own stage work (the batch's own start and end, scheduling,
+        # polling, flow-run start, the prepare runs), per pair.
         "orchestration_seconds_per_pair": (one - rows[1]["pair_compute_seconds"]) / pairs,
         "recovery": recovery,
+        "runs": rows,
     }
-    print(json.dumps(summary, indent=1))
-    header = {
-        "batch": f"{args.models} tiny 8-layer Llamas x {args.recipes} recipes, calibration 32 x 128",
-        "threads_per_process": 1,
-        **summary,
-    }
-    write_results("pool", header, rows)
+    if args.load_pairs:
+        summary["load"] = load(cluster, models, args.load_pairs)
+        print(f"load: {summary['load']}", flush=True)
+    return summary
 
 
 if __name__ == "__main__":
