@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 import psutil
 import pytest
 import yaml
 
 from flows.cli import main
+from flows.workers import MIN_SLOT_SECONDS
 from tests.conftest import batch_mapping, save_tiny
 
 
@@ -79,7 +81,18 @@ def test_stack_up_status_down_leaves_no_process(pipeline_home, monkeypatch, caps
         assert sorted(_pool_workers(urls["prefect"] + "/api", "trial", expected=2)) == ["cpu0", "cpu1"]
         pids = [report[name]["pid"] for name in ("prefect", "mlflow", "workers")]
         group = [p for p in psutil.process_iter(["pid"]) if _group(p) in pids]
-        assert len(group) >= 5  # two servers, the worker CLI and its two Prefect workers
+        assert len(group) >= 5  # two servers, the worker CLI and its two warm workers
+        # A slot lost to kill -9 is started again; the other slot goes on untouched.
+        slots = _warm_slots(report["workers"]["pid"])
+        assert sorted(slots) == ["cpu0", "cpu1"]
+        time.sleep(max(0.0, MIN_SLOT_SECONDS + 1 - (time.time() - slots["cpu0"].create_time())))
+        slots["cpu0"].kill()
+        deadline = time.monotonic() + 30
+        while _warm_slots(report["workers"]["pid"]).get("cpu0", slots["cpu0"]).pid == slots["cpu0"].pid:
+            assert time.monotonic() < deadline, "the killed slot was not started again"
+            time.sleep(0.5)
+        assert _warm_slots(report["workers"]["pid"])["cpu1"].pid == slots["cpu1"].pid
+        group += [p for p in psutil.process_iter(["pid"]) if _group(p) in pids and p not in group]
     finally:
         assert main(["stack", "down"]) == 0
     assert "stopped workers, prefect, mlflow" in capsys.readouterr().out
@@ -87,6 +100,19 @@ def test_stack_up_status_down_leaves_no_process(pipeline_home, monkeypatch, caps
     assert main(["stack", "status", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not report["prefect"]["running"] and not report["mlflow"]["running"]
+
+
+def _warm_slots(workers_pid: int) -> dict[str, psutil.Process]:
+    """The live warm worker processes under `secateur worker`, by slot name suffix."""
+    slots = {}
+    for child in psutil.Process(workers_pid).children():
+        try:
+            command = child.cmdline()
+        except psutil.Error:  # the killed one, not yet reaped
+            continue
+        if "flows.warm_worker" in command:
+            slots[command[command.index("--name") + 1].rsplit("-", 1)[1]] = child
+    return slots
 
 
 def _pool_workers(api: str, pool: str, expected: int, timeout: float = 90) -> list[str]:
