@@ -102,6 +102,8 @@ def _server_env(settings: Settings, cluster: postgres.Cluster | None) -> dict[st
         "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.root / "prefect")),
         "MLFLOW_BACKEND_STORE_URI": settings.tracking_uri,
         "MLFLOW_DEFAULT_ARTIFACT_ROOT": settings.mlflow_artifact_root,
+        # The UI asks this API (else Prefect's default port, another server's when one runs there).
+        "PREFECT_UI_API_URL": services(settings)["prefect"].url() + "/api",
     }
     if cluster is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = cluster.url("prefect", driver="asyncpg")
@@ -132,10 +134,17 @@ def _postgres_cluster(settings: Settings) -> postgres.Cluster | None:
 
 
 def client_env(settings: Settings) -> dict[str, str]:
-    """What a client of the running stack exports: its Prefect API and where MLflow runs are tracked (the MLflow
-    server itself on PostgreSQL, as workers in production do; the state dir's SQLite file otherwise)."""
+    """What a client of the running stack exports: its Prefect API and where MLflow runs are tracked.
+
+    On PostgreSQL with an s3:// store, the MLflow server, as workers in production do. With a folder store,
+    the server's database itself: an MLflow server refuses a model version whose source is a local path outside
+    the run's artifacts, which a published folder is. On SQLite, the state dir's file."""
     found = services(settings)
-    tracking = found["mlflow"].url() if _database(settings) == POSTGRES else settings.tracking_uri
+    tracking = settings.tracking_uri
+    cluster = _postgres_cluster(settings)
+    if _database(settings) == POSTGRES and cluster is not None:
+        on_s3 = settings.artifact_location.startswith("s3://")
+        tracking = found["mlflow"].url() if on_s3 else cluster.url("mlflow", driver="psycopg2")
     return {"PREFECT_API_URL": found["prefect"].url() + "/api", "MLFLOW_TRACKING_URI": tracking}
 
 
