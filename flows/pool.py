@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from uuid import UUID
 
 from flows.pairs import PairRequest, PairResult
@@ -91,6 +92,7 @@ class _Child:
     job: _Job
     flow_run_id: UUID
     attempt: int
+    scheduled: datetime  # when its first attempt was scheduled: a rerun keeps its place ahead of later runs
 
 
 class _Watch:
@@ -99,18 +101,23 @@ class _Watch:
     def __init__(self, settings: Settings, client, store: ArtifactStore) -> None:
         self.settings, self.client, self.store = settings, client, store
 
-    def submit(self, job: _Job, attempt: int = 1) -> _Child:
+    def submit(self, job: _Job, lost: _Child | None = None) -> _Child:
+        """A flow run of `job`; in place of a `lost` one, scheduled at its first attempt's time, so that workers
+        take it before the runs queued since (they take the earliest scheduled first)."""
         from prefect.deployments import run_deployment
 
+        attempt = lost.attempt + 1 if lost else 1
         run = run_deployment(
             job.deployment,
             parameters=job.parameters,
+            scheduled_time=lost.scheduled if lost else None,
             timeout=0,
             as_subflow=True,
             flow_run_name=job.name + (f" (attempt {attempt})" if attempt > 1 else ""),
             tags=[f"attempt-{attempt}"],
         )
-        return _Child(job, run.id, attempt)
+        scheduled = lost.scheduled if lost else (run.expected_start_time or datetime.now(UTC))
+        return _Child(job, run.id, attempt, scheduled)
 
     def status(self, child: _Child) -> tuple[str, str]:
         """("running" | "completed" | "failed" | "lost", why)."""
@@ -204,7 +211,7 @@ class _PoolRun:
             self.watch.end_tracking(child)
             if child.attempt < self.watch.settings.pair_attempts:
                 log.warning("%s (%s): %s; running it again", child.job.name, child.job.parameters["model"], why)
-                return [self.watch.submit(child.job, child.attempt + 1)]
+                return [self.watch.submit(child.job, lost=child)]
             why = f"{why} (gave up after {child.attempt} runs)"
         if kind == "prepare":
             return self._prepared(index, status, why)
