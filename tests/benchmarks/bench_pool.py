@@ -140,11 +140,14 @@ def own_services(cluster: Cluster, mode: str) -> dict[str, str]:
 
 
 def run_batch(cluster: Cluster, batch: Path, home: Path, pool: bool, env: dict) -> tuple[float, dict]:
-    started = time.perf_counter()
     argv = ["run", str(batch), "--json"] + (["--pool", POOL] if pool else [])
+    psutil.cpu_percent()  # from here
+    started = time.perf_counter()
     done = cluster.secateur(*argv, home=home, env=env)
     seconds = time.perf_counter() - started
     record = json.loads(next((home / "runs").glob("*.json")).read_text())
+    # How busy the machine's cores were over the batch (all processes: workers, batch, servers, PostgreSQL).
+    record["cpu_busy_percent"] = psutil.cpu_percent()
     assert json.loads(done.stdout.strip().splitlines()[-1])["results"], "the batch gave no results"
     return seconds, record
 
@@ -303,6 +306,7 @@ def _measure(cluster: Cluster, args: argparse.Namespace, batch: Path, models: li
         seconds, record = run_batch(cluster, batch, cluster.folder / f"pool{workers}-batch", True, services)
         cluster.stop_workers()
         row = {"mode": f"{workers} worker(s)", "seconds": seconds, "pairs": pairs}
+        row["cpu_busy_percent"] = record["cpu_busy_percent"]
         row["pool_seconds"] = pool_seconds(cluster.folder.glob(f"pool{workers}-worker-*.log"))
         if workers == 1:
             row["pair_compute_seconds"] = compute_seconds(record)
