@@ -44,13 +44,17 @@ class Cluster:
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         return f"{scheme}://{ROLE}@127.0.0.1:{self.port}/{database}"
 
-    def _run(self, *command: str, log: Path | None = None) -> subprocess.CompletedProcess:
+    @property
+    def log(self) -> Path:
+        """The server's log, in its data directory (the one place the `postgres` user surely may write)."""
+        return self.data / "server.log"
+
+    def _run(self, *command: str) -> None:
         argv = ["runuser", "-u", self.user, "--", *command] if self.user else list(command)
         done = subprocess.run(argv, capture_output=True, text=True, cwd="/")
         if done.returncode:
-            hint = f"; see {log}" if log else ""
-            raise RuntimeError(f"{Path(command[0]).name} failed: {(done.stderr or done.stdout).strip()[-300:]}{hint}")
-        return done
+            output = (done.stderr or done.stdout).strip()[-300:]
+            raise RuntimeError(f"{Path(command[0]).name} failed: {output}; see {self.log}")
 
     def initialized(self) -> bool:
         return (self.data / "PG_VERSION").is_file()
@@ -65,14 +69,12 @@ class Cluster:
         initdb = _binary("initdb")
         self._run(initdb, "-D", str(self.data), "-U", ROLE, "-E", "UTF8", "--auth=trust", "--no-instructions")
 
-    def start(self, log: Path) -> None:
+    def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
-        log_file = self.data / "server.log"
-        self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(log_file), "-o", options, "-w", "start", log=log)
+        self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
 
     def stop(self) -> None:
-        if self.pid() is not None:
-            self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def remove(self) -> None:
         """Its data, gone (the cluster must be stopped)."""

@@ -66,32 +66,39 @@ def _healthy(service: Service) -> bool:
         return False
 
 
+def _record(settings: Settings, name: str) -> dict | None:
+    """What `up` recorded of a service: its pid, url and what else it was started with."""
+    path = _record_path(settings, name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_record(settings: Settings, name: str, **facts) -> None:
+    _record_path(settings, name).write_text(json.dumps(facts))
+
+
 def running(settings: Settings, name: str) -> int | None:
     """The pid of a stack service started by us that is still alive."""
-    path = _record_path(settings, name)
-    if not path.is_file():
-        return None
-    pid = json.loads(path.read_text())["pid"]
-    return pid if process_alive(pid) else None
+    record = _record(settings, name)
+    return record["pid"] if record is not None and process_alive(record["pid"]) else None
 
 
 WORKERS = "workers"  # `stack up --workers N`: a `secateur worker` process group on the stack's API
 
 
-def _spawn(settings: Settings, name: str, command: list[str], env: dict[str, str], url: str) -> None:
+def _spawn(settings: Settings, name: str, command: list[str], env: dict[str, str], url: str, **facts) -> None:
     """A service in its own session (so `down` stops its whole group), recorded with its pid."""
     log = open(settings.path("stack") / f"{name}.log", "ab")
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=settings.root
     )
-    (settings.path("stack") / f"{name}.json").write_text(json.dumps({"pid": process.pid, "url": url}))
+    _write_record(settings, name, pid=process.pid, url=url, **facts)
 
 
 def _database(settings: Settings) -> str | None:
     """What the running stack's servers keep their state in: "postgres" or "sqlite" (None: no server runs)."""
     for name in services(settings):
         if running(settings, name):
-            return json.loads(_record_path(settings, name).read_text()).get("database", "sqlite")
+            return _record(settings, name).get("database", "sqlite")
     return None
 
 
@@ -113,24 +120,18 @@ def _server_env(settings: Settings, cluster: postgres.Cluster | None) -> dict[st
 
 def _start_postgres(settings: Settings) -> postgres.Cluster:
     """This state dir's cluster, created on first use, running, with the servers' databases."""
-    cluster = postgres.cluster_for(settings.root, settings.postgres_port)
-    record = _record_path(settings, POSTGRES)
+    cluster = _cluster(settings)
     if running(settings, POSTGRES) is None:
         if not cluster.initialized():
             cluster.init()
-        cluster.start(log=settings.path("stack") / "postgres.log")
-        record.write_text(json.dumps({"pid": cluster.pid(), "url": cluster.url(""), "data": str(cluster.data)}))
+        cluster.start()
+        _write_record(settings, POSTGRES, pid=cluster.pid(), url=cluster.url(""))
     cluster.create_databases()
     return cluster
 
 
-def _postgres_cluster(settings: Settings) -> postgres.Cluster | None:
-    record = _record_path(settings, POSTGRES)
-    if not record.is_file():
-        return None
-    data = Path(json.loads(record.read_text())["data"])
-    user = "postgres" if os.geteuid() == 0 else None
-    return postgres.Cluster(data, settings.postgres_port, user)
+def _cluster(settings: Settings) -> postgres.Cluster:
+    return postgres.cluster_for(settings.root, settings.postgres_port)
 
 
 def client_env(settings: Settings) -> dict[str, str]:
@@ -141,10 +142,9 @@ def client_env(settings: Settings) -> dict[str, str]:
     the run's artifacts, which a published folder is. On SQLite, the state dir's file."""
     found = services(settings)
     tracking = settings.tracking_uri
-    cluster = _postgres_cluster(settings)
-    if _database(settings) == POSTGRES and cluster is not None:
+    if _database(settings) == POSTGRES:
         on_s3 = settings.artifact_location.startswith("s3://")
-        tracking = found["mlflow"].url() if on_s3 else cluster.url("mlflow", driver="psycopg2")
+        tracking = found["mlflow"].url() if on_s3 else _cluster(settings).url("mlflow", driver="psycopg2")
     return {"PREFECT_API_URL": found["prefect"].url() + "/api", "MLFLOW_TRACKING_URI": tracking}
 
 
@@ -162,9 +162,8 @@ def up(
     for service in services(settings).values():
         if running(settings, service.name):
             continue
-        _spawn(settings, service.name, _command(service, settings), _server_env(settings, cluster), service.url())
-        record = _record_path(settings, service.name)
-        record.write_text(json.dumps({**json.loads(record.read_text()), "database": wanted}))
+        env = _server_env(settings, cluster)
+        _spawn(settings, service.name, _command(service, settings), env, service.url(), database=wanted)
         started[service.name] = service
     deadline = time.monotonic() + timeout
     for service in started.values():
@@ -177,13 +176,12 @@ def up(
     urls: dict = {name: service.url() for name, service in services(settings).items()}
     if cluster is not None:
         urls[POSTGRES] = cluster.url("")
+    urls["env"] = client_env(settings)
     if workers and not running(settings, WORKERS):
         command = [sys.executable, "-m", "flows.cli", "worker", "--pool", pool, "--slots", str(workers)]
-        env = {**os.environ, **client_env(settings)}
-        _spawn(settings, WORKERS, command, env, f"pool {pool}, {workers} slot(s)")
+        _spawn(settings, WORKERS, command, {**os.environ, **urls["env"]}, f"pool {pool}, {workers} slot(s)")
     if running(settings, WORKERS):
-        urls[WORKERS] = json.loads(_record_path(settings, WORKERS).read_text())["url"]
-    urls["env"] = client_env(settings)
+        urls[WORKERS] = _record(settings, WORKERS)["url"]
     return urls
 
 
@@ -197,9 +195,9 @@ def down(settings: Settings, grace: float = 20.0, purge: bool = False) -> list[s
             _stop_group(pid, grace)
             stopped.append(name)
         _record_path(settings, name).unlink(missing_ok=True)
-    cluster = _postgres_cluster(settings)
-    if cluster is not None:  # last: the servers on it are gone
-        if cluster.pid() is not None and process_alive(cluster.pid()):
+    if _record(settings, POSTGRES) is not None:  # last: the servers on it are gone
+        cluster = _cluster(settings)
+        if running(settings, POSTGRES):
             cluster.stop()
             stopped.append(POSTGRES)
         if purge:
@@ -247,12 +245,9 @@ def status(settings: Settings) -> dict[str, dict]:
             "running": pid is not None,
             "healthy": pid is not None and _healthy(service),
         }
-    cluster = _postgres_cluster(settings)
-    if cluster is not None:
-        pid = running(settings, POSTGRES)
-        report[POSTGRES] = {"url": cluster.url(""), "pid": pid, "running": pid is not None, "healthy": pid is not None}
-    pid = running(settings, WORKERS)
-    if pid is not None:  # workers have no health URL: alive is healthy
-        url = json.loads(_record_path(settings, WORKERS).read_text())["url"]
-        report[WORKERS] = {"url": url, "pid": pid, "running": True, "healthy": True}
+    # PostgreSQL and workers have no health URL: alive is healthy; PostgreSQL is listed while recorded.
+    for name in (POSTGRES, WORKERS):
+        record, pid = _record(settings, name), running(settings, name)
+        if record is not None and (pid is not None or name == POSTGRES):
+            report[name] = {"url": record["url"], "pid": pid, "running": pid is not None, "healthy": pid is not None}
     return report

@@ -295,18 +295,18 @@ def trained_tiny(tiny_tokenizer):
 def postgres_stack(tmp_path_factory):
     """The production stack on this machine, once per session: `secateur stack up --postgres` (PostgreSQL, a
     Prefect server and an MLflow server on it) in a state dir of its own. Yields what its clients export
-    (PREFECT_API_URL, MLFLOW_TRACKING_URI: the MLflow server), with `home` and `env` for the CLI; `stack down
-    --purge` at the end, which must leave no process of it."""
+    (PREFECT_API_URL, MLFLOW_TRACKING_URI), with `home`, `urls` and `env` (the CLI's, this stack's state dir);
+    `stack down --purge` at the end, after which `stack status` shows nothing running and no process of the
+    stack (a service, its process group, its descendants: server workers, database backends) is left."""
     import json
     import subprocess
     import sys
 
-    import psutil
-
     from tests.services import free_port
 
     home = tmp_path_factory.mktemp("stack")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SECATEUR_", "MLFLOW_", "PREFECT_API"))}
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SECATEUR_", "MLFLOW_", "PREFECT_"))}
     env |= {
         "SECATEUR_HOME": str(home),
         "SECATEUR_ARTIFACTS": str(home / "store"),
@@ -314,24 +314,51 @@ def postgres_stack(tmp_path_factory):
         "SECATEUR_MLFLOW_PORT": str(free_port()),
         "SECATEUR_POSTGRES_PORT": str(free_port()),
         "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": str(root),
     }
-    root = Path(__file__).resolve().parents[1]
 
-    def secateur(*argv: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "flows.cli", "stack", *argv]
-        return subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    def stack(*argv: str) -> dict:
+        command = [sys.executable, "-m", "flows.cli", "stack", *argv, "--json"]
+        done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    up = secateur("up", "--postgres", "--json")
-    assert up.returncode == 0, up.stderr[-2000:]
-    urls = json.loads(up.stdout.strip().splitlines()[-1])
-    services = [json.loads(record.read_text())["pid"] for record in (home / "stack").glob("*.json")]
-    processes = [psutil.Process(pid) for pid in services]
-    processes += [child for process in list(processes) for child in process.children(recursive=True)]
+    urls = stack("up", "--postgres")
     try:
         yield {"home": home, "env": env, "urls": urls, **urls["env"]}
     finally:
-        down = secateur("down", "--purge")
-        assert down.returncode == 0, down.stderr[-2000:]
-        left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert not left, f"stack down left {[p.cmdline() for p in left]}"
+        processes = _stack_processes(stack("status"))
+        stack("down", "--purge")
+        assert not [name for name, entry in stack("status").items() if entry["running"]]
+        left = [process for process in processes if _alive(process)]
+        assert not left, f"stack down left {left}"
+
+
+def _stack_processes(status: dict) -> list:
+    """Every process of a running stack: each service `stack status` names, its process group, its descendants."""
+    import contextlib
+
+    import psutil
+
+    pids = {entry["pid"] for entry in status.values() if entry.get("pid")}
+    found = {}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if process.pid in pids or os.getpgid(process.pid) in pids:
+                found[process.pid] = process
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(pid).children(recursive=True):
+                found[child.pid] = child
+    return list(found.values())
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

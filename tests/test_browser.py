@@ -1,13 +1,12 @@
-"""What users review after a batch, in a real browser: `secateur stack up` (PostgreSQL-backed with `--postgres`
-where the CLI has it, SQLite otherwise), a tiny batch run against it with `secateur run`, then headless Chromium
+"""What users review after a batch, in a real browser: `secateur stack up --postgres` (the session's
+`postgres_stack`), a tiny batch run against it with `secateur run`, then headless Chromium
 on the stack's MLflow UI (the batch's experiment, its parent run with the pair runs nested under it, a pair's plot,
 the registered model with `champion` on the version that ships) and Prefect UI (the batch's flow run in the runs
 list and on its own page).
 
 A screenshot of every page checked (also of one that failed a check) is saved under `SECATEUR_SCREENSHOTS`, by
-default `.secateur-test-artifacts/browser/` of the checkout. `SECATEUR_BROWSER_STACK=sqlite|postgres` picks the
-stack instead of the CLI's help. Needs Debian's Chromium at /usr/bin/chromium (`apt-get install chromium`); no
-browser is downloaded.
+default `.secateur-test-artifacts/browser/` of the checkout. Needs Debian's Chromium at /usr/bin/chromium
+(`apt-get install chromium`); no browser is downloaded.
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ import sys
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 
 from tests.conftest import batch_mapping, build_tiny_tokenizer, save_tiny
-from tests.services import free_port
 
 # A stack, a batch and two UIs in a browser: 1.5 minutes on 2 idle cores, 2.5 on busy ones (make test-long).
 pytestmark = [pytest.mark.slow, pytest.mark.long]
@@ -71,104 +68,28 @@ def _secateur(argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -
     return done.returncode, last, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
-def _use_postgres(env: dict[str, str], cwd: Path) -> bool:
-    chosen = os.environ.get("SECATEUR_BROWSER_STACK")
-    if chosen:
-        assert chosen in ("sqlite", "postgres"), f"SECATEUR_BROWSER_STACK={chosen}: sqlite or postgres"
-        return chosen == "postgres"
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stack", "up", "--help"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return "--postgres" in done.stdout
-
-
-def _stack_processes(env: dict[str, str], cwd: Path) -> list[psutil.Process]:
-    """Every process of the running stack: each service (as `stack status` names it), its process group and
-    its descendants."""
-    code, report, output = _secateur(["stack", "status", "--json"], env, cwd, timeout=60)
-    assert code == 0, output
-    pids = {entry["pid"] for entry in report.values() if entry.get("pid")}
-    found: dict[int, psutil.Process] = {}
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if process.pid in pids or os.getpgid(process.pid) in pids:
-                found[process.pid] = process
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(pid).children(recursive=True):
-                found[child.pid] = child
-    return list(found.values())
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture(scope="module")
-def reviewed_batch(tmp_path_factory):
-    """The stack up, the batch run on it, the names to look for (from the batch's JSON and MLflow); the stack is
-    stopped at the module's end, and no process of it may remain."""
+def reviewed_batch(postgres_stack, tmp_path_factory):
+    """The batch run on the session's PostgreSQL stack, and the names to look for (from the batch's JSON and
+    MLflow); the stack's own teardown checks that `stack down` leaves no process."""
     tmp = tmp_path_factory.mktemp("browser")
-    home = (tmp / "home").resolve()
     model = str(save_tiny(tmp / MODEL, build_tiny_tokenizer()))
     mapping = batch_mapping([model], RECIPES, name=BATCH)
     mapping["evaluation"]["generation_tokens"] = 0
     mapping["selection"] = {"max_ppl_increase": 10.0}  # every variant is within budget: the sparsest ships
     batch = tmp / "batch.yaml"
     batch.write_text(yaml.safe_dump(mapping))
-
-    ports = {"SECATEUR_PREFECT_PORT": free_port(), "SECATEUR_MLFLOW_PORT": free_port()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SECATEUR_", "MLFLOW_", "PREFECT_"))}
-    env |= {key: str(port) for key, port in ports.items()}
-    env |= {
-        "SECATEUR_HOME": str(home),
-        "SECATEUR_ARTIFACTS": str(tmp / "store"),
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PYTHONPATH": str(ROOT),
+    clients = postgres_stack["urls"]["env"]
+    # A folder store: clients track into the MLflow server's database (the server refuses local sources)
+    assert clients["MLFLOW_TRACKING_URI"].startswith("postgresql+psycopg2://"), clients
+    code, summary, output = _secateur(["run", str(batch), "--json"], postgres_stack["env"] | clients, tmp, 600)
+    assert code == 0 and [r["status"] for r in summary["results"]] == ["completed", "completed"], output
+    return {
+        "prefect": postgres_stack["urls"]["prefect"],
+        "mlflow": postgres_stack["urls"]["mlflow"],
+        "summary": summary,
+        **_mlflow_names(clients["MLFLOW_TRACKING_URI"], summary, model),
     }
-    postgres = _use_postgres(env, tmp)
-    if postgres:
-        env["SECATEUR_POSTGRES_PORT"] = str(free_port())
-    try:
-        code, stack, output = _secateur(["stack", "up", "--json", *(["--postgres"] if postgres else [])], env, tmp, 300)
-        assert code == 0 and {"prefect", "mlflow"} <= stack.keys(), output
-        if postgres:
-            clients = stack["env"]
-            # A folder store: clients track into the MLflow server's database (the server refuses local sources)
-            assert clients["MLFLOW_TRACKING_URI"].startswith("postgresql+psycopg2://"), clients
-        else:
-            clients = {
-                "PREFECT_API_URL": stack["prefect"] + "/api",
-                "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
-            }
-        code, summary, output = _secateur(["run", str(batch), "--json"], env | clients, tmp, 600)
-        assert code == 0 and [r["status"] for r in summary["results"]] == ["completed", "completed"], output
-        yield {
-            "stack": "postgres" if postgres else "sqlite",
-            "prefect": stack["prefect"],
-            "mlflow": stack["mlflow"],
-            "summary": summary,
-            **_mlflow_names(clients["MLFLOW_TRACKING_URI"], summary, model),
-        }
-    finally:
-        processes = _stack_processes(env, tmp)  # now: the servers' workers and database backends included
-        code, _, output = _secateur(["stack", "down", "--purge"], env, tmp, 120)
-        assert code == 0, output
-        code, report, output = _secateur(["stack", "status", "--json"], env, tmp, 60)
-        assert code == 0 and not [name for name, entry in report.items() if entry["running"]], output
-        print(f"stack ({'postgres' if postgres else 'sqlite'}) down: {len(processes)} processes stopped")
-        left = [p for p in processes if _alive(p)]
-        assert not left, f"stack processes still running after `stack down`: {left}"
 
 
 def _mlflow_names(tracking_uri: str, summary: dict, model: str) -> dict:

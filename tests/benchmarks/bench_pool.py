@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import yaml
 
 from tests.benchmarks.common import ROOT, write_results
 from tests.conftest import batch_mapping, build_tiny_tokenizer, save_tiny
+from tests.services import free_port
 
 POOL = "bench"
 METHODS = [
@@ -42,12 +42,6 @@ METHODS = [
     {"method": "sparsegpt", "sparsity": 0.6},
     {"method": "wanda", "sparsity": 0.5},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _models(folder: Path, count: int) -> list[str]:
@@ -69,9 +63,9 @@ class Cluster:
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             "SECATEUR_ARTIFACTS": str(folder / "store"),
-            "SECATEUR_PREFECT_PORT": str(_free_port()),
-            "SECATEUR_MLFLOW_PORT": str(_free_port()),
-            "SECATEUR_POSTGRES_PORT": str(_free_port()),
+            "SECATEUR_PREFECT_PORT": str(free_port()),
+            "SECATEUR_MLFLOW_PORT": str(free_port()),
+            "SECATEUR_POSTGRES_PORT": str(free_port()),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
         self.stack_home = folder / "stack"
